@@ -1,0 +1,175 @@
+"""One model's training and evaluation as pure functions.
+
+The engine lifts these over the model axis (see :mod:`jaxmem.engine.lift`); nothing here knows that
+other models exist. All randomness of model m comes from its own key (``fold_in(seed, m)``), split by
+purpose and by epoch/step with ``fold_in``, so a model's result does not depend on which chunk,
+strategy or device it is computed in, and training can stop and resume at any epoch boundary.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, NamedTuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+
+# Purposes of a model's key; fixed forever so that results stay reproducible across versions.
+_INIT, _SHUFFLE, _AUGMENT = 0, 1, 2
+
+
+class TrainState(NamedTuple):
+  params: Any
+  opt_state: Any
+
+
+class DeviceData(NamedTuple):
+  """The whole dataset, resident on every device; batches are gathered from it by index."""
+  x_train: jax.Array
+  y_train: jax.Array
+  x_test: jax.Array
+  y_test: jax.Array
+
+
+class ModelFunctions(NamedTuple):
+  """Pure single-model functions; ``data`` is passed explicitly so it is an argument of the
+  compiled program rather than a constant baked into it."""
+  init: Callable[[jax.Array, DeviceData], TrainState]
+  train: Callable[..., tuple[TrainState, jax.Array]]
+  evaluate: Callable[[Any, DeviceData], dict[str, jax.Array]]
+
+
+def steps_per_epoch(subset_size: int, batch_size: int) -> int:
+  """One pass over the subset; the last batch is partial (masked), never dropped."""
+  return max(1, math.ceil(subset_size / batch_size))
+
+
+def make_optimizer(*, optimizer: str, learning_rate: float, schedule: str, total_steps: int,
+                   warmup_steps: int = 0, momentum: float = 0.9,
+                   weight_decay: float = 0.0) -> optax.GradientTransformation:
+  """An optax optimizer with a learning-rate schedule over ``total_steps``."""
+  if schedule == "constant":
+    lr = learning_rate
+  elif schedule == "cosine":
+    lr = optax.cosine_decay_schedule(learning_rate, decay_steps=total_steps)
+  elif schedule == "warmup_cosine":
+    lr = optax.warmup_cosine_decay_schedule(0.0, learning_rate, max(warmup_steps, 1), total_steps)
+  elif schedule == "linear":
+    lr = optax.linear_schedule(learning_rate, 0.0, total_steps)
+  else:
+    raise ValueError(f"unknown schedule {schedule!r}")
+  if optimizer == "adam":
+    return optax.adamw(lr, weight_decay=weight_decay) if weight_decay else optax.adam(lr)
+  if optimizer == "sgd":
+    sgd = optax.sgd(lr, momentum=momentum or None, nesterov=bool(momentum))
+    return optax.chain(optax.add_decayed_weights(weight_decay), sgd) if weight_decay else sgd
+  raise ValueError(f"unknown optimizer {optimizer!r}")
+
+
+def margin_and_correct(logits_BxC: jax.Array, labels_B: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """LiRA's statistic φ = log p_y − log Σ_{y'≠y} p_y' (Carlini et al. 2022, eq. 3), computed
+  stably as z_y − logsumexp_{y'≠y} z_y' (no probability is ever formed, so φ stays finite and
+  exact where p_y rounds to 1), and whether the arg-max class is the label."""
+  num_classes = logits_BxC.shape[-1]
+  is_label_BxC = jax.nn.one_hot(labels_B, num_classes, dtype=bool)
+  z_label = jnp.take_along_axis(logits_BxC, labels_B[:, None], axis=-1)[:, 0]
+  others = jnp.where(is_label_BxC, -jnp.inf, logits_BxC)
+  margin = z_label - jax.nn.logsumexp(others, axis=-1)
+  correct = jnp.argmax(logits_BxC, axis=-1) == labels_B
+  return margin.astype(jnp.float32), correct
+
+
+def augment_images(key: jax.Array, x_BxHxWxC: jax.Array, pad: int) -> jax.Array:
+  """Random horizontal flip and random translation by up to ``pad`` pixels (zero padding)."""
+  flip_key, shift_key = jax.random.split(key)
+  batch, height, width, _ = x_BxHxWxC.shape
+  flip_B = jax.random.bernoulli(flip_key, 0.5, (batch,))
+  x = jnp.where(flip_B[:, None, None, None], x_BxHxWxC[:, :, ::-1, :], x_BxHxWxC)
+  if pad <= 0:
+    return x
+  padded = jnp.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
+  offsets_Bx2 = jax.random.randint(shift_key, (batch, 2), 0, 2 * pad + 1)
+  crop = lambda image, offset: jax.lax.dynamic_slice(
+      image, (offset[0], offset[1], 0), (height, width, image.shape[-1]))
+  return jax.vmap(crop)(padded, offsets_Bx2)
+
+
+def apply_in_batches(apply_fn: Callable[[jax.Array], jax.Array], x: jax.Array, batch: int) -> jax.Array:
+  """``apply_fn`` over ``x`` in example batches, so evaluation memory is bounded by ``batch``."""
+  n = x.shape[0]
+  if n <= batch:
+    return apply_fn(x)
+  num_batches = -(-n // batch)
+  padded = jnp.pad(x, ((0, num_batches * batch - n),) + ((0, 0),) * (x.ndim - 1))
+  out = jax.lax.map(apply_fn, padded.reshape((num_batches, batch) + x.shape[1:]))
+  return out.reshape((num_batches * batch,) + out.shape[2:])[:n]
+
+
+def epoch_batches(key: jax.Array, members: jax.Array, count: jax.Array, epoch: jax.Array,
+                  num_steps: int, batch_size: int) -> tuple[jax.Array, jax.Array]:
+  """One epoch's batches for one model: indices (S, B) and loss weights (S, B).
+
+  ``members`` holds the model's example indices padded to a common length, ``count`` how many are
+  real. They are sorted by a random key drawn from (model key, epoch), padding last, and cut into
+  ``num_steps`` batches; positions past ``count`` get weight 0.
+  """
+  n_max = members.shape[0]
+  order_key = jax.random.fold_in(jax.random.fold_in(key, _SHUFFLE), epoch)
+  sort_key = jnp.where(jnp.arange(n_max) < count, jax.random.uniform(order_key, (n_max,)), 2.0)
+  order = members[jnp.argsort(sort_key)]
+  position_SxB = jnp.arange(num_steps * batch_size).reshape(num_steps, batch_size)
+  return order[position_SxB % count], (position_SxB < count).astype(jnp.float32)
+
+
+def make_model_functions(model: nn.Module, tx: optax.GradientTransformation, *, batch_size: int,
+                         num_steps: int, augment: bool = False, augment_pad: int = 2,
+                         eval_batch: int = 4096) -> ModelFunctions:
+  """Single-model ``init``, ``train`` (a ``lax.scan`` over epochs of ``num_steps`` steps) and
+  ``evaluate``.
+
+  An epoch visits the model's members in a fresh random order: members are padded to a common
+  length ``n_max`` across the chunk (``count`` is the real number), sorted by a random key, and cut
+  into ``num_steps`` batches; positions past ``count`` have loss weight 0, so every model makes the
+  same number of steps yet sees each of its examples exactly once per epoch.
+  """
+
+  def init(key: jax.Array, data: DeviceData) -> TrainState:
+    params = model.init(jax.random.fold_in(key, _INIT), data.x_train[:1])["params"]
+    return TrainState(params, tx.init(params))
+
+  def loss_fn(params, x, y, weight_B):
+    logits = model.apply({"params": params}, x)
+    loss_B = optax.softmax_cross_entropy_with_integer_labels(logits, y)
+    return jnp.sum(loss_B * weight_B) / jnp.maximum(jnp.sum(weight_B), 1.0)
+
+  def train(state: TrainState, key: jax.Array, members: jax.Array, count: jax.Array,
+            epoch_ids: jax.Array, data: DeviceData) -> tuple[TrainState, jax.Array]:
+    def one_epoch(state, epoch):
+      index_SxB, weight_SxB = epoch_batches(key, members, count, epoch, num_steps, batch_size)
+      augment_key = jax.random.fold_in(jax.random.fold_in(key, _AUGMENT), epoch)
+
+      def one_step(state, inputs):
+        index_B, weight_B, step = inputs
+        x = data.x_train[index_B]
+        if augment:
+          x = augment_images(jax.random.fold_in(augment_key, step), x, augment_pad)
+        loss, grads = jax.value_and_grad(loss_fn)(state.params, x, data.y_train[index_B], weight_B)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        return TrainState(optax.apply_updates(state.params, updates), opt_state), loss
+
+      state, losses_S = jax.lax.scan(one_step, state, (index_SxB, weight_SxB, jnp.arange(num_steps)))
+      return state, losses_S.mean()
+
+    return jax.lax.scan(one_epoch, state, epoch_ids)
+
+  def evaluate(params, data: DeviceData) -> dict[str, jax.Array]:
+    apply = lambda x: model.apply({"params": params}, x)
+    out = {}
+    for split, x, y in (("train", data.x_train, data.y_train), ("test", data.x_test, data.y_test)):
+      margin, correct = margin_and_correct(apply_in_batches(apply, x, eval_batch), y)
+      out[f"{split}_margin"], out[f"{split}_correct"] = margin, correct
+    return out
+
+  return ModelFunctions(init, train, evaluate)

@@ -1,0 +1,309 @@
+"""The run directory: manifest, membership design, per-chunk records, exports.
+
+Layout::
+
+  RUN/manifest.json          config, dataset fingerprint, chunk plan, versions
+  RUN/design.npz             keep (M,N), subset_ratio (M,), labels, noisy
+  RUN/chunks/chunk_00003.npz records of the models of chunk 3 (leading model axis), incl. their keep rows
+  RUN/chunks/chunk_00003.json its sha256 and model ids; written last, so its presence means "complete"
+  RUN/scores.csv, RUN/summary.json
+
+Every file is written to a temporary name in the same directory and renamed into place, so a kill
+or a full disk never leaves a half-written file under a final name. A chunk whose checksum does not
+match is treated as missing (and retrained by ``run``), never silently used.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import datetime
+import hashlib
+import io
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+
+from jaxmem.errors import JaxmemError
+
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+DESIGN = "design.npz"
+CHUNKS = "chunks"
+
+
+@contextlib.contextmanager
+def atomic_path(path: Path) -> Iterator[Path]:
+  """Yields a temporary path beside ``path``; renames it onto ``path`` only if the block succeeds.
+  Errors from the file system (e.g. a full disk) become a one-line :class:`JaxmemError`."""
+  path = Path(path)
+  tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+  try:
+    yield tmp
+    with open(tmp, "rb+") as f:
+      os.fsync(f.fileno())
+    os.replace(tmp, path)
+  except OSError as e:
+    raise JaxmemError(f"could not write {path}: {e.strerror or e}; files written before are intact") from None
+  finally:
+    if tmp.exists():
+      tmp.unlink()
+
+
+def write_bytes_atomic(path: Path, data: bytes) -> None:
+  with atomic_path(path) as tmp:
+    tmp.write_bytes(data)
+
+
+def write_json_atomic(path: Path, obj: Any) -> None:
+  write_bytes_atomic(path, (json.dumps(obj, indent=1, sort_keys=True, default=_json_default) + "\n").encode())
+
+
+def write_npz_atomic(path: Path, arrays: dict[str, np.ndarray]) -> str:
+  """Writes an uncompressed .npz atomically; returns the sha256 of the bytes written."""
+  buffer = io.BytesIO()
+  np.savez(buffer, **arrays)
+  data = buffer.getvalue()
+  write_bytes_atomic(path, data)
+  return hashlib.sha256(data).hexdigest()
+
+
+def _json_default(obj):
+  if isinstance(obj, np.generic):
+    return obj.item()
+  if isinstance(obj, np.ndarray):
+    return obj.tolist()
+  if isinstance(obj, Path):
+    return str(obj)
+  raise TypeError(f"not JSON serializable: {type(obj).__name__}")
+
+
+def utc_now() -> str:
+  return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+
+
+@dataclasses.dataclass
+class Records:
+  """All finished models' records, rows sorted by model id.
+
+  ``arrays`` holds every per-model record with a leading model axis (``train_correct`` (M,N) bool,
+  ``train_margin`` (M,N) float32, ``test_correct``, ``test_margin``, ``epoch_loss`` (M,E), and
+  whatever later record types add); the rest describes the training set and the design.
+  """
+
+  keep: np.ndarray             # (M, N) bool, finished models only
+  model_ids: np.ndarray        # (M,)
+  subset_ratio: np.ndarray     # (M,) float32
+  train_labels: np.ndarray     # (N,) labels trained on
+  clean_train_labels: np.ndarray
+  test_labels: np.ndarray      # (T,)
+  noisy: np.ndarray            # (N,) bool
+  arrays: dict[str, np.ndarray]
+  num_models_planned: int
+
+  def __getitem__(self, name: str) -> np.ndarray:
+    return self.arrays[name]
+
+  def __contains__(self, name: str) -> bool:
+    return name in self.arrays
+
+  @property
+  def num_models(self) -> int:
+    return int(self.keep.shape[0])
+
+  @property
+  def num_train(self) -> int:
+    return int(self.keep.shape[1])
+
+  def select_models(self, rows: np.ndarray) -> "Records":
+    """The same records restricted to some models (e.g. one subset ratio, or half the models)."""
+    return dataclasses.replace(
+        self, keep=self.keep[rows], model_ids=self.model_ids[rows], subset_ratio=self.subset_ratio[rows],
+        arrays={k: v[rows] for k, v in self.arrays.items()})
+
+
+class RunDir:
+  """A run directory on disk; see the module docstring for the layout."""
+
+  def __init__(self, path: str | Path):
+    self.path = Path(path)
+
+  # -- creation and identity ------------------------------------------------------------------
+  @classmethod
+  def create_or_open(cls, path: str | Path, manifest: dict[str, Any], *, overwrite: bool = False) -> "RunDir":
+    """Opens ``path`` for the run that ``manifest`` describes, creating it if needed.
+
+    An existing run directory made with another config or dataset is refused (its results would
+    be mixed with this run's) unless ``overwrite``, which deletes its chunks and scores first.
+    """
+    run = cls(path)
+    if run.path.exists() and not run.path.is_dir():
+      raise JaxmemError(f"output path {str(run.path)!r} exists and is not a directory")
+    if run.manifest_path.exists():
+      existing = run.manifest()
+      differences = identity_differences(existing, manifest)
+      if differences and not overwrite:
+        raise JaxmemError(
+            f"run directory {str(run.path)!r} holds a run with another config ({'; '.join(differences)}); "
+            "use another --out or pass --overwrite to replace it")
+      if differences:
+        run.clear()
+      else:
+        manifest = {**manifest, "created": existing.get("created", manifest.get("created"))}
+    elif run.path.is_dir() and any(run.path.iterdir()) and not overwrite:
+      raise JaxmemError(f"output directory {str(run.path)!r} is not empty and is not a jaxmem run; "
+                        "choose an empty or new directory")
+    try:
+      (run.path / CHUNKS).mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+      raise JaxmemError(f"cannot create run directory {str(run.path)!r}: {e.strerror or e}") from None
+    if not os.access(run.path, os.W_OK):
+      raise JaxmemError(f"run directory {str(run.path)!r} is not writable")
+    write_json_atomic(run.manifest_path, manifest)
+    return run
+
+  @classmethod
+  def open(cls, path: str | Path) -> "RunDir":
+    run = cls(path)
+    if not run.manifest_path.is_file():
+      raise JaxmemError(f"{str(run.path)!r} is not a jaxmem run directory (no {MANIFEST})")
+    run.manifest()  # validates
+    return run
+
+  def clear(self) -> None:
+    """Removes everything a run wrote (used by ``--overwrite``)."""
+    for child in self.path.iterdir():
+      if child.is_dir():
+        shutil.rmtree(child)
+      else:
+        child.unlink()
+
+  @property
+  def manifest_path(self) -> Path:
+    return self.path / MANIFEST
+
+  def manifest(self) -> dict[str, Any]:
+    try:
+      manifest = json.loads(self.manifest_path.read_text())
+    except json.JSONDecodeError as e:
+      raise JaxmemError(f"manifest {str(self.manifest_path)!r} is not valid JSON ({e}); "
+                        "restore it or start a new run directory") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != "jaxmem-run":
+      raise JaxmemError(f"manifest {str(self.manifest_path)!r} is not a jaxmem run manifest")
+    if manifest.get("format_version") != FORMAT_VERSION:
+      raise JaxmemError(f"run directory format {manifest.get('format_version')!r} is not supported "
+                        f"(this jaxmem reads format {FORMAT_VERSION})")
+    return manifest
+
+  def update_manifest(self, **fields) -> None:
+    write_json_atomic(self.manifest_path, {**self.manifest(), **fields})
+
+  # -- design ----------------------------------------------------------------------------------
+  def write_design(self, arrays: dict[str, np.ndarray]) -> None:
+    write_npz_atomic(self.path / DESIGN, arrays)
+
+  def read_design(self) -> dict[str, np.ndarray]:
+    path = self.path / DESIGN
+    if not path.is_file():
+      raise JaxmemError(f"run directory {str(self.path)!r} has no {DESIGN}; it was never started")
+    with np.load(path) as f:
+      return {k: f[k] for k in f.files}
+
+  # -- chunks ----------------------------------------------------------------------------------
+  def chunk_path(self, index: int) -> Path:
+    return self.path / CHUNKS / f"chunk_{index:05d}.npz"
+
+  def write_chunk(self, index: int, records: dict[str, np.ndarray]) -> None:
+    digest = write_npz_atomic(self.chunk_path(index), records)
+    write_json_atomic(self.chunk_path(index).with_suffix(".json"), {
+        "sha256": digest, "model_ids": np.asarray(records["model_ids"]).tolist(), "written": utc_now()})
+
+  def chunk_status(self, index: int) -> str:
+    """'complete', 'missing' or 'corrupt' (checksum or format mismatch)."""
+    npz, meta = self.chunk_path(index), self.chunk_path(index).with_suffix(".json")
+    if not meta.is_file() or not npz.is_file():
+      return "missing"
+    try:
+      expected = json.loads(meta.read_text())["sha256"]
+      actual = hashlib.sha256(npz.read_bytes()).hexdigest()
+    except (OSError, KeyError, TypeError, json.JSONDecodeError):
+      return "corrupt"
+    return "complete" if actual == expected else "corrupt"
+
+  def read_chunk(self, index: int) -> dict[str, np.ndarray]:
+    with np.load(self.chunk_path(index)) as f:
+      return {k: f[k] for k in f.files}
+
+  def chunk_plan(self) -> list[list[int]]:
+    return self.manifest()["chunks"]
+
+  def completed_chunks(self) -> list[int]:
+    return [c for c in range(len(self.chunk_plan())) if self.chunk_status(c) == "complete"]
+
+  # -- records ---------------------------------------------------------------------------------
+  def load_records(self, *, allow_empty: bool = False) -> Records:
+    """Assembles the records of every complete chunk (anytime: a run still training is fine)."""
+    design = self.read_design()
+    chunks = [self.read_chunk(c) for c in self.completed_chunks()]
+    if not chunks and not allow_empty:
+      raise JaxmemError(f"run directory {str(self.path)!r} has no finished chunk yet")
+    per_model: dict[str, list[np.ndarray]] = {}
+    for chunk in chunks:
+      for name, value in chunk.items():
+        if name in ("model_ids", "keep") or np.ndim(value) == 0:
+          continue
+        per_model.setdefault(name, []).append(value)
+    if chunks:
+      ids = np.concatenate([c["model_ids"] for c in chunks])
+      keep = np.concatenate([c["keep"] for c in chunks])
+    else:
+      ids, keep = np.zeros(0, np.int64), np.zeros((0, design["keep"].shape[1]), bool)
+    order = np.argsort(ids, kind="stable")
+    if not np.array_equal(keep[order], design["keep"][ids[order]]):
+      raise JaxmemError(f"chunks in {str(self.path)!r} do not match its membership design; "
+                        "the run directory was mixed with another run")
+    arrays = {name: np.concatenate(parts)[order] for name, parts in per_model.items()}
+    return Records(
+        keep=keep[order], model_ids=ids[order], subset_ratio=design["subset_ratio"][ids[order]],
+        train_labels=design["train_labels"], clean_train_labels=design["clean_train_labels"],
+        test_labels=design["test_labels"], noisy=design["noisy"], arrays=arrays,
+        num_models_planned=int(design["keep"].shape[0]))
+
+
+def identity_differences(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
+  """Human-readable differences between two manifests' result-determining parts."""
+  out = []
+  config_a, config_b = a.get("identity", {}), b.get("identity", {})
+  for key in sorted(set(config_a) | set(config_b)):
+    if config_a.get(key) != config_b.get(key):
+      out.append(f"{key}: {config_a.get(key)!r} there, {config_b.get(key)!r} now")
+  fa, fb = a.get("dataset", {}).get("fingerprint"), b.get("dataset", {}).get("fingerprint")
+  if fa != fb:
+    out.append("dataset content differs (fingerprint)")
+  return out
+
+
+EXPORT_KEYS = ("keep", "train_labels", "test_labels", "noisy", "train_correct", "test_correct",
+               "train_margin", "test_margin", "subset_ratio")
+
+
+def export_records(records: Records, out: str | Path) -> list[str]:
+  """Writes the raw records to one .npz (contract keys first, then every other record)."""
+  arrays = {
+      "keep": records.keep, "train_labels": records.train_labels, "test_labels": records.test_labels,
+      "noisy": records.noisy, "subset_ratio": records.subset_ratio.astype(np.float32),
+      "model_ids": records.model_ids, "clean_train_labels": records.clean_train_labels,
+      **records.arrays}
+  out = Path(out)
+  if out.suffix != ".npz":
+    raise JaxmemError(f"export path {str(out)!r} must end in .npz")
+  if out.is_dir():
+    raise JaxmemError(f"export path {str(out)!r} is a directory")
+  if not out.parent.exists():
+    raise JaxmemError(f"directory {str(out.parent)!r} for the export does not exist")
+  write_npz_atomic(out, arrays)
+  return sorted(arrays)
