@@ -42,6 +42,7 @@ RUN_FLAGS = {
     "mask_design": ("--mask-design", str, "subset (exactly round(r*N) per model) or balanced (LiRA)"),
     "chunk_size": ("--chunk-size", int, "models trained together per chunk"),
     "strategy": ("--strategy", str, "auto, vmap, map, mixed:W or loop"),
+    "queries": ("--queries", int, "LiRA queries per example: 1, 2 (+ flip) or 18 (2 flips x 3x3 shifts); images only"),
 }
 
 

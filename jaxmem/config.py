@@ -51,6 +51,9 @@ class RunConfig:
   momentum: float = 0.9
   weight_decay: float = 0.0
   augment: bool = False
+  # LiRA queries recorded per example (1, 2 = with horizontal flip, 18 = 2 flips x 3x3 shifts;
+  # images only): train_margin_aug / test_margin_aug (M, N, A) when > 1.
+  queries: int = 1
   seed: int = 0
   chunk_size: int = 64
   strategy: str = "auto"
@@ -114,6 +117,8 @@ class RunConfig:
     _check(self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay!r}")
     _check(0 <= self.warmup_epochs < self.epochs,
            f"warmup_epochs must be in [0, epochs), got {self.warmup_epochs!r}")
+    _check(self.queries in (1, 2, 18) and not isinstance(self.queries, bool),
+           f"queries must be 1, 2 (with horizontal flip) or 18 (2 flips x 3x3 shifts), got {self.queries!r}")
     from jaxmem.engine.lift import parse_strategy
     parse_strategy(self.strategy)
     return self

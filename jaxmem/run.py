@@ -64,6 +64,9 @@ def check_config_against_dataset(config: RunConfig, dataset: Dataset) -> None:
   if config.batch_size > smallest:
     raise JaxmemError(f"batch_size {config.batch_size} is larger than the smallest training subset "
                       f"({smallest} examples); use --batch-size <= {smallest}")
+  if config.queries > 1 and not dataset.is_image:
+    raise JaxmemError(f"queries {config.queries} (flips and shifts) need image data; dataset "
+                      f"{dataset.name!r} has inputs of shape {dataset.input_shape}: use --queries 1")
 
 
 def build_manifest(config: RunConfig, dataset: Dataset, chunks: list[list[int]]) -> dict[str, Any]:

@@ -96,6 +96,33 @@ def augment_images(key: jax.Array, x_BxHxWxC: jax.Array, pad: int) -> jax.Array:
   return jax.vmap(crop)(padded, offsets_Bx2)
 
 
+#: LiRA query sets (Carlini et al. 2022, §VI-A "augmented queries"): 1 = the example itself;
+#: 2 = itself and its horizontal flip; 18 = 2 flips x 3x3 shifts by one pixel (reflect padding, as
+#: the reference ``mi_lira_2021/inference.py``). Query 0 is always the identity; with 18, query 9 is
+#: the flip, so the 2-query set is queries (0, 9) of the 18.
+QUERY_COUNTS = (1, 2, 18)
+_QUERY_SHIFTS = ((0, 0), (-1, -1), (-1, 0), (-1, 1), (0, -1), (0, 1), (1, -1), (1, 0), (1, 1))
+
+
+def query_views(x_BxHxWxC: jax.Array, queries: int) -> jax.Array:
+  """The augmented copies (A, B, H, W, C) of a batch of images for ``queries`` in QUERY_COUNTS."""
+  if queries not in QUERY_COUNTS:
+    raise ValueError(f"queries must be one of {QUERY_COUNTS}, got {queries}")
+  if queries > 1 and x_BxHxWxC.ndim != 4:
+    raise ValueError(f"augmented queries need images (B, H, W, C), got shape {x_BxHxWxC.shape}")
+  if queries == 1:
+    return x_BxHxWxC[None]
+  flips = (x_BxHxWxC, x_BxHxWxC[:, :, ::-1, :])
+  if queries == 2:
+    return jnp.stack(flips)
+  _, height, width, _ = x_BxHxWxC.shape
+  views = []
+  for image in flips:
+    padded = jnp.pad(image, ((0, 0), (1, 1), (1, 1), (0, 0)), mode="reflect")
+    views.extend(padded[:, 1 + dy: 1 + dy + height, 1 + dx: 1 + dx + width, :] for dy, dx in _QUERY_SHIFTS)
+  return jnp.stack(views)
+
+
 def apply_in_batches(apply_fn: Callable[[jax.Array], jax.Array], x: jax.Array, batch: int) -> jax.Array:
   """``apply_fn`` over ``x`` in example batches, so evaluation memory is bounded by ``batch``."""
   n = x.shape[0]
@@ -125,7 +152,7 @@ def epoch_batches(key: jax.Array, members: jax.Array, count: jax.Array, epoch: j
 
 def make_model_functions(model: nn.Module, tx: optax.GradientTransformation, *, batch_size: int,
                          num_steps: int, augment: bool = False, augment_pad: int = 2,
-                         eval_batch: int = 4096) -> ModelFunctions:
+                         eval_batch: int = 4096, queries: int = 1) -> ModelFunctions:
   """Single-model ``init``, ``train`` (a ``lax.scan`` over epochs of ``num_steps`` steps) and
   ``evaluate``.
 
@@ -170,6 +197,18 @@ def make_model_functions(model: nn.Module, tx: optax.GradientTransformation, *, 
     for split, x, y in (("train", data.x_train, data.y_train), ("test", data.x_test, data.y_test)):
       margin, correct = margin_and_correct(apply_in_batches(apply, x, eval_batch), y)
       out[f"{split}_margin"], out[f"{split}_correct"] = margin, correct
+    if queries > 1:
+      # LiRA's augmented queries (``train_margin_aug`` (N, A)). The models keep no batch
+      # statistics, so this is the same eval-mode function as above; views are built per batch of
+      # indices so memory is bounded by ``eval_batch`` images, not A copies of the dataset.
+      for split, x, y in (("train", data.x_train, data.y_train), ("test", data.x_test, data.y_test)):
+        def margins_of(index_B, x=x, y=y):
+          views = query_views(x[index_B], queries)
+          logits = apply(views.reshape((-1,) + views.shape[2:]))
+          margin, _ = margin_and_correct(logits, jnp.tile(y[index_B], queries))
+          return margin.reshape(queries, -1).T
+        out[f"{split}_margin_aug"] = apply_in_batches(
+            margins_of, jnp.arange(x.shape[0]), max(1, eval_batch // queries))
     return out
 
   return ModelFunctions(init, train, evaluate)

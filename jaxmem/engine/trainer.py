@@ -101,7 +101,7 @@ class Engine:
         total_steps=cfg.epochs * num_steps, warmup_steps=cfg.warmup_epochs * num_steps,
         momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     fns = make_model_functions(self.model, tx, batch_size=cfg.batch_size, num_steps=num_steps,
-                               augment=cfg.augment)
+                               augment=cfg.augment, queries=cfg.queries)  # >1: train/test_margin_aug (K,N,A)
     if strategy.kind == "loop":
       programs = _loop_programs(fns)
     else:

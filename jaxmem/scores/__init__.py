@@ -56,3 +56,5 @@ def _memorization(records, **options) -> EstimatorResult:
 
 __all__ = ["ESTIMATORS", "Estimator", "EstimatorResult", "InOutDifference", "auroc",
            "counterfactual_memorization", "in_out_difference", "memorization", "register_estimator"]
+
+from jaxmem.scores import lira  # noqa: E402,F401  (issue 4: registers the lira estimator)

@@ -1,0 +1,522 @@
+"""Likelihood-ratio membership inference (LiRA; Carlini et al. 2022, "Membership Inference Attacks
+From First Principles", IEEE S&P) on the subset models jaxmem already trains.
+
+Every model trained on a random subset is a shadow model for every other one: for example i, the
+models with ``keep[m, i]`` are "in" shadows and the others "out" shadows. The statistic is the
+logit-scaled confidence φ = log p_y − log Σ_{y'≠y} p_y' (eq. 3; the records' ``margin``), one value
+per query (augmented copy of the example, ``train_margin_aug`` (M,N,A); A = 1 without queries).
+
+Scores (all pure functions of margins and ``keep``; higher = "more likely a member"):
+
+* **online** (eq. 1-2, Algorithm 1): per example and query, Gaussians N(μ_in, σ_in²) and
+  N(μ_out, σ_out²) fitted to the in and out shadow margins; score = mean over queries of
+  log N(φ; μ_in, σ_in²) − log N(φ; μ_out, σ_out²). ``center="median"`` takes μ as the median
+  (the reference code's choice, robust to a few diverged models); σ is always the unbiased standard
+  deviation around the mean.
+* **offline** (eq. 4): out shadows only, the one-sided test Λ = 1 − Pr[Z > φ], Z ~ N(μ_out, σ_out²);
+  score = mean over queries of log Φ((φ − μ_out)/σ_out) (log for resolution in the tail).
+  ``offline_pdf`` is the reference code's variant, −mean log N(φ; μ_out, σ_out²), kept for
+  comparison: it is two-sided, so an example the target fits *worse* than the out models also looks
+  like a member.
+* **fixed variance** (§VI-B, "fixed variance" online/offline): one global σ_in and one global σ_out,
+  each the pooled within-example variance of its own group: σ_in² = Σ_{i,a} Σ_{m∈in(i)} (φ − μ̄_in,i,a)²
+  / Σ_{i,a} (n_in,i − 1), and σ_out² the same over out residuals. μ stays per example.
+* **global threshold** (Yeom et al. 2018, the LOSS-style baseline): score = mean over queries of φ.
+
+Known defects of the reference code that this avoids, on purpose:
+
+* tensorflow/privacy ``research/mi_lira_2021/plot.py`` ``generate_ours(fix_variance=True)`` sets
+  ``std_out = np.std(dat_in)``: σ_out computed from the in distribution. Both there and in
+  ``generate_ours_offline`` the fixed σ is the std of the raw margins over all examples, i.e. it
+  includes the spread of the per-example means; here it is pooled *residuals* of each group.
+* ``generate_ours_offline`` and ``advanced_mia.compute_score_lira(option="out")`` score offline by
+  the out-Gaussian's pdf, not the paper's one-sided test (eq. 4); here ``offline`` is eq. 4 and the
+  pdf variant is ``offline_pdf``.
+* ``plot.py`` truncates every example's shadow set to the smallest set size over all examples, and
+  ``advanced_mia`` silently replaces a missing fit by the column average; here an example with
+  fewer than ``min_models`` in (online) or out (both) shadows gets NaN (an empty cell) and is counted.
+* The reference inference ran BatchNorm in training mode, and the mode flipped across commits;
+  jaxmem's models keep no batch statistics, so queries see the same function as training.
+
+Attack evaluation (``lira_attack``): each of T target models in turn is attacked with all the other
+models as shadows (leave-one-out). The per-example in/out sums, sums of squares and counts are
+computed once and the target's own contribution is subtracted, so no loop over targets is needed for
+the means and variances (and the leave-one-out median comes from one sort per example, see
+:func:`_leave_one_out_median`). The math runs in float64 numpy: with float32, log Φ of members
+several σ above μ_out rounds to 0 and ties them, exactly where the low-FPR metrics live; the arrays
+(M·N·A values) are small, so nothing is gained from an accelerator.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import warnings
+from typing import Any, Sequence
+
+import numpy as np
+from scipy.special import log_ndtr
+
+from jaxmem.errors import JaxmemError
+from jaxmem.scores.attack_metrics import DEFAULT_FPRS, bootstrap_attack_metrics, per_example_auc, roc, tpr_key
+
+CENTERS = ("mean", "median")
+VARIANTS = ("online", "online_fixed_variance", "offline", "offline_fixed_variance", "offline_pdf",
+            "global_threshold")
+VARIANT_LABELS = {
+    "online": "LiRA online", "online_fixed_variance": "LiRA online, fixed variance",
+    "offline": "LiRA offline (one-sided)", "offline_fixed_variance": "LiRA offline, fixed variance",
+    "offline_pdf": "LiRA offline, pdf (reference code)", "global_threshold": "global threshold (margin)"}
+#: A zero standard deviation (all shadows agree to the last bit) would make log N infinite; this floor
+#: keeps the score finite and still extreme.
+MIN_STD = 1e-6
+_LOG_SQRT_2PI = 0.5 * np.log(2 * np.pi)
+
+
+@dataclasses.dataclass
+class GaussianFits:
+  """Per (…, example, query) Gaussians of the in and out shadow margins.
+
+  Leading axes are whatever the fit was computed for (none, or T targets). ``std_*`` are per
+  example; ``fixed_std_*`` are the pooled global values (shape of the leading axes). ``n_*`` are
+  per example (…, N).
+  """
+  mean_in: np.ndarray
+  std_in: np.ndarray
+  n_in: np.ndarray
+  mean_out: np.ndarray
+  std_out: np.ndarray
+  n_out: np.ndarray
+  fixed_std_in: np.ndarray
+  fixed_std_out: np.ndarray
+
+
+def as_queries(margin: np.ndarray) -> np.ndarray:
+  """(M,N) → (M,N,1); (M,N,A) unchanged."""
+  margin = np.asarray(margin, np.float64)
+  if margin.ndim == 2:
+    return margin[..., None]
+  if margin.ndim != 3:
+    raise ValueError(f"margins must be (M,N) or (M,N,A), got shape {margin.shape}")
+  return margin
+
+
+def _check_center(center: str) -> None:
+  if center not in CENTERS:
+    raise JaxmemError(f"unknown LiRA center {center!r}; choose one of: {', '.join(CENTERS)}")
+
+
+def _leave_one_out_median(x_MxNxA: np.ndarray, mask_MxN: np.ndarray, drop_TxN: np.ndarray,
+                          targets_T: np.ndarray) -> np.ndarray:
+  """Median over the masked models of each (example, query), excluding target t where
+  ``drop[t, i]`` (the target is in the group), for every target at once: (T,N,A).
+
+  One sort per column: removing the value at sorted position r leaves ``s[j]`` for j < r and
+  ``s[j+1]`` for j ≥ r, so the median of the rest is read off the sorted column without re-sorting.
+  (With ties, removing any copy of a value leaves the same sorted sequence, so r = the target's
+  own position is exact.)
+  """
+  masked = np.where(mask_MxN[..., None], x_MxNxA, np.inf)
+  order = np.argsort(masked, axis=0, kind="stable")
+  sorted_MxNxA = np.take_along_axis(masked, order, axis=0)
+  position = np.empty_like(order)
+  np.put_along_axis(position, order, np.arange(order.shape[0])[:, None, None], axis=0)
+  n_N = mask_MxN.sum(0)
+  drop = drop_TxN[..., None]                                   # (T,N,1)
+  r = np.where(drop, position[targets_T], order.shape[0])      # removed position, or "none"
+  k = n_N[None, :, None] - drop                                 # remaining count (T,N,1)
+
+  def remaining(j):
+    j = np.clip(j, 0, None)
+    index = np.where(j < r, j, j + 1)
+    return _gather(sorted_MxNxA, np.clip(index, 0, order.shape[0] - 1))
+
+  lo = remaining((k - 1) // 2)
+  hi = remaining(k // 2)
+  median = np.where(k % 2 == 1, lo, 0.5 * (lo + hi))
+  return np.where(k > 0, median, np.nan)
+
+
+def _gather(sorted_MxNxA: np.ndarray, index_TxNxA: np.ndarray) -> np.ndarray:
+  """``out[t, i, a] = sorted[index[t, i, a], i, a]``."""
+  _, n, a = sorted_MxNxA.shape
+  index_TxNxA = np.broadcast_to(index_TxNxA, index_TxNxA.shape[:1] + (n, a))
+  return sorted_MxNxA[index_TxNxA, np.arange(n)[None, :, None], np.arange(a)[None, None, :]]
+
+
+def _group_fit(x_MxNxA: np.ndarray, mask_MxN: np.ndarray, targets_T: np.ndarray | None, center: str,
+               min_models: int):
+  """Mean/median, std, count and pooled std of one group (in or out), leaving each target out."""
+  weight = mask_MxN[..., None].astype(np.float64)
+  # Shift by the all-model mean of each (example, query) first: sums of squares of centred values
+  # do not cancel catastrophically when a target's term is subtracted.
+  shift_NxA = x_MxNxA.mean(0)
+  xc = x_MxNxA - shift_NxA
+  n, s1, s2 = weight.sum(0), (weight * xc).sum(0), (weight * xc**2).sum(0)   # (N,1), (N,A), (N,A)
+  if targets_T is None:
+    n, s1, s2 = n[None], s1[None], s2[None]
+    drop = np.zeros((1,) + mask_MxN.shape[1:], bool)
+  else:
+    drop = mask_MxN[targets_T]                                              # (T,N)
+    w_t = drop[..., None].astype(np.float64)
+    n, s1, s2 = n[None] - w_t, s1[None] - w_t * xc[targets_T], s2[None] - w_t * xc[targets_T] ** 2
+  safe_n = np.maximum(n, 1)
+  mean = s1 / safe_n
+  ss = np.maximum(s2 - s1 * mean, 0.0)                    # Σ (x − mean)², clipped at rounding level
+  var = ss / np.maximum(n - 1, 1)
+  enough = n >= min_models                                  # (T,N,1)
+  std = np.where(enough & (n >= 2), np.sqrt(var), np.nan)
+  # Pooled within-example variance of this group over the examples with enough models.
+  pooled_ss = np.where(enough & (n >= 2), ss, 0.0).sum(axis=(1, 2))
+  pooled_df = np.where(enough & (n >= 2), np.broadcast_to(n - 1, ss.shape), 0.0).sum(axis=(1, 2))
+  fixed_std = np.where(pooled_df > 0, np.sqrt(pooled_ss / np.maximum(pooled_df, 1)), np.nan)
+  if center == "median":
+    targets = np.zeros(1, int) if targets_T is None else targets_T
+    center_value = _leave_one_out_median(x_MxNxA, mask_MxN, drop, targets)
+  else:
+    center_value = mean + shift_NxA
+  center_value = np.where(enough, center_value, np.nan)
+  count = n[..., 0].astype(np.int64)
+  if targets_T is None:
+    return center_value[0], std[0], count[0], fixed_std[0]
+  return center_value, std, count, fixed_std
+
+
+def fit_gaussians(margin_MxNxA: np.ndarray, keep_MxN: np.ndarray, *, targets: np.ndarray | None = None,
+                  center: str = "mean", min_models: int = 2) -> GaussianFits:
+  """In and out Gaussians of every example from the shadow models.
+
+  Args:
+    margin_MxNxA: shadow margins, (M,N) or (M,N,A).
+    keep_MxN: bool, shadow m trained on example i.
+    targets: None — fit on all M models; or (T,) model indices — one fit per target, leaving that
+      model out (leading axis T), computed from totals minus the target's contribution.
+    center: "mean" or "median" of the shadow margins.
+    min_models: fewer in (or out) shadows than this gives NaN for that group.
+  """
+  _check_center(center)
+  if min_models < 2:
+    raise JaxmemError(f"LiRA min_models must be >= 2 (a standard deviation needs two models), got {min_models}")
+  x = as_queries(margin_MxNxA)
+  keep = np.asarray(keep_MxN, bool)
+  if keep.shape != x.shape[:2]:
+    raise ValueError(f"keep {keep.shape} does not match margins {x.shape}")
+  targets = None if targets is None else np.asarray(targets, np.int64)
+  mean_in, std_in, n_in, fixed_in = _group_fit(x, keep, targets, center, min_models)
+  mean_out, std_out, n_out, fixed_out = _group_fit(x, ~keep, targets, center, min_models)
+  return GaussianFits(mean_in, std_in, n_in, mean_out, std_out, n_out, fixed_in, fixed_out)
+
+
+def _log_normal_pdf(x, mean, std):
+  std = np.maximum(std, MIN_STD)
+  return -0.5 * ((x - mean) / std) ** 2 - np.log(std) - _LOG_SQRT_2PI
+
+
+def lira_scores(target_NxA: np.ndarray, fits: GaussianFits, *, variants: Sequence[str] = VARIANTS) -> dict[str, np.ndarray]:
+  """Membership scores of a target model's margins (…,N[,A]) under ``fits`` (same leading axes);
+  higher = more likely a member; each variant (…,N). See the module docstring for definitions."""
+  phi = np.asarray(target_NxA, np.float64)
+  if phi.ndim == fits.mean_in.ndim - 1:
+    phi = phi[..., None]
+  ok_in = ~np.isnan(fits.mean_in[..., 0])
+  ok_out = ~np.isnan(fits.mean_out[..., 0])
+  out: dict[str, np.ndarray] = {}
+  fixed_in = np.broadcast_to(np.asarray(fits.fixed_std_in)[..., None, None], fits.std_in.shape)
+  fixed_out = np.broadcast_to(np.asarray(fits.fixed_std_out)[..., None, None], fits.std_out.shape)
+  for variant in variants:
+    if variant in ("online", "online_fixed_variance"):
+      s_in, s_out = (fits.std_in, fits.std_out) if variant == "online" else (fixed_in, fixed_out)
+      value = (_log_normal_pdf(phi, fits.mean_in, s_in) - _log_normal_pdf(phi, fits.mean_out, s_out)).mean(-1)
+      out[variant] = np.where(ok_in & ok_out, value, np.nan)
+    elif variant in ("offline", "offline_fixed_variance"):
+      s_out = fits.std_out if variant == "offline" else fixed_out
+      value = log_ndtr((phi - fits.mean_out) / np.maximum(s_out, MIN_STD)).mean(-1)
+      out[variant] = np.where(ok_out, value, np.nan)
+    elif variant == "offline_pdf":
+      out[variant] = np.where(ok_out, -_log_normal_pdf(phi, fits.mean_out, fits.std_out).mean(-1), np.nan)
+    elif variant == "global_threshold":
+      out[variant] = phi.mean(-1)
+    else:
+      raise JaxmemError(f"unknown LiRA variant {variant!r}; choose from: {', '.join(VARIANTS)}")
+  return out
+
+
+def lira_online(target_NxA, shadow_margin_SxNxA, shadow_keep_SxN, *, center: str = "mean",
+                fixed_variance: bool = False, min_models: int = 2) -> np.ndarray:
+  """Online LiRA scores (N,) of one target model given shadow models (eq. 1-2, Algorithm 1)."""
+  fits = fit_gaussians(shadow_margin_SxNxA, shadow_keep_SxN, center=center, min_models=min_models)
+  variant = "online_fixed_variance" if fixed_variance else "online"
+  return lira_scores(target_NxA, fits, variants=(variant,))[variant]
+
+
+def lira_offline(target_NxA, shadow_margin_SxNxA, shadow_keep_SxN, *, center: str = "mean",
+                 fixed_variance: bool = False, test: str = "one_sided", min_models: int = 2) -> np.ndarray:
+  """Offline LiRA scores (N,): ``test="one_sided"`` is the paper's eq. 4; ``"pdf"`` the reference
+  code's density score (only with per-example variance)."""
+  if test not in ("one_sided", "pdf"):
+    raise JaxmemError(f"unknown offline test {test!r}; choose one_sided or pdf")
+  if test == "pdf" and fixed_variance:
+    raise JaxmemError("the offline pdf variant is implemented with per-example variance only")
+  fits = fit_gaussians(shadow_margin_SxNxA, shadow_keep_SxN, center=center, min_models=min_models)
+  variant = "offline_pdf" if test == "pdf" else ("offline_fixed_variance" if fixed_variance else "offline")
+  return lira_scores(target_NxA, fits, variants=(variant,))[variant]
+
+
+def global_threshold(target_NxA) -> np.ndarray:
+  """The LOSS-style baseline: a single threshold on the target's margin (mean over queries)."""
+  return as_queries(np.asarray(target_NxA)[None])[0].mean(-1)
+
+
+def leave_one_out_scores(margin_MxNxA: np.ndarray, keep_MxN: np.ndarray, targets: Sequence[int], *,
+                         center: str = "mean", min_models: int = 2, variants: Sequence[str] = VARIANTS,
+                         block_values: int = 8_000_000) -> dict[str, np.ndarray]:
+  """Each target model attacked with all other models as shadows: ``{variant: (T,N)}``.
+
+  Equivalent to calling :func:`lira_scores` with :func:`fit_gaussians` on the margins without row t,
+  for every t; computed in blocks of targets (vectorized within a block) so memory stays bounded
+  by ``block_values`` float64 values per intermediate array.
+  """
+  x = as_queries(margin_MxNxA)
+  keep = np.asarray(keep_MxN, bool)
+  targets = np.asarray(targets, np.int64)
+  per_target = max(1, block_values // max(1, x.shape[1] * x.shape[2]))
+  parts: dict[str, list[np.ndarray]] = {v: [] for v in variants}
+  for start in range(0, len(targets), per_target):
+    block = targets[start: start + per_target]
+    fits = fit_gaussians(x, keep, targets=block, center=center, min_models=min_models)
+    for name, value in lira_scores(x[block], fits, variants=variants).items():
+      parts[name].append(value)
+  n = x.shape[1]
+  return {name: (np.concatenate(v) if v else np.zeros((0, n))) for name, v in parts.items()}
+
+
+def choose_targets(num_models: int, targets: int | str | Sequence[int] | None, seed: int) -> np.ndarray:
+  """Target model indices: ``"all"``, a count (drawn without replacement with ``seed``, sorted), or
+  explicit indices. Default (None): min(M, 16)."""
+  if targets is None:
+    targets = min(num_models, 16)
+  if isinstance(targets, str):
+    if targets != "all":
+      raise JaxmemError(f"LiRA targets must be 'all', a count or model indices, got {targets!r}")
+    return np.arange(num_models)
+  if isinstance(targets, (int, np.integer)):
+    if not 1 <= targets <= num_models:
+      raise JaxmemError(f"LiRA targets must be between 1 and the number of models ({num_models}), got {targets}")
+    if targets == num_models:
+      return np.arange(num_models)
+    return np.sort(np.random.default_rng(seed).choice(num_models, int(targets), replace=False))
+  chosen = np.asarray(targets, np.int64)
+  if chosen.ndim != 1 or chosen.size == 0 or chosen.min() < 0 or chosen.max() >= num_models:
+    raise JaxmemError(f"LiRA target indices must be in [0, {num_models}), got {chosen.tolist()}")
+  return chosen
+
+
+@dataclasses.dataclass
+class LiraAttack:
+  """Result of :func:`lira_attack`."""
+  targets: np.ndarray                   # (T,) model rows attacked
+  scores: dict[str, np.ndarray]         # variant -> (T,N)
+  members: np.ndarray                   # (T,N) bool ground truth
+  evaluated: np.ndarray                 # (T,N) bool: pairs every variant scored (the common set)
+  metrics: dict[str, dict[str, dict[str, float]]]   # variant -> metric -> value/low/high
+  curves: dict[str, tuple[np.ndarray, np.ndarray]]  # variant -> (fpr, tpr) on the common set
+  unscored_examples: int                # examples with no online score for some target
+
+
+def lira_attack(margin_MxNxA: np.ndarray, keep_MxN: np.ndarray, *, targets: int | str | Sequence[int] | None = None,
+                center: str = "mean", min_models: int = 2, num_bootstrap: int = 200, seed: int = 0,
+                fprs: Sequence[float] = DEFAULT_FPRS, variants: Sequence[str] = VARIANTS) -> LiraAttack:
+  """Leave-one-out attack evaluation pooled over targets, with bootstrap intervals.
+
+  Every variant is evaluated on the same (target, example) pairs: those where all of them have a
+  score (the online test needs ``min_models`` in and out shadows), so the numbers compare like with
+  like.
+  """
+  x = as_queries(margin_MxNxA)
+  keep = np.asarray(keep_MxN, bool)
+  if x.shape[0] < 3:
+    raise JaxmemError(f"a LiRA attack needs at least 3 models (a target and two shadows), got {x.shape[0]}")
+  chosen = choose_targets(x.shape[0], targets, seed)
+  scores = leave_one_out_scores(x, keep, chosen, center=center, min_models=min_models, variants=variants)
+  members = keep[chosen]
+  evaluated = np.all([~np.isnan(s) for s in scores.values()], axis=0)
+  metrics, curves = {}, {}
+  for name, s in scores.items():
+    masked = np.where(evaluated, s, np.nan)
+    metrics[name] = bootstrap_attack_metrics(masked, members, num_bootstrap=num_bootstrap, seed=seed, fprs=fprs)
+    if evaluated.any() and members[evaluated].any() and (~members[evaluated]).any():
+      curves[name] = roc(s[evaluated], members[evaluated])
+  unscored = int(np.any(~evaluated, axis=0).sum())
+  return LiraAttack(chosen, scores, members, evaluated, metrics, curves, unscored)
+
+
+def per_example_risk(margin_MxNxA: np.ndarray, keep_MxN: np.ndarray, *, center: str = "mean",
+                     min_models: int = 2, with_gap: bool = False) -> dict[str, np.ndarray]:
+  """Per-example membership exposure ``lira_online`` and ``lira_offline`` (N,).
+
+  Definition: the per-example AUC, over *all* M models taken in turn as the target (each attacked
+  with the other M−1 as shadows), of the attack score for telling the models that trained on the
+  example from those that did not. 0.5 = the attack cannot tell (safe); 1 = every member model
+  scores above every non-member model (fully exposed).
+
+  Why this and not "mean score when member minus when not": log-likelihood ratios have an
+  example-dependent scale (a tight out distribution gives huge ratios), so mean differences are not
+  comparable across examples, and a few extreme target models dominate them. The AUC is
+  scale-free, bounded, equals the attack's success probability on a random (member, non-member)
+  pair of models for that example, and with all M models as targets (≈0.7·M members, 0.3·M
+  non-members for r = 0.7) it is resolved far better than with the few targets of the pooled ROC.
+  """
+  x = as_queries(margin_MxNxA)
+  keep = np.asarray(keep_MxN, bool)
+  scores = leave_one_out_scores(x, keep, np.arange(x.shape[0]), center=center, min_models=min_models,
+                                variants=("online", "offline"))
+  out = {"lira_online": per_example_auc(scores["online"], keep),
+         "lira_offline": per_example_auc(scores["offline"], keep)}
+  if with_gap:
+    # Mean online score as a member minus as a non-member: only to order examples tied at AUC 1.
+    member = np.where(keep, scores["online"], np.nan)
+    other = np.where(~keep, scores["online"], np.nan)
+    with np.errstate(all="ignore"), warnings.catch_warnings():
+      warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN columns are unscored examples
+      out["online_gap"] = np.nanmean(member, axis=0) - np.nanmean(other, axis=0)
+  return out
+
+
+def format_attack_lines(attack: LiraAttack, fprs: Sequence[float] = DEFAULT_FPRS) -> list[str]:
+  """Human summary of the pooled attack metrics with intervals."""
+  pairs = int(attack.evaluated.sum())
+  lines = [f"LiRA attack: {len(attack.targets)} target models, each attacked with the other models as "
+           f"shadows; {pairs} (target, example) pairs ({int(attack.members[attack.evaluated].mean() * 100)}% members), "
+           "95% bootstrap intervals over examples"]
+  header = f"  {'attack':<36} {'AUC':>22}"
+  for alpha in fprs:
+    header += f" {'TPR@' + f'{100 * alpha:g}' + '%FPR':>22}"
+  header += f" {'balanced acc':>22}"
+  lines.append(header)
+  fmt = lambda m: f"{m['value']:.3f} [{m['low']:.3f}, {m['high']:.3f}]"
+  for name, metrics in attack.metrics.items():
+    row = f"  {VARIANT_LABELS.get(name, name):<36} {fmt(metrics['auc']):>22}"
+    for alpha in fprs:
+      row += f" {fmt(metrics[tpr_key(alpha)]):>22}"
+    row += f" {fmt(metrics['balanced_accuracy']):>22}"
+    lines.append(row)
+  if attack.unscored_examples:
+    lines.append(f"  warning: {attack.unscored_examples} examples lack enough in or out shadow models for "
+                 "some target and were left out of these metrics")
+  return lines
+
+
+def plot_roc(attack: LiraAttack, path, *, title: str = "LiRA on jaxmem subset models") -> None:
+  """Log-log ROC curves of every variant (PNG, matplotlib Agg backend)."""
+  import matplotlib
+  matplotlib.use("Agg", force=False)
+  from matplotlib.figure import Figure
+  from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+  fig = Figure(figsize=(5.5, 4.5))
+  FigureCanvasAgg(fig)
+  ax = fig.add_subplot(1, 1, 1)
+  negatives = int((~attack.members[attack.evaluated]).sum())
+  floor = 1.0 / max(negatives, 1)
+  styles = {"global_threshold": dict(color="gray", ls="--"), "offline_pdf": dict(color="C4", ls=":")}
+  for name, (fpr, tpr) in attack.curves.items():
+    auc = attack.metrics[name]["auc"]["value"]
+    low = attack.metrics[name][tpr_key(0.01)]["value"] if tpr_key(0.01) in attack.metrics[name] else float("nan")
+    ax.plot(np.maximum(fpr, floor / 2), np.maximum(tpr, floor / 2),
+            label=f"{VARIANT_LABELS.get(name, name)} (AUC {auc:.3f}, TPR@1% {low:.3f})", **styles.get(name, {}))
+  ax.plot([floor / 2, 1], [floor / 2, 1], color="black", lw=0.5)
+  ax.set_xscale("log")
+  ax.set_yscale("log")
+  ax.set_xlim(floor / 2, 1)
+  ax.set_ylim(floor / 2, 1)
+  ax.set_xlabel("false positive rate")
+  ax.set_ylabel("true positive rate")
+  ax.set_title(title, fontsize=9)
+  ax.legend(fontsize=6, loc="lower right")
+  fig.tight_layout()
+  fig.savefig(path, dpi=120, format="png")  # path may be a temporary name
+
+
+def select_margins(records, queries: str = "auto") -> np.ndarray:
+  """The training-set margins LiRA uses: ``train_margin_aug`` (M,N,A) when recorded and
+  ``queries`` is "auto" or "aug", else ``train_margin`` (M,N)."""
+  if queries not in ("auto", "aug", "plain"):
+    raise JaxmemError(f"LiRA queries must be auto, aug or plain, got {queries!r}")
+  if queries in ("auto", "aug") and "train_margin_aug" in records:
+    return np.asarray(records["train_margin_aug"])
+  if queries == "aug":
+    raise JaxmemError("this run recorded no augmented queries (train_margin_aug); rerun with --queries 2 or 18")
+  return np.asarray(records["train_margin"])
+
+
+def lira_report(records, *, memorization: np.ndarray | None = None, targets: int | str | Sequence[int] | None = None,
+                center: str = "mean", min_models: int = 2, num_bootstrap: int = 200, seed: int = 0,
+                queries: str = "auto", top: int = 10) -> tuple[dict[str, np.ndarray], dict[str, Any], list[str], LiraAttack]:
+  """Everything ``jaxmem scores --estimators lira`` reports: per-example columns, the summary
+  (written to ``lira.json``), printed lines, and the attack (for the ROC plot)."""
+  from scipy.stats import spearmanr
+  margin = as_queries(select_margins(records, queries))
+  keep = np.asarray(records.keep, bool)
+  attack = lira_attack(margin, keep, targets=targets, center=center, min_models=min_models,
+                       num_bootstrap=num_bootstrap, seed=seed)
+  columns = per_example_risk(margin, keep, center=center, min_models=min_models, with_gap=True)
+  gap = columns.pop("online_gap")
+  online = columns["lira_online"]
+  unscored = int(np.isnan(online).sum())
+  summary: dict[str, Any] = {
+      "models": int(margin.shape[0]), "examples": int(margin.shape[1]), "queries": int(margin.shape[2]),
+      "center": center, "min_models": min_models, "targets": attack.targets.tolist(),
+      "pairs_evaluated": int(attack.evaluated.sum()), "num_bootstrap": num_bootstrap, "seed": seed,
+      "attack": attack.metrics, "unscored_examples": unscored,
+      "per_example_definition": "per-example AUC of the attack score over all models as targets (leave-one-out)"}
+  lines = format_attack_lines(attack)
+  if unscored:
+    lines.append(f"  warning: {unscored} examples have fewer than {min_models} in or out shadow models; "
+                 "their lira_online is empty")
+  # Most exposed first; ties (many examples reach AUC 1) broken by the mean log-ratio gap.
+  order = np.lexsort((-np.nan_to_num(gap, nan=-np.inf), -np.nan_to_num(online, nan=-np.inf)))[:top]
+  summary["fully_exposed_examples"] = int(np.sum(online == 1.0))
+  exposed = []
+  for i in order:
+    row = {"index": int(i), "label": int(records.train_labels[i]), "noisy": bool(records.noisy[i]),
+           "lira_online": float(online[i]), "lira_offline": float(columns["lira_offline"][i])}
+    if memorization is not None:
+      row["memorization"] = float(memorization[i])
+    exposed.append(row)
+  summary["most_exposed"] = exposed
+  lines.append(f"most exposed training examples (lira_online = per-example attack AUC over {margin.shape[0]} target models; "
+               f"{summary['fully_exposed_examples']} examples at 1.0):")
+  lines.append("  index  label  noisy  lira_online  lira_offline" + ("  memorization" if memorization is not None else ""))
+  for row in exposed:
+    text = (f"  {row['index']:5d}  {row['label']:5d}  {'yes' if row['noisy'] else 'no':>5}  "
+            f"{row['lira_online']:11.3f}  {row['lira_offline']:12.3f}")
+    if memorization is not None:
+      text += f"  {row['memorization']:12.3f}"
+    lines.append(text)
+  if memorization is not None:
+    valid = ~np.isnan(online) & ~np.isnan(memorization)
+    rho = float(spearmanr(online[valid], memorization[valid]).statistic) if valid.sum() > 2 else float("nan")
+    summary["spearman_lira_online_memorization"] = rho
+    lines.append(f"Spearman rank correlation of lira_online with memorization: {rho:.3f} ({int(valid.sum())} examples)")
+  return columns, summary, lines, attack
+
+
+from jaxmem.scores import EstimatorResult, register_estimator  # noqa: E402  (registry defined before this module loads)
+
+
+@register_estimator("lira", requires=("train_margin",), default=False)
+def _lira_estimator(records, *, context=None, targets=None, center: str = "mean", min_models: int = 2,
+                    num_bootstrap: int = 200, seed: int = 0, queries: str = "auto", top: int = 10) -> EstimatorResult:
+  """``lira`` columns, ``lira.json`` and ``lira_roc.png``; opt-in (``--estimators ...,lira``) because
+  the leave-one-out attack over all models and the bootstrap take seconds, not milliseconds."""
+  from jaxmem.store import atomic_path, write_json_atomic
+  memorization = None if context is None else context.get("memorization")
+  columns, summary, lines, attack = lira_report(
+      records, memorization=memorization, targets=targets, center=center, min_models=min_models,
+      num_bootstrap=num_bootstrap, seed=seed, queries=queries, top=top)
+
+  def write_png(path):
+    with atomic_path(path) as tmp:
+      plot_roc(attack, tmp)
+
+  return EstimatorResult(columns=columns, summary=summary, lines=lines,
+                         files={"lira.json": lambda path: write_json_atomic(path, summary), "lira_roc.png": write_png})
