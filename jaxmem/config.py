@@ -17,7 +17,7 @@ from typing import Any
 from jaxmem.errors import JaxmemError
 
 #: Fields that do not change results (up to float tolerance): allowed to differ on resume.
-EXECUTION_FIELDS = frozenset({"strategy", "data_dir"})
+EXECUTION_FIELDS = frozenset({"strategy", "data_dir", "checkpoint_every", "keep_params", "target_se"})
 
 OPTIMIZERS = ("adam", "sgd")
 SCHEDULES = ("constant", "cosine", "warmup_cosine", "linear")
@@ -57,6 +57,20 @@ class RunConfig:
   seed: int = 0
   chunk_size: int = 64
   strategy: str = "auto"
+  # Anytime stopping (execution only: model m is the same whenever training stops, so a run may be
+  # resumed with another target or none to add chunks): stop adding chunks once the median
+  # standard error of memorization over the finished models is below this (None: train all).
+  target_se: float | None = None
+  # Learning dynamics (jaxmem.scores.dynamics): per-epoch correctness on every training example
+  # (bit-packed), optionally per-epoch margins, and EL2N/GraNd after `score_epoch` epochs (None: off).
+  record_epochs: bool = False
+  record_epoch_margin: bool = False
+  score_epoch: int | None = None
+  # Execution only (results do not depend on them): save the chunk in progress with orbax at the
+  # first host-call boundary `checkpoint_every` epochs after the last save (0: only on SIGTERM/
+  # SIGINT); keep final parameters of "none", "all" or the first N model ids (a string, e.g. "8").
+  checkpoint_every: int = 10
+  keep_params: str = "none"
 
   def __post_init__(self):
     # Normalize containers so that configs from JSON (lists) and from code (tuples) compare equal.
@@ -117,10 +131,20 @@ class RunConfig:
     _check(self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay!r}")
     _check(0 <= self.warmup_epochs < self.epochs,
            f"warmup_epochs must be in [0, epochs), got {self.warmup_epochs!r}")
+    _check(self.score_epoch is None or (isinstance(self.score_epoch, int) and 0 <= self.score_epoch <= self.epochs),
+           f"score_epoch must be an integer in [0, epochs={self.epochs}] (0: at initialization), got {self.score_epoch!r}")
+    _check(self.record_epochs or not self.record_epoch_margin,
+           "record_epoch_margin needs record_epochs (per-epoch margins are recorded with per-epoch correctness)")
     _check(self.queries in (1, 2, 18) and not isinstance(self.queries, bool),
            f"queries must be 1, 2 (with horizontal flip) or 18 (2 flips x 3x3 shifts), got {self.queries!r}")
     from jaxmem.engine.lift import parse_strategy
     parse_strategy(self.strategy)
+    _check(self.target_se is None or (isinstance(self.target_se, (int, float)) and 0 < self.target_se < 1),
+           f"target_se must be in (0, 1) (a standard error of memorization), got {self.target_se!r}")
+    _check(isinstance(self.checkpoint_every, int) and self.checkpoint_every >= 0,
+           f"checkpoint_every must be an integer >= 0 (epochs; 0: only on a signal), got {self.checkpoint_every!r}")
+    _check(str(self.keep_params) in ("none", "all") or str(self.keep_params).isdigit(),
+           f"keep_params must be 'none', 'all' or a number of models, got {self.keep_params!r}")
     return self
 
 

@@ -267,11 +267,24 @@ class RunDir:
       raise JaxmemError(f"chunks in {str(self.path)!r} do not match its membership design; "
                         "the run directory was mixed with another run")
     arrays = {name: np.concatenate(parts)[order] for name, parts in per_model.items()}
+    arrays = unpack_bit_records(arrays, num_examples=int(design["keep"].shape[1]))
     return Records(
         keep=keep[order], model_ids=ids[order], subset_ratio=design["subset_ratio"][ids[order]],
         train_labels=design["train_labels"], clean_train_labels=design["clean_train_labels"],
         test_labels=design["test_labels"], noisy=design["noisy"], arrays=arrays,
         num_models_planned=int(design["keep"].shape[0]))
+
+
+def unpack_bit_records(arrays: dict[str, np.ndarray], *, num_examples: int) -> dict[str, np.ndarray]:
+  """Every ``NAME_packed`` record (bits packed along the last axis by ``np.packbits``, as the
+  engine writes per-epoch correctness) becomes ``NAME`` as bool with ``num_examples`` entries."""
+  out = {}
+  for name, value in arrays.items():
+    if name.endswith("_packed") and value.dtype == np.uint8:
+      out[name[: -len("_packed")]] = np.unpackbits(value, axis=-1, count=num_examples).astype(bool)
+    else:
+      out[name] = value
+  return out
 
 
 def identity_differences(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
@@ -307,3 +320,209 @@ def export_records(records: Records, out: str | Path) -> list[str]:
     raise JaxmemError(f"directory {str(out.parent)!r} for the export does not exist")
   write_npz_atomic(out, arrays)
   return sorted(arrays)
+
+
+# -- orbax checkpoints: mid-chunk train states and kept final parameters -------------------------
+# This is the only module that imports orbax (imported lazily: reading records needs none of it).
+#
+#   RUN/checkpoints/chunk_00003/<epochs_done>/  the chunk's stacked TrainState and per-epoch outputs
+#   RUN/params/chunk_00003/                     final parameters of the chunk's kept models
+#   RUN/params/chunk_00003.json                 their model ids; written last ("complete")
+#
+# Every array is stored with one storage chunk per model (orbax ``SaveArgs(shard_axes=(0,))`` makes
+# the zarr chunk shape (1, ...)), so one model's slice is read without reading the others.
+
+CHECKPOINTS = "checkpoints"
+PARAMS = "params"
+EVENTS = "events.jsonl"
+
+
+def _per_model_save_args(tree: Any) -> Any:
+  import jax
+  import orbax.checkpoint as ocp
+  return jax.tree.map(lambda x: ocp.SaveArgs(shard_axes=(0,) if np.ndim(x) >= 1 else ()), tree)
+
+
+def _storage_error(what: str, error: BaseException) -> JaxmemError:
+  first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
+  return JaxmemError(f"could not write {what}: {first_line}; finished chunks are intact")
+
+
+class ChunkCheckpoint:
+  """Mid-chunk checkpoints of one chunk (orbax ``CheckpointManager``: asynchronous, atomic — a
+  step directory appears under its final name only once complete — keeping only the latest).
+
+  ``state`` is the stacked, sharded TrainState; ``history`` a nested dict of host arrays (per-epoch
+  outputs so far), so that resuming restores exactly what an uninterrupted run holds at that epoch.
+  A save is due when ``every_epochs`` epochs passed since the last one (0: only when forced, e.g. on
+  SIGTERM). Used as a context manager so its background writes are always finished or closed.
+  """
+
+  def __init__(self, run_dir: "RunDir", index: int, every_epochs: int, *, log: Any = None):
+    import orbax.checkpoint as ocp
+    from etils import epath
+    self.path = run_dir.path / CHECKPOINTS / f"chunk_{index:05d}"
+    self.index, self.every_epochs, self.log = index, every_epochs, log or (lambda message: None)
+    self.last_saved = 0
+    options = ocp.CheckpointManagerOptions(max_to_keep=1, enable_async_checkpointing=True, create=False,
+                                           cleanup_tmp_directories=True)
+    self._manager = None
+    self._options, self._epath = options, epath
+    if self.path.is_dir():
+      self._open()
+
+  def _open(self):
+    import orbax.checkpoint as ocp
+    if self._manager is None:
+      self._manager = ocp.CheckpointManager(self._epath.Path(self.path.absolute()), options=self._options)
+    return self._manager
+
+  def __enter__(self) -> "ChunkCheckpoint":
+    return self
+
+  def __exit__(self, *exc) -> None:
+    self.close()
+
+  def latest_epoch(self) -> int | None:
+    return None if self._manager is None else self._manager.latest_step()
+
+  def due(self, epochs_done: int) -> bool:
+    return self.every_epochs > 0 and epochs_done - self.last_saved >= self.every_epochs
+
+  def save(self, epochs_done: int, state: Any, history: dict[str, Any], *, wait: bool = False) -> None:
+    """Starts an asynchronous save (``wait``: block until it is on disk, e.g. before exiting)."""
+    import orbax.checkpoint as ocp
+    try:
+      self.path.parent.mkdir(parents=True, exist_ok=True)
+      self.path.mkdir(exist_ok=True)
+      manager = self._open()
+      manager.save(epochs_done, args=ocp.args.Composite(
+          state=ocp.args.StandardSave(state, save_args=_per_model_save_args(state)),
+          history=ocp.args.StandardSave(history, save_args=_per_model_save_args(history))))
+      if wait:
+        manager.wait_until_finished()
+    except Exception as e:  # orbax/tensorstore raise many types for a full or unwritable disk
+      raise _storage_error(f"checkpoint {self.path}", e) from e
+    self.last_saved = epochs_done
+
+  def restore(self, state_like: Any) -> tuple[int, Any, dict[str, Any]] | None:
+    """The latest checkpoint as ``(epochs_done, state, history)``, with ``state`` restored to the
+    shapes, dtypes and shardings of ``state_like`` (so the compiled program that continues from it
+    is the one an uninterrupted run uses); None when there is none or it cannot be read."""
+    import jax
+    import orbax.checkpoint as ocp
+    epoch = self.latest_epoch()
+    if epoch is None:
+      return None
+    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state_like)
+    try:
+      restored = self._manager.restore(epoch, args=ocp.args.Composite(
+          state=ocp.args.StandardRestore(abstract), history=ocp.args.StandardRestore()))
+    except Exception as e:  # a damaged checkpoint only costs retraining this chunk from its start
+      first_line = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+      self.log(f"checkpoint of chunk {self.index} at epoch {epoch} cannot be read ({first_line}); "
+               "training the chunk from its start")
+      return None
+    self.last_saved = epoch
+    return epoch, restored["state"], dict(restored["history"])
+
+  def wait(self) -> None:
+    if self._manager is not None:
+      try:
+        self._manager.wait_until_finished()
+      except Exception as e:
+        raise _storage_error(f"checkpoint {self.path}", e) from e
+
+  def close(self) -> None:
+    if self._manager is not None:
+      try:
+        self._manager.close()
+      finally:
+        self._manager = None
+
+  def remove(self) -> None:
+    """Deletes the chunk's checkpoints (once its records are written they are not needed)."""
+    self.close()
+    shutil.rmtree(self.path, ignore_errors=True)
+
+
+def save_params(run_dir: "RunDir", index: int, model_ids: np.ndarray, params_K: Any) -> None:
+  """Saves the final parameters of some models of chunk ``index`` (leading axis: those models),
+  one storage chunk per model, then a JSON of their ids (its presence means complete)."""
+  import orbax.checkpoint as ocp
+  from etils import epath
+  path = run_dir.path / PARAMS / f"chunk_{index:05d}"
+  meta = path.with_suffix(".json")
+  try:
+    meta.unlink(missing_ok=True)
+    shutil.rmtree(path, ignore_errors=True)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with ocp.StandardCheckpointer() as checkpointer:
+      checkpointer.save(epath.Path(path.absolute()), params_K, save_args=_per_model_save_args(params_K))
+      checkpointer.wait_until_finished()
+  except Exception as e:
+    shutil.rmtree(path, ignore_errors=True)
+    raise _storage_error(f"parameters {path}", e) from e
+  write_json_atomic(meta, {"model_ids": np.asarray(model_ids).tolist(), "written": utc_now()})
+
+
+def kept_param_models(run_dir: "RunDir") -> dict[int, tuple[int, int]]:
+  """model id -> (chunk index, row) for every model whose final parameters were kept."""
+  out = {}
+  for meta in sorted((run_dir.path / PARAMS).glob("chunk_*.json")):
+    ids = json.loads(meta.read_text())["model_ids"]
+    chunk = int(meta.stem.split("_")[1])
+    out.update({int(m): (chunk, row) for row, m in enumerate(ids)})
+  return out
+
+
+def load_model_params(run_dir: str | Path, model_id: int) -> Any:
+  """The final parameters of one model (a pytree of numpy arrays), reading only that model's
+  storage chunks: each array is opened with tensorstore through orbax's read spec and sliced at
+  the model's row, instead of restoring the chunk's stacked arrays."""
+  import orbax.checkpoint as ocp
+  import tensorstore as ts
+  from etils import epath
+  run = RunDir.open(run_dir)
+  where = kept_param_models(run)
+  if model_id not in where:
+    kept = sorted(where)
+    shown = f"{kept[:10]}{' ...' if len(kept) > 10 else ''}" if kept else "none (run with --keep-params)"
+    raise JaxmemError(f"parameters of model {model_id} were not kept in {str(run.path)!r}; kept: {shown}")
+  chunk, row = where[model_id]
+  path = epath.Path((run.path / PARAMS / f"chunk_{chunk:05d}").absolute())
+  metadata = ocp.StandardCheckpointer().metadata(path).item_metadata
+  context = ocp.type_handlers.get_ts_context(use_ocdbt=True)
+
+  def read(leaf):
+    info = ocp.type_handlers.ParamInfo(name=leaf.name, parent_dir=path, use_zarr3=metadata.use_zarr3,
+                                       ts_context=context)
+    store = ts.open(ocp.type_handlers.get_json_tspec_read(info, use_ocdbt=True), context=context).result()
+    return store[row].read().result()
+
+  import jax
+  return jax.tree.map(read, metadata.tree, is_leaf=lambda x: hasattr(x, "storage"))
+
+
+def append_event(run_dir: "RunDir", **fields) -> None:
+  """Appends one line to ``RUN/events.jsonl`` (chunk started/resumed, checkpointed, finished,
+  interrupted): a log of what each process trained, small appends are atomic on POSIX."""
+  line = json.dumps({"time": utc_now(), "pid": os.getpid(), **fields}, default=_json_default) + "\n"
+  try:
+    with open(run_dir.path / EVENTS, "a") as f:
+      f.write(line)
+  except OSError as e:
+    raise JaxmemError(f"could not write {run_dir.path / EVENTS}: {e.strerror or e}") from None
+
+
+def read_events(run_dir: str | Path) -> list[dict[str, Any]]:
+  path = Path(run_dir) / EVENTS
+  if not path.is_file():
+    return []
+  events = []
+  for line in path.read_text().splitlines():
+    try:
+      events.append(json.loads(line))
+    except json.JSONDecodeError:
+      continue  # a line cut by a kill mid-write is not an event
+  return events

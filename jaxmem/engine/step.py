@@ -35,10 +35,18 @@ class DeviceData(NamedTuple):
 
 class ModelFunctions(NamedTuple):
   """Pure single-model functions; ``data`` is passed explicitly so it is an argument of the
-  compiled program rather than a constant baked into it."""
+  compiled program rather than a constant baked into it.
+
+  ``train`` returns ``(state, per_epoch)`` with ``per_epoch["loss"]`` (E,) and, when per-epoch
+  recording is on, ``per_epoch["train_correct"]`` (E, N) bool (and ``"train_margin"`` (E, N)).
+  ``from_params`` starts training from given parameters with a fresh optimizer state (second
+  phase of a two-phase study); ``early_scores`` gives EL2N and GraNd of every training example.
+  """
   init: Callable[[jax.Array, DeviceData], TrainState]
-  train: Callable[..., tuple[TrainState, jax.Array]]
+  train: Callable[..., tuple[TrainState, dict[str, jax.Array]]]
   evaluate: Callable[[Any, DeviceData], dict[str, jax.Array]]
+  from_params: Callable[[Any], TrainState] | None = None
+  early_scores: Callable[[Any, DeviceData], dict[str, jax.Array]] | None = None
 
 
 def steps_per_epoch(subset_size: int, batch_size: int) -> int:
@@ -152,7 +160,9 @@ def epoch_batches(key: jax.Array, members: jax.Array, count: jax.Array, epoch: j
 
 def make_model_functions(model: nn.Module, tx: optax.GradientTransformation, *, batch_size: int,
                          num_steps: int, augment: bool = False, augment_pad: int = 2,
-                         eval_batch: int = 4096, queries: int = 1) -> ModelFunctions:
+                         eval_batch: int = 4096, record_epochs: bool = False,
+                         record_epoch_margin: bool = False, grad_batch: int = 32,
+                         queries: int = 1) -> ModelFunctions:
   """Single-model ``init``, ``train`` (a ``lax.scan`` over epochs of ``num_steps`` steps) and
   ``evaluate``.
 
@@ -160,6 +170,11 @@ def make_model_functions(model: nn.Module, tx: optax.GradientTransformation, *, 
   length ``n_max`` across the chunk (``count`` is the real number), sorted by a random key, and cut
   into ``num_steps`` batches; positions past ``count`` have loss weight 0, so every model makes the
   same number of steps yet sees each of its examples exactly once per epoch.
+
+  ``record_epochs``: after every epoch, evaluate the model on all training examples and output
+  its correctness (and with ``record_epoch_margin`` its margin) for the learning-dynamics scores
+  (:mod:`jaxmem.scores.dynamics`). ``grad_batch`` bounds GraNd's per-example gradients in memory
+  (``grad_batch`` x parameters per model at a time).
   """
 
   def init(key: jax.Array, data: DeviceData) -> TrainState:
@@ -172,7 +187,7 @@ def make_model_functions(model: nn.Module, tx: optax.GradientTransformation, *, 
     return jnp.sum(loss_B * weight_B) / jnp.maximum(jnp.sum(weight_B), 1.0)
 
   def train(state: TrainState, key: jax.Array, members: jax.Array, count: jax.Array,
-            epoch_ids: jax.Array, data: DeviceData) -> tuple[TrainState, jax.Array]:
+            epoch_ids: jax.Array, data: DeviceData) -> tuple[TrainState, dict[str, jax.Array]]:
     def one_epoch(state, epoch):
       index_SxB, weight_SxB = epoch_batches(key, members, count, epoch, num_steps, batch_size)
       augment_key = jax.random.fold_in(jax.random.fold_in(key, _AUGMENT), epoch)
@@ -187,9 +202,45 @@ def make_model_functions(model: nn.Module, tx: optax.GradientTransformation, *, 
         return TrainState(optax.apply_updates(state.params, updates), opt_state), loss
 
       state, losses_S = jax.lax.scan(one_step, state, (index_SxB, weight_SxB, jnp.arange(num_steps)))
-      return state, losses_S.mean()
+      per_epoch = {"loss": losses_S.mean()}
+      if record_epochs:  # every training example after the epoch's last update (as Maini et al.)
+        apply = lambda x: model.apply({"params": state.params}, x)
+        margin, correct = margin_and_correct(apply_in_batches(apply, data.x_train, eval_batch), data.y_train)
+        per_epoch["train_correct"] = correct
+        if record_epoch_margin:
+          per_epoch["train_margin"] = margin
+      return state, per_epoch
 
     return jax.lax.scan(one_epoch, state, epoch_ids)
+
+  def from_params(params) -> TrainState:
+    return TrainState(params, tx.init(params))
+
+  def early_scores(params, data: DeviceData) -> dict[str, jax.Array]:
+    """EL2N and GraNd (Paul et al. 2021, "Deep Learning on a Data Diet", eqs. 1-2) of every
+    training example under these parameters: ‖softmax(f(x)) − onehot(y)‖₂ and the L2 norm of the
+    per-example loss gradient over all parameters. Per-example gradients come from ``vmap`` of
+    ``jax.grad`` over ``grad_batch`` examples at a time; each batch is reduced to its norms at once,
+    so at most ``grad_batch`` x parameters floats live per model (no N x parameters Jacobian)."""
+
+    def el2n_of(x_B, y_B):
+      logits = model.apply({"params": params}, x_B)
+      onehot = jax.nn.one_hot(y_B, logits.shape[-1], dtype=logits.dtype)
+      return jnp.linalg.norm(jax.nn.softmax(logits, axis=-1) - onehot, axis=-1)
+
+    def example_loss(p, x, y):
+      logits = model.apply({"params": p}, x[None])
+      return optax.softmax_cross_entropy_with_integer_labels(logits, y[None])[0]
+
+    def grand_of(x_B, y_B):
+      grads = jax.vmap(jax.grad(example_loss), in_axes=(None, 0, 0))(params, x_B, y_B)
+      squares = [jnp.sum(g.reshape(g.shape[0], -1) ** 2, axis=1) for g in jax.tree.leaves(grads)]
+      return jnp.sqrt(sum(squares))
+
+    index_N = jnp.arange(data.x_train.shape[0])
+    by_index = lambda fn: lambda i_B: fn(data.x_train[i_B], data.y_train[i_B])
+    return {"train_el2n": apply_in_batches(by_index(el2n_of), index_N, eval_batch),
+            "train_grand": apply_in_batches(by_index(grand_of), index_N, grad_batch)}
 
   def evaluate(params, data: DeviceData) -> dict[str, jax.Array]:
     apply = lambda x: model.apply({"params": params}, x)
@@ -211,4 +262,4 @@ def make_model_functions(model: nn.Module, tx: optax.GradientTransformation, *, 
             margins_of, jnp.arange(x.shape[0]), max(1, eval_batch // queries))
     return out
 
-  return ModelFunctions(init, train, evaluate)
+  return ModelFunctions(init, train, evaluate, from_params=from_params, early_scores=early_scores)

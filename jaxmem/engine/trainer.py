@@ -57,6 +57,8 @@ class _Programs:
   init: Callable
   train: Callable
   evaluate: Callable
+  from_params: Callable | None = None   # params_K -> state_K with a fresh optimizer (two-phase studies)
+  early_scores: Callable | None = None  # params_K, data -> {"train_el2n", "train_grand"} (K, N)
 
 
 class Engine:
@@ -91,6 +93,15 @@ class Engine:
     """Chunks are padded to a multiple of the device count (padding models are discarded)."""
     return -(-num_models // self.num_devices) * self.num_devices
 
+  def _grad_batch(self, strategy: lifting.Strategy, budget_bytes: int = 256 << 20) -> int:
+    """GraNd's per-example gradients per batch: as many as fit ``budget_bytes`` (float32) for the
+    models that run at once on a device under ``strategy``."""
+    shapes = jax.eval_shape(lambda: self.model.init(jax.random.PRNGKey(0), self.data.x_train[:1]))
+    num_params = sum(int(np.prod(leaf.shape)) for leaf in jax.tree.leaves(shapes))
+    at_once = {"vmap": self.padded_size(self.config.chunk_size) // self.num_devices,
+               "mixed": strategy.width}.get(strategy.kind, 1)
+    return int(np.clip(budget_bytes // (4 * max(num_params, 1) * max(at_once, 1)), 1, 256))
+
   def _build(self, strategy: lifting.Strategy, num_steps: int) -> _Programs:
     key = (str(strategy), num_steps)
     if key in self._programs:
@@ -101,7 +112,10 @@ class Engine:
         total_steps=cfg.epochs * num_steps, warmup_steps=cfg.warmup_epochs * num_steps,
         momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     fns = make_model_functions(self.model, tx, batch_size=cfg.batch_size, num_steps=num_steps,
-                               augment=cfg.augment, queries=cfg.queries)  # >1: train/test_margin_aug (K,N,A)
+                               augment=cfg.augment, record_epochs=cfg.record_epochs,
+                               record_epoch_margin=cfg.record_epoch_margin,
+                               grad_batch=self._grad_batch(strategy),
+                               queries=cfg.queries)  # >1: train/test_margin_aug (K,N,A)
     if strategy.kind == "loop":
       programs = _loop_programs(fns)
     else:
@@ -124,10 +138,18 @@ class Engine:
     def eval_chunk(params_K, data):
       return lifting.lift(lambda p: fns.evaluate(p, data), strategy)(params_K)
 
+    def from_params_chunk(params_K):
+      return lifting.lift(fns.from_params, strategy)(params_K)
+
+    def early_scores_chunk(params_K, data):
+      return lifting.lift(lambda p: fns.early_scores(p, data), strategy)(params_K)
+
     return _Programs(
         init=jax.jit(shard(init_chunk, 1, 1)),
         train=jax.jit(shard(train_chunk, 4, 2), donate_argnums=(0,)),
-        evaluate=jax.jit(shard(eval_chunk, 1, 1)))
+        evaluate=jax.jit(shard(eval_chunk, 1, 1)),
+        from_params=jax.jit(shard(from_params_chunk, 1, 0)),
+        early_scores=jax.jit(shard(early_scores_chunk, 1, 1)))
 
   def resolve_strategy(self, keep_KxN: np.ndarray) -> lifting.Strategy:
     """The configured strategy, or for ``auto`` the fastest candidate on a short timed probe."""
@@ -178,11 +200,31 @@ class Engine:
 
   def train_chunk(self, model_ids: Sequence[int], keep_KxN: np.ndarray, *,
                   epochs_per_call: int | None = None,
-                  on_progress: Callable[[int], None] | None = None) -> dict[str, np.ndarray]:
+                  on_progress: Callable[[int], None] | None = None,
+                  init_params: Any | None = None, checkpoint: Any | None = None,
+                  should_stop: Callable[[], bool] | None = None) -> dict[str, np.ndarray]:
     """Train and evaluate the given models; returns records with a leading model axis.
+
+    ``checkpoint`` (a :class:`jaxmem.store.ChunkCheckpoint`): training continues from its latest
+    save if any, and saves when due at host-call boundaries. ``should_stop`` is polled after each
+    host call: when it turns true, the state is saved (waiting for the write) and
+    :class:`TrainingStopped` is raised. A resumed chunk runs the same host calls with the same
+    compiled program on a state of the same dtypes and shardings, so its result is bitwise the
+    uninterrupted one.
 
     ``epochs_per_call`` splits training into host calls (for progress and checkpoints); it does not
     change results, because each epoch's randomness is keyed by its epoch index.
+
+    ``init_params`` (optional): per-model parameters to start from instead of initializing (leading
+    axis: the K models, or K padded to the device count, e.g. ``last_state.params`` of an earlier
+    call), with a fresh optimizer state and schedule. With ``keep_KxN`` naming another membership
+    this is the second phase of a two-phase study (SSFT, :mod:`jaxmem.studies.ssft`).
+
+    With ``config.record_epochs`` the records add ``train_correct_epochs_packed`` (K, E, ceil(N/8))
+    uint8, the per-epoch correctness bit-packed along N (``RunDir.load_records`` unpacks it to
+    ``train_correct_epochs`` (M, E, N) bool); with ``record_epoch_margin`` also
+    ``train_margin_epochs`` (K, E, N) float32; with ``config.score_epoch`` set, ``train_el2n`` and
+    ``train_grand`` (K, N) after that many epochs (0: at initialization).
     """
     model_ids = np.asarray(model_ids, dtype=np.int64)
     keep_KxN = np.asarray(keep_KxN, dtype=bool)
@@ -191,25 +233,100 @@ class Engine:
     programs = self._build(strategy, num_steps)
     keys_K, members_K, counts_K = self._device_inputs(model_ids, keep_KxN)
     start = time.perf_counter()
-    state = programs.init(keys_K, self.data)
+    if init_params is None:
+      state = programs.init(keys_K, self.data)
+    else:
+      state = programs.from_params(self._pad_models(init_params, len(model_ids)))
     epochs = self.config.epochs
     per_call = epochs_per_call or epochs
-    losses = []
-    for first in range(0, epochs, per_call):
-      epoch_ids = jnp.arange(first, min(first + per_call, epochs), dtype=jnp.int32)
-      state, loss_KxE = programs.train(state, keys_K, members_K, counts_K, epoch_ids, self.data)
-      losses.append(loss_KxE)
+    score_epoch = self.config.score_epoch
+    early = programs.early_scores(state.params, self.data) if score_epoch == 0 else None
+    outputs = []
+    done = 0
+    restored = checkpoint.restore(state) if checkpoint is not None else None
+    if restored is not None:  # the per-epoch outputs and early scores so far come with the state
+      done, state, history = restored
+      outputs.append(history["per_epoch"])
+      early = history.get("early", early)
       if on_progress is not None:
-        jax.block_until_ready(loss_KxE)
-        on_progress(int(epoch_ids[-1]) + 1)
+        on_progress(done)
+    self.resumed_from_epoch = done
+    for first, stop in _call_ranges(epochs, per_call, score_epoch):
+      if stop <= done:
+        continue
+      epoch_ids = jnp.arange(max(first, done), stop, dtype=jnp.int32)
+      state, per_epoch_K = programs.train(state, keys_K, members_K, counts_K, epoch_ids, self.data)
+      outputs.append(per_epoch_K)
+      if stop == score_epoch:
+        early = programs.early_scores(state.params, self.data)
+      if on_progress is not None:
+        jax.block_until_ready(per_epoch_K["loss"])
+        on_progress(stop)
+      stopping = should_stop is not None and should_stop() and stop < epochs
+      if checkpoint is not None and stop < epochs and (stopping or checkpoint.due(stop)):
+        history = {"per_epoch": {name: np.concatenate([np.asarray(o[name]) for o in outputs], axis=1)
+                                 for name in outputs[0]}}
+        if early is not None:
+          history["early"] = jax.device_get(early)
+        checkpoint.save(stop, state, history, wait=stopping)
+      if stopping:
+        raise TrainingStopped(stop, saved=checkpoint is not None)
     records = programs.evaluate(state.params, self.data)
     records = {name: np.asarray(value)[: len(model_ids)] for name, value in records.items()}
-    records["epoch_loss"] = np.concatenate([np.asarray(l) for l in losses], axis=1)[: len(model_ids)]
+    per_epoch = {name: np.concatenate([np.asarray(o[name]) for o in outputs], axis=1)[: len(model_ids)]
+                 for name in outputs[0]}
+    records["epoch_loss"] = per_epoch.pop("loss")
+    records.update(pack_epoch_records(per_epoch))
+    if early is not None:
+      records.update({name: np.asarray(value)[: len(model_ids)] for name, value in early.items()})
     records["model_ids"] = model_ids
     records["keep"] = keep_KxN
     records["train_seconds"] = np.float64(time.perf_counter() - start)
     self.last_state = state
     return records
+
+  def _pad_models(self, tree: Any, num_models: int) -> Any:
+    """Per-model arrays of K rows padded (repeating the last) to the chunk's padded size."""
+    padded = self.padded_size(num_models)
+
+    def pad(x):
+      if x.shape[0] == padded:
+        return x
+      if x.shape[0] != num_models:
+        raise ValueError(f"init_params has {x.shape[0]} models; expected {num_models} or {padded}")
+      return jnp.concatenate([jnp.asarray(x), jnp.repeat(jnp.asarray(x)[-1:], padded - num_models, axis=0)])
+    return jax.tree.map(pad, tree)
+
+
+class TrainingStopped(Exception):
+  """Training of a chunk stopped early on request (a signal) after ``epochs_done`` epochs."""
+
+  def __init__(self, epochs_done: int, *, saved: bool):
+    super().__init__(f"stopped after {epochs_done} epochs")
+    self.epochs_done, self.saved = epochs_done, saved
+
+
+def _call_ranges(epochs: int, per_call: int, score_epoch: int | None) -> list[tuple[int, int]]:
+  """Epoch ranges [first, stop) of the host calls: every ``per_call`` epochs, and a boundary at
+  ``score_epoch`` so EL2N/GraNd see the model after exactly that many epochs."""
+  stops = set(range(per_call, epochs, per_call)) | {epochs}
+  if score_epoch is not None and 0 < score_epoch < epochs:
+    stops.add(score_epoch)
+  stops = sorted(stops)
+  return list(zip([0] + stops[:-1], stops))
+
+
+def pack_epoch_records(per_epoch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+  """Chunk records from the per-epoch outputs (K, E, N): correctness bit-packed along N (8x
+  smaller than bool; ``RunDir.load_records`` unpacks it), margins as float32."""
+  out = {}
+  if "train_correct" in per_epoch:
+    correct_KxExN = np.asarray(per_epoch["train_correct"], dtype=bool)
+    out["train_correct_epochs_packed"] = np.packbits(correct_KxExN, axis=-1)
+    out["train_correct_epochs_num_examples"] = np.int64(correct_KxExN.shape[-1])  # 0-d: not per model
+  if "train_margin" in per_epoch:
+    out["train_margin_epochs"] = np.asarray(per_epoch["train_margin"], dtype=np.float32)
+  return out
 
 
 def _loop_programs(fns) -> _Programs:
@@ -227,9 +344,17 @@ def _loop_programs(fns) -> _Programs:
   def train(state_K, keys_K, members_K, counts_K, epoch_ids, data):
     outs = [train_one(unstack(state_K, k), keys_K[k], members_K[k], counts_K[k], epoch_ids, data)
             for k in range(size(state_K))]
-    return stack([o[0] for o in outs]), jnp.stack([o[1] for o in outs])
+    return stack([o[0] for o in outs]), stack([o[1] for o in outs])
 
   def evaluate(params_K, data):
     return stack([eval_one(unstack(params_K, k), data) for k in range(size(params_K))])
 
-  return _Programs(init, train, evaluate)
+  from_params_one, early_one = jax.jit(fns.from_params), jax.jit(fns.early_scores)
+
+  def from_params(params_K):
+    return stack([from_params_one(unstack(params_K, k)) for k in range(size(params_K))])
+
+  def early_scores(params_K, data):
+    return stack([early_one(unstack(params_K, k), data) for k in range(size(params_K))])
+
+  return _Programs(init, train, evaluate, from_params, early_scores)
