@@ -58,3 +58,5 @@ __all__ = ["ESTIMATORS", "Estimator", "EstimatorResult", "InOutDifference", "aur
            "counterfactual_memorization", "in_out_difference", "memorization", "register_estimator"]
 
 from jaxmem.scores import lira  # noqa: E402,F401  (issue 4: registers the lira estimator)
+
+from jaxmem.scores import counterfactual, cscore, influence, uncertainty  # noqa: E402,F401  (issue 3: registers estimators)

@@ -1,0 +1,147 @@
+"""Consistency score (Jiang et al. 2021, "Characterizing Structural Regularities of Labeled Data in
+Overparameterized Models", eq. 1 and Sec. 3).
+
+  C_i = E_n E_{S ⊂ D∖i, |S| = n} P[f_S(x_i) = y_i],
+
+the expected accuracy on example i of models trained on random subsets that do not contain it,
+averaged over training-set sizes n. Hold-out estimator (their Sec. 3, ratios 10%..90%): for each
+subset ratio r, the mean correctness of i over the models of ratio r that did not train on i,
+
+  Ĉ_i(r) = mean_{m: r_m = r, i ∉ S_m} 1[f_m(x_i) = y_i],      Ĉ_i = mean_r Ĉ_i(r).
+
+Per-ratio columns ``cscore_at_<r>``. Standard error of each Ĉ_i(r): the binomial SE with one
+pseudo-success and one pseudo-failure, ``p̃ = (s + 1) / (n + 2)``, ``se = sqrt(p̃ (1 − p̃) / (n + 2))``
+— the same per-group rule as the Agresti–Caffo SE of memorization, so it stays positive when all
+models agree; the ratios use disjoint models, so ``se(Ĉ_i) = sqrt(Σ_r se_r²) / R``.
+
+Learning-speed proxy (Jiang et al. Sec. 5, "cumulative training accuracy" as a cheap proxy that
+needs no hold-out): the mean over training epochs and over the models that train on i of their
+correctness on i (needs the per-epoch records ``train_correct_epochs`` (M, E, N)). Its Spearman
+correlation with the C-score goes into the summary.
+
+Differences from the reference (their code trains each ratio as separate jobs and releases only
+the final scores): all ratios are blocks of one run (ratios interleaved over model ids, so a partial
+run covers every ratio); Ĉ_i is NaN (empty cell) when some ratio has no held-out model for i
+instead of averaging over the remaining ratios, which would change the estimand; we also give
+standard errors. The proxy here averages over the subset models rather than one full-data run.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import numpy as np
+from scipy.stats import spearmanr
+
+from jaxmem.scores import EstimatorResult, register_estimator
+
+
+class CScore(NamedTuple):
+  estimate: np.ndarray                   # (N,) mean over ratios, NaN if any ratio lacks held-out models
+  se: np.ndarray                         # (N,)
+  ratios: tuple[float, ...]
+  per_ratio: np.ndarray                  # (R, N) held-out accuracy per ratio
+  per_ratio_se: np.ndarray               # (R, N)
+  n_out: np.ndarray                      # (R, N) held-out models per ratio
+
+
+def ratio_name(ratio: float) -> str:
+  """``0.3`` -> ``'0.3'`` (column ``cscore_at_0.3``); float32 ratios are rounded to 6 digits first."""
+  return f"{round(float(ratio), 6):g}"
+
+
+def plus_two_se(successes, n) -> np.ndarray:
+  """Binomial SE with one pseudo-success and one pseudo-failure; NaN where n = 0."""
+  successes, n = np.asarray(successes, np.float64), np.asarray(n, np.float64)
+  p = (successes + 1) / (n + 2)
+  return np.where(n > 0, np.sqrt(p * (1 - p) / (n + 2)), np.nan)
+
+
+def cscore(keep_MxN: np.ndarray, correct_MxN: np.ndarray, ratio_M: np.ndarray) -> CScore:
+  """Jiang et al.'s hold-out C-score for every training example, per ratio and averaged.
+
+  Args:
+    keep_MxN: bool, model m trained on example i.
+    correct_MxN: bool, model m classifies training example i correctly.
+    ratio_M: subset ratio of every model.
+  """
+  keep_MxN, correct_MxN = np.asarray(keep_MxN, bool), np.asarray(correct_MxN, bool)
+  ratio_M = np.round(np.asarray(ratio_M, np.float64), 6)
+  if keep_MxN.shape != correct_MxN.shape or ratio_M.shape != keep_MxN.shape[:1]:
+    raise ValueError(f"keep {keep_MxN.shape}, correct {correct_MxN.shape} and ratio {ratio_M.shape} "
+                     "must be (M, N), (M, N) and (M,)")
+  ratios = tuple(float(r) for r in np.unique(ratio_M))
+  held_out = ~keep_MxN
+  per, per_se, n_out = [], [], []
+  for r in ratios:
+    rows = ratio_M == r
+    out = held_out[rows]
+    n = out.sum(axis=0)
+    s = (out & correct_MxN[rows]).sum(axis=0)
+    per.append(np.where(n > 0, s / np.maximum(n, 1), np.nan))
+    per_se.append(plus_two_se(s, n))
+    n_out.append(n)
+  per, per_se, n_out = np.array(per).reshape(len(ratios), -1), np.array(per_se).reshape(len(ratios), -1), \
+      np.array(n_out, np.int64).reshape(len(ratios), -1)
+  # a plain mean propagates NaN: a ratio without held-out models makes C_i unknown
+  estimate = per.mean(axis=0) if ratios else np.full(keep_MxN.shape[1], np.nan)
+  se = np.sqrt((per_se**2).sum(axis=0)) / max(len(ratios), 1) if ratios else np.full(keep_MxN.shape[1], np.nan)
+  return CScore(estimate, se, ratios, per, per_se, n_out)
+
+
+def learning_speed(keep_MxN: np.ndarray, correct_epochs_MxExN: np.ndarray) -> np.ndarray:
+  """Jiang et al.'s learning-speed proxy: mean over epochs and over models that train on i of
+  their correctness on i; NaN where no model trains on i."""
+  keep_MxN = np.asarray(keep_MxN, bool)
+  correct = np.asarray(correct_epochs_MxExN, bool)
+  if correct.ndim != 3 or correct.shape[0] != keep_MxN.shape[0] or correct.shape[2] != keep_MxN.shape[1]:
+    raise ValueError(f"train_correct_epochs {correct.shape} must be (M, E, N) for keep {keep_MxN.shape}")
+  per_model_MxN = correct.mean(axis=1)
+  n_in = keep_MxN.sum(axis=0)
+  total = (per_model_MxN * keep_MxN).sum(axis=0)
+  return np.where(n_in > 0, total / np.maximum(n_in, 1), np.nan)
+
+
+def spearman(a: np.ndarray, b: np.ndarray) -> float:
+  """Spearman rank correlation over the entries where both are finite (NaN if fewer than 3)."""
+  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+  valid = np.isfinite(a) & np.isfinite(b)
+  if valid.sum() < 3 or np.ptp(a[valid]) == 0 or np.ptp(b[valid]) == 0:
+    return float("nan")
+  return float(spearmanr(a[valid], b[valid]).statistic)
+
+
+def _nanmedian(x) -> float:
+  x = np.asarray(x, np.float64)
+  return float(np.nanmedian(x)) if np.isfinite(x).any() else float("nan")
+
+
+@register_estimator("cscore", requires=("train_correct",))
+def _cscore(records, *, context=None) -> EstimatorResult:
+  result = cscore(records.keep, records["train_correct"], records.subset_ratio)
+  columns = {"cscore": result.estimate, "cscore_se": result.se}
+  for r, values in zip(result.ratios, result.per_ratio):
+    columns[f"cscore_at_{ratio_name(r)}"] = values
+  ratio_M = np.round(np.asarray(records.subset_ratio, np.float64), 6)
+  models = {ratio_name(r): int((ratio_M == r).sum()) for r in result.ratios}
+  summary = {"ratios": [float(r) for r in result.ratios], "models_per_ratio": models,
+             "median": _nanmedian(result.estimate), "median_se": _nanmedian(result.se),
+             "undefined": int(np.isnan(result.estimate).sum())}
+  lines = [f"C-score: ratios {', '.join(f'{k} ({v} models)' for k, v in models.items())}; "
+           f"median {summary['median']:.3f}, median standard error {summary['median_se']:.3f}"
+           + (f"; {summary['undefined']} examples undefined (a ratio without held-out models)"
+              if summary["undefined"] else "")]
+  return EstimatorResult(columns=columns, summary=summary, lines=lines)
+
+
+@register_estimator("learning_speed", requires=("train_correct", "train_correct_epochs"))
+def _learning_speed(records, *, context=None) -> EstimatorResult:
+  speed = learning_speed(records.keep, records["train_correct_epochs"])
+  context = context or {}
+  c = context.get("cscore")
+  if c is None:
+    c = cscore(records.keep, records["train_correct"], records.subset_ratio).estimate
+  rho = spearman(speed, c)
+  return EstimatorResult(columns={"learning_speed": speed},
+                         summary={"spearman_with_cscore": rho, "median": _nanmedian(speed)},
+                         lines=[f"learning-speed proxy: Spearman {rho:.3f} with the C-score"])

@@ -1,0 +1,316 @@
+"""Subsampled influence (Feldman & Zhang 2020, "What Neural Networks Memorize and Why", eq. 6).
+
+Definition (survey eq. 6): for training example i and test example j,
+
+  infl(i → j) = P[f(x'_j) = y'_j | i ∈ S] − P[f(x'_j) = y'_j | i ∉ S],
+
+estimated from M models trained on random subsets S_m (keep K, M×N) and their test correctness
+(C, M×T) as a difference of two means. With n_in = 1ᵀK, sums_in = Kᵀ C (N×T) and the complements
+n_out = M − n_in, sums_out = 1ᵀC − sums_in:
+
+  infl[i, j] = sums_in[i, j] / n_in[i] − sums_out[i, j] / n_out[i].
+
+The N×T matrix is computed in blocks of training examples on the device (one matmul per block,
+float32 at full precision so counts stay exact), and only the top-k per test example and per
+training example are kept, merged across blocks with ``lax.top_k``: memory is O(block × T), never
+N×T, unless the full matrix is asked for (then it is streamed block by block into a ``.npy``).
+
+Standard error: Agresti & Caffo (2000), as for memorization (:mod:`jaxmem.scores.memorization`):
+each group gets one pseudo-success and one pseudo-failure, ``p̃ = (s + 1) / (n + 2)`` and
+``se = sqrt(p̃_in (1 − p̃_in) / (n_in + 2) + p̃_out (1 − p̃_out) / (n_out + 2))``; the estimate itself
+is the plain difference. Pairs whose train example has no in- or no out-model are NaN.
+
+High-influence pairs (Feldman & Zhang 2020, Sec. 4 and the released CIFAR-100/ImageNet pair lists):
+pairs with infl(i → j) ≥ 0.15 whose training example has memorization ≥ 0.25; both thresholds
+are options here.
+
+Differences from the reference code (google-research/heldout-influence-estimation,
+``mnist_infl_mem.py``): it materializes the dense T×N matrix (10k×60k floats, 2.3 GB for
+CIFAR-scale) and gives no error bars; we keep the top-k with standard errors, return NaN instead
+of a number computed from an empty group (it divides by max(n, 1e-10)), and store the optional
+full matrix as train × test (N, T), i.e. ``infl[i, j]``, the transpose of its ``(T, N)`` array.
+"""
+
+from __future__ import annotations
+
+import csv
+import functools
+from pathlib import Path
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxmem.errors import JaxmemError
+from jaxmem.scores import EstimatorResult, register_estimator
+from jaxmem.scores.memorization import memorization
+
+#: Feldman & Zhang's (2020) thresholds for "high-influence pairs".
+HIGH_INFLUENCE = 0.15
+HIGH_MEMORIZATION = 0.25
+
+_HIGHEST = jax.lax.Precision.HIGHEST
+
+
+class InfluenceTopK(NamedTuple):
+  """Top-k influence in both directions, with standard errors. Unused slots (k larger than the
+  number of candidates, or NaN influence) have index −1 and NaN values."""
+  train_for_test_TxK: np.ndarray      # (T, k) train indices most influential on each test example
+  influence_for_test_TxK: np.ndarray  # (T, k) their influence, descending
+  se_for_test_TxK: np.ndarray
+  test_for_train_NxK: np.ndarray      # (N, k) test indices most influenced by each train example
+  influence_for_train_NxK: np.ndarray
+  se_for_train_NxK: np.ndarray
+
+
+def _as_float(keep_MxN, correct_MxT):
+  keep_MxN, correct_MxT = np.asarray(keep_MxN, bool), np.asarray(correct_MxT)
+  if keep_MxN.ndim != 2 or correct_MxT.ndim != 2 or keep_MxN.shape[0] != correct_MxT.shape[0]:
+    raise ValueError(f"keep {keep_MxN.shape} and test correct {correct_MxT.shape} must be (M, N) and (M, T)")
+  return keep_MxN, correct_MxT.astype(bool)
+
+
+def _block_influence(keep_MxB: jax.Array, correct_MxT: jax.Array, total_T: jax.Array):
+  """Influence and its Agresti-Caffo SE for a block of B training examples: (B, T) each."""
+  m = keep_MxB.shape[0]
+  sums_in_BxT = jnp.matmul(keep_MxB.T, correct_MxT, precision=_HIGHEST)
+  n_in_B = keep_MxB.sum(axis=0)
+  n_out_B = m - n_in_B
+  sums_out_BxT = total_T[None, :] - sums_in_BxT
+  n_in, n_out = n_in_B[:, None], n_out_B[:, None]
+  valid = (n_in > 0) & (n_out > 0)
+  infl = sums_in_BxT / jnp.maximum(n_in, 1) - sums_out_BxT / jnp.maximum(n_out, 1)
+  p_in, p_out = (sums_in_BxT + 1) / (n_in + 2), (sums_out_BxT + 1) / (n_out + 2)
+  se = jnp.sqrt(p_in * (1 - p_in) / (n_in + 2) + p_out * (1 - p_out) / (n_out + 2))
+  return jnp.where(valid, infl, jnp.nan), jnp.where(valid, se, jnp.nan)
+
+
+@jax.jit
+def _dense_block(keep_MxB, correct_MxT, total_T):
+  return _block_influence(keep_MxB, correct_MxT, total_T)
+
+
+def _top_k(values, k):
+  """lax.top_k along the last axis with NaN ranked last (NaN → −inf for the ranking)."""
+  return jax.lax.top_k(jnp.where(jnp.isnan(values), -jnp.inf, values), k)
+
+
+@functools.partial(jax.jit, static_argnames=("k_test", "k_train"))
+def _topk_block(carry, keep_MxB, start, num_train, correct_MxT, total_T, *, k_test, k_train):
+  """One block: its influence, the per-train top-k inside it, and the per-test running top-k
+  merged with the block's candidates (earlier blocks first, so ties keep the lower index)."""
+  best_val_TxK, best_se_TxK, best_idx_TxK = carry
+  infl_BxT, se_BxT = _block_influence(keep_MxB, correct_MxT, total_T)
+  b = infl_BxT.shape[0]
+  index_B = start + jnp.arange(b)
+  # padding rows (past num_train) never win
+  infl_BxT = jnp.where((index_B < num_train)[:, None], infl_BxT, jnp.nan)
+
+  # top-k test examples per train example: complete within the block
+  _, pos_BxK = _top_k(infl_BxT, k_train)
+  val_BxK = jnp.take_along_axis(infl_BxT, pos_BxK, axis=1)
+  se_BxK = jnp.take_along_axis(se_BxT, pos_BxK, axis=1)
+
+  # top-k train examples per test example: merge block candidates into the running best
+  kb = min(k_test, b)
+  _, pos_TxKb = _top_k(infl_BxT.T, kb)
+  cand_val = jnp.take_along_axis(infl_BxT.T, pos_TxKb, axis=1)
+  cand_se = jnp.take_along_axis(se_BxT.T, pos_TxKb, axis=1)
+  cand_idx = index_B[pos_TxKb]
+  all_val = jnp.concatenate([best_val_TxK, cand_val], axis=1)
+  all_se = jnp.concatenate([best_se_TxK, cand_se], axis=1)
+  all_idx = jnp.concatenate([best_idx_TxK, cand_idx], axis=1)
+  _, pos = _top_k(all_val, k_test)
+  new_carry = (jnp.take_along_axis(all_val, pos, axis=1), jnp.take_along_axis(all_se, pos, axis=1),
+               jnp.take_along_axis(all_idx, pos, axis=1))
+  return new_carry, (val_BxK, se_BxK, pos_BxK), infl_BxT, se_BxT
+
+
+class InfluenceComputation:
+  """Blocked influence over training examples; each method streams the blocks once.
+
+  Args:
+    keep_MxN: bool, model m trained on training example i.
+    test_correct_MxT: bool, model m classifies test example j correctly.
+    block_size: training examples per block (memory is O(block_size × T) on the device).
+  """
+
+  def __init__(self, keep_MxN, test_correct_MxT, *, block_size: int = 1024):
+    keep_MxN, correct_MxT = _as_float(keep_MxN, test_correct_MxT)
+    if not isinstance(block_size, (int, np.integer)) or block_size < 1:
+      raise JaxmemError(f"influence block size must be a positive integer, got {block_size!r}")
+    self.num_models, self.num_train = keep_MxN.shape
+    self.num_test = correct_MxT.shape[1]
+    self.block_size = int(min(block_size, max(self.num_train, 1)))
+    self._keep = keep_MxN
+    self._correct = jnp.asarray(correct_MxT, jnp.float32)
+    self._total = self._correct.sum(axis=0)
+
+  def blocks(self):
+    """Yields ``(start, keep_MxB)`` with the last block zero-padded to ``block_size`` (one
+    compilation for all blocks; padded columns are masked out)."""
+    for start in range(0, self.num_train, self.block_size):
+      block = self._keep[:, start: start + self.block_size]
+      if block.shape[1] < self.block_size:
+        block = np.pad(block, ((0, 0), (0, self.block_size - block.shape[1])))
+      yield start, jnp.asarray(block, jnp.float32)
+
+  def dense_blocks(self):
+    """Yields ``(start, influence_BxT, se_BxT)`` as numpy, unpadded."""
+    for start, keep_MxB in self.blocks():
+      infl, se = _dense_block(keep_MxB, self._correct, self._total)
+      stop = min(start + self.block_size, self.num_train)
+      yield start, np.asarray(infl[: stop - start]), np.asarray(se[: stop - start])
+
+  def top_k(self, k: int, *, memorization_N: np.ndarray | None = None,
+            pair_influence: float | None = None, pair_memorization: float | None = None):
+    """Top-k in both directions and, if ``pair_influence`` is given, the high-influence pairs
+    ``(train_index, test_index, influence, se)`` with influence ≥ ``pair_influence`` whose train
+    example has memorization ≥ ``pair_memorization`` (needs ``memorization_N``)."""
+    if not isinstance(k, (int, np.integer)) or k < 1:
+      raise JaxmemError(f"influence top-k must be a positive integer, got {k!r}")
+    k_test, k_train = int(min(k, self.num_train)), int(min(k, self.num_test))
+    t = self.num_test
+    carry = (jnp.full((t, k_test), -jnp.inf, jnp.float32), jnp.full((t, k_test), jnp.nan, jnp.float32),
+             jnp.full((t, k_test), -1, jnp.int32))
+    per_train_val, per_train_se, per_train_idx, pairs = [], [], [], []
+    eligible_N = None
+    if pair_influence is not None:
+      eligible_N = np.ones(self.num_train, bool)
+      if pair_memorization is not None:
+        if memorization_N is None:
+          raise ValueError("pair_memorization needs memorization_N")
+        eligible_N = np.nan_to_num(np.asarray(memorization_N, np.float64), nan=-np.inf) >= pair_memorization
+    for start, keep_MxB in self.blocks():
+      carry, (val, se, pos), infl_BxT, se_BxT = _topk_block(
+          carry, keep_MxB, start, self.num_train, self._correct, self._total, k_test=k_test, k_train=k_train)
+      stop = min(start + self.block_size, self.num_train)
+      per_train_val.append(np.asarray(val[: stop - start]))
+      per_train_se.append(np.asarray(se[: stop - start]))
+      per_train_idx.append(np.asarray(pos[: stop - start]))
+      if eligible_N is not None and eligible_N[start:stop].any():
+        # only this block's mask comes to the host, and only for blocks with eligible examples
+        hit = np.asarray(jnp.nan_to_num(infl_BxT, nan=-jnp.inf) >= pair_influence)[: stop - start]
+        hit = hit & eligible_N[start:stop, None]
+        rows, cols = np.nonzero(hit)
+        if len(rows):
+          pairs.append((start + rows, cols, np.asarray(infl_BxT)[rows, cols], np.asarray(se_BxT)[rows, cols]))
+    best_val, best_se, best_idx = (np.asarray(a) for a in carry)
+    best_idx = np.where(np.isfinite(best_val), best_idx, -1)
+    best_val = np.where(np.isfinite(best_val), best_val, np.nan)
+    best_se = np.where(best_idx >= 0, best_se, np.nan)
+    val_N = np.concatenate(per_train_val) if per_train_val else np.zeros((0, k_train), np.float32)
+    se_N = np.concatenate(per_train_se) if per_train_se else np.zeros((0, k_train), np.float32)
+    idx_N = np.concatenate(per_train_idx) if per_train_idx else np.zeros((0, k_train), np.int32)
+    idx_N = np.where(np.isnan(val_N), -1, idx_N)
+    se_N = np.where(idx_N >= 0, se_N, np.nan)
+    topk = InfluenceTopK(best_idx, best_val, best_se, idx_N, val_N, se_N)
+    if pair_influence is None:
+      return topk, None
+    if pairs:
+      train_i, test_j, value, se = (np.concatenate(p) for p in zip(*pairs))
+      order = np.lexsort((test_j, train_i, -value))
+      pair_arrays = (train_i[order], test_j[order], value[order], se[order])
+    else:
+      pair_arrays = (np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.float32), np.zeros(0, np.float32))
+    return topk, pair_arrays
+
+  def write_full(self, path: str | Path) -> None:
+    """Writes the full (N, T) float32 influence matrix to ``.npy`` block by block (memory-mapped)."""
+    out = np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=(self.num_train, self.num_test))
+    for start, infl, _ in self.dense_blocks():
+      out[start: start + infl.shape[0]] = infl
+    out.flush()
+    del out
+
+
+def influence(keep_MxN, test_correct_MxT, *, block_size: int = 1024) -> tuple[np.ndarray, np.ndarray]:
+  """The full (N, T) influence matrix and its standard errors (for small problems and tests)."""
+  comp = InfluenceComputation(keep_MxN, test_correct_MxT, block_size=block_size)
+  infl = np.full((comp.num_train, comp.num_test), np.nan, np.float32)
+  se = np.full_like(infl, np.nan)
+  for start, block, block_se in comp.dense_blocks():
+    infl[start: start + block.shape[0]] = block
+    se[start: start + block.shape[0]] = block_se
+  return infl, se
+
+
+def influence_topk(keep_MxN, test_correct_MxT, k: int = 10, *, block_size: int = 1024) -> InfluenceTopK:
+  """Top-k influence per test example and per training example without the N×T matrix."""
+  return InfluenceComputation(keep_MxN, test_correct_MxT, block_size=block_size).top_k(k)[0]
+
+
+TOPK_COLUMNS = ("test_index", "train_index", "influence", "influence_se", "memorization", "direction", "rank")
+PAIR_COLUMNS = ("test_index", "train_index", "influence", "influence_se", "memorization", "test_label", "train_label")
+
+
+def _fmt(value) -> str:
+  value = float(value)
+  return "" if np.isnan(value) else f"{value:.6g}"
+
+
+def topk_rows(topk: InfluenceTopK, memorization_N: np.ndarray):
+  """Rows of ``influence_topk.csv``: direction ``test`` lists the top train examples for each test
+  example, direction ``train`` the top test examples for each train example; rank 1 is the largest."""
+  mem = np.asarray(memorization_N, np.float64)
+  for j in range(topk.train_for_test_TxK.shape[0]):
+    for r in range(topk.train_for_test_TxK.shape[1]):
+      i = int(topk.train_for_test_TxK[j, r])
+      if i >= 0:
+        yield (j, i, _fmt(topk.influence_for_test_TxK[j, r]), _fmt(topk.se_for_test_TxK[j, r]), _fmt(mem[i]), "test", r + 1)
+  for i in range(topk.test_for_train_NxK.shape[0]):
+    for r in range(topk.test_for_train_NxK.shape[1]):
+      j = int(topk.test_for_train_NxK[i, r])
+      if j >= 0:
+        yield (j, i, _fmt(topk.influence_for_train_NxK[i, r]), _fmt(topk.se_for_train_NxK[i, r]), _fmt(mem[i]), "train", r + 1)
+
+
+def _csv_writer(header, rows_fn):
+  def write(path):
+    from jaxmem.store import atomic_path
+    with atomic_path(Path(path)) as tmp:
+      with open(tmp, "w", newline="") as f:
+        writer = csv.writer(f, lineterminator="\n")
+        writer.writerow(header)
+        writer.writerows(rows_fn())
+  return write
+
+
+def _full_writer(comp: InfluenceComputation):
+  def write(path):
+    from jaxmem.store import atomic_path
+    with atomic_path(Path(path)) as tmp:
+      comp.write_full(tmp)
+  return write
+
+
+@register_estimator("influence", requires=("test_correct",))
+def _influence(records, *, context=None, topk: int = 10, full: bool = False, block_size: int = 1024,
+               pair_influence: float = HIGH_INFLUENCE,
+               pair_memorization: float = HIGH_MEMORIZATION) -> EstimatorResult:
+  """Adapter: ``influence_topk.csv``, ``influence_pairs.csv`` and, with ``full``, ``influence.npy``."""
+  context = context or {}
+  mem_N = context.get("memorization")
+  if mem_N is None:
+    mem_N = memorization(records.keep, records["train_correct"]).estimate
+  comp = InfluenceComputation(records.keep, records["test_correct"], block_size=block_size)
+  topk_result, pairs = comp.top_k(topk, memorization_N=mem_N, pair_influence=pair_influence,
+                                  pair_memorization=pair_memorization)
+  train_i, test_j, value, se = pairs
+  test_labels, train_labels = records.test_labels, records.train_labels
+  pair_rows = lambda: ((int(j), int(i), _fmt(v), _fmt(s), _fmt(mem_N[i]), int(test_labels[j]), int(train_labels[i]))
+                       for i, j, v, s in zip(train_i, test_j, value, se))
+  files = {"influence_topk.csv": _csv_writer(TOPK_COLUMNS, lambda: topk_rows(topk_result, mem_N)),
+           "influence_pairs.csv": _csv_writer(PAIR_COLUMNS, pair_rows)}
+  if full:
+    files["influence.npy"] = _full_writer(comp)
+  best = topk_result.influence_for_test_TxK[:, 0]
+  summary = {"topk": int(topk), "high_influence_pairs": int(len(value)),
+             "pair_influence_threshold": float(pair_influence), "pair_memorization_threshold": float(pair_memorization),
+             "train_examples_in_pairs": int(len(np.unique(train_i))), "test_examples_in_pairs": int(len(np.unique(test_j))),
+             "median_max_influence_per_test": float(np.nanmedian(best)) if np.isfinite(best).any() else float("nan")}
+  lines = [f"influence: {len(value)} high-influence pairs (influence >= {pair_influence:g}, memorization >= "
+           f"{pair_memorization:g}) over {summary['train_examples_in_pairs']} training and "
+           f"{summary['test_examples_in_pairs']} test examples; top-{topk} per example in influence_topk.csv"]
+  return EstimatorResult(summary=summary, lines=lines, files=files)

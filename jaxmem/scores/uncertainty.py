@@ -1,0 +1,214 @@
+"""Uncertainty of the per-example estimates: bootstrap over models, split-half reliability, and
+how many models a target standard error needs.
+
+- **Bootstrap over models** (Efron & Tibshirani 1993, percentile interval, ch. 13): the models are
+  the independent units (each is one draw of a random subset and a random training run), so we
+  resample M models with replacement B times and recompute every example's in−out difference.
+  Vectorized: a resample is a row of multinomial counts ``w`` (B×M), and the resampled sums are
+  matmuls ``w @ (keep·values)``, ``w @ keep`` etc. (B×N), computed on the device in blocks of
+  examples. Seeded with an explicit ``jax.random`` key. Resamples where an example has no in- or no
+  out-model are dropped for that example. The interval is the (α/2, 1 − α/2) percentile of the
+  resampled estimates. Known weakness: an example on which every model agrees gives a zero-width
+  interval (the bootstrap cannot see variance it did not observe); the Agresti–Caffo SE
+  (``memorization_se``) does not have this problem.
+- **Split-half reliability** (Spearman 1910; Brown 1910): split the models at random into two
+  disjoint halves, estimate memorization on each half, and take the Spearman rank correlation over
+  examples; averaged over a few seeded splits. ``2ρ / (1 + ρ)`` (Spearman–Brown) predicts the
+  reliability of the estimate from all M models.
+- **Models needed**: a standard error of an in−out mean difference scales as 1/√M at fixed
+  subset ratio (n_in ≈ rM, n_out ≈ (1 − r)M), so reaching a median SE of ``target`` from ``se``
+  with M models needs about ``M · (se / target)²`` models.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Callable, NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxmem.errors import JaxmemError
+from jaxmem.scores import EstimatorResult, register_estimator
+from jaxmem.scores.cscore import spearman
+from jaxmem.scores.memorization import memorization
+
+_HIGHEST = jax.lax.Precision.HIGHEST
+_SPLIT_TAG = 0x5B117
+#: Median-SE targets shown when the user gives none.
+DEFAULT_TARGETS = (0.02, 0.01)
+
+
+def bootstrap_counts(key: jax.Array, num_resamples: int, num_models: int) -> jax.Array:
+  """(B, M) float32 multinomial counts: how often each model appears in each resample."""
+  idx_BxM = jax.random.randint(key, (num_resamples, num_models), 0, num_models)
+  return jax.vmap(lambda idx: jnp.bincount(idx, length=num_models))(idx_BxM).astype(jnp.float32)
+
+
+@jax.jit
+def _resampled_difference(counts_BxM, keep_MxN, values_MxN):
+  inside = keep_MxN.astype(jnp.float32)
+  outside = 1.0 - inside
+  dot = functools.partial(jnp.matmul, precision=_HIGHEST)
+  n_in, n_out = dot(counts_BxM, inside), dot(counts_BxM, outside)
+  sum_in, sum_out = dot(counts_BxM, inside * values_MxN), dot(counts_BxM, outside * values_MxN)
+  diff = sum_in / jnp.maximum(n_in, 1) - sum_out / jnp.maximum(n_out, 1)
+  return jnp.where((n_in > 0) & (n_out > 0), diff, jnp.nan)
+
+
+def bootstrap_differences(keep_MxN, values_MxN, counts_BxM, *, block_size: int = 4096) -> np.ndarray:
+  """(B, N) in−out differences of ``values`` for each resample (rows of ``counts``); NaN where a
+  resample has no in- or no out-model for the example. Blocks of examples bound device memory."""
+  keep_MxN = np.asarray(keep_MxN, bool)
+  values_MxN = np.asarray(values_MxN, np.float32)
+  if keep_MxN.shape != values_MxN.shape:
+    raise ValueError(f"keep {keep_MxN.shape} and values {values_MxN.shape} must have the same shape")
+  counts = jnp.asarray(counts_BxM, jnp.float32)
+  n = keep_MxN.shape[1]
+  block = max(1, min(block_size, n))
+  out = np.empty((counts.shape[0], n), np.float32)
+  for start in range(0, n, block):
+    k, v = keep_MxN[:, start: start + block], values_MxN[:, start: start + block]
+    width = k.shape[1]
+    if width < block:  # pad: one compilation for every block
+      k, v = np.pad(k, ((0, 0), (0, block - width))), np.pad(v, ((0, 0), (0, block - width)))
+    out[:, start: start + width] = np.asarray(_resampled_difference(counts, k, v))[:, :width]
+  return out
+
+
+class BootstrapInterval(NamedTuple):
+  low: np.ndarray
+  high: np.ndarray
+  resamples: np.ndarray  # (N,) resamples that defined the estimate
+
+
+def bootstrap_interval(keep_MxN, values_MxN, *, key: jax.Array, num_resamples: int = 200,
+                       confidence: float = 0.95, block_size: int = 4096) -> BootstrapInterval:
+  """Percentile bootstrap interval over models for each example's in−out difference."""
+  if not isinstance(num_resamples, (int, np.integer)) or num_resamples < 2:
+    raise JaxmemError(f"bootstrap resamples must be an integer >= 2, got {num_resamples!r}")
+  if not 0 < confidence < 1:
+    raise JaxmemError(f"confidence must be in (0, 1), got {confidence!r}")
+  keep_MxN = np.asarray(keep_MxN, bool)
+  counts = bootstrap_counts(key, int(num_resamples), keep_MxN.shape[0])
+  diffs_BxN = bootstrap_differences(keep_MxN, values_MxN, counts, block_size=block_size)
+  alpha = 1.0 - confidence
+  defined = np.isfinite(diffs_BxN).sum(axis=0)
+  ok = defined >= 2
+  low, high = np.full(keep_MxN.shape[1], np.nan), np.full(keep_MxN.shape[1], np.nan)
+  if ok.any():
+    q = np.nanquantile(diffs_BxN[:, ok], [alpha / 2, 1 - alpha / 2], axis=0)
+    low[ok], high[ok] = q[0], q[1]
+  return BootstrapInterval(low, high, defined)
+
+
+class SplitHalf(NamedTuple):
+  spearman: float           # mean over splits of the Spearman correlation between the halves
+  spearman_brown: float     # 2ρ/(1+ρ): predicted reliability of the estimate from all models
+  per_split: tuple[float, ...]
+
+
+def split_half_reliability(keep_MxN, values_MxN, *, seed: int, num_splits: int = 5,
+                           estimate: Callable[[np.ndarray, np.ndarray], np.ndarray] | None = None) -> SplitHalf:
+  """Spearman correlation between the estimates from two disjoint random halves of the models.
+
+  ``estimate(keep, values) -> (N,)`` defaults to Feldman & Zhang's memorization."""
+  keep_MxN, values_MxN = np.asarray(keep_MxN, bool), np.asarray(values_MxN)
+  m = keep_MxN.shape[0]
+  if estimate is None:
+    estimate = lambda k, v: memorization(k, v).estimate
+  rhos = []
+  if m >= 4:
+    for s in range(num_splits):
+      order = np.random.default_rng([seed, _SPLIT_TAG, s]).permutation(m)
+      a, b = np.sort(order[: m // 2]), np.sort(order[m // 2: 2 * (m // 2)])
+      rhos.append(spearman(estimate(keep_MxN[a], values_MxN[a]), estimate(keep_MxN[b], values_MxN[b])))
+  finite = [r for r in rhos if np.isfinite(r)]
+  rho = float(np.mean(finite)) if finite else float("nan")
+  brown = 2 * rho / (1 + rho) if np.isfinite(rho) and rho > -1 else float("nan")
+  return SplitHalf(rho, brown, tuple(rhos))
+
+
+def models_needed(median_se: float, num_models: int, target_se: float) -> int | None:
+  """Models needed for the median SE to reach ``target_se`` (SE ∝ 1/√M); None if unknown."""
+  if not (np.isfinite(median_se) and median_se > 0 and target_se > 0 and num_models > 0):
+    return None
+  return int(math.ceil(num_models * (median_se / target_se) ** 2))
+
+
+def median_memorization_se(keep_MxN, correct_MxN) -> float:
+  """Median Agresti–Caffo SE of memorization over examples (NaN if none is defined yet)."""
+  se = memorization(keep_MxN, correct_MxN).se
+  return float(np.nanmedian(se)) if np.isfinite(se).any() else float("nan")
+
+
+class TargetSE:
+  """Anytime stopping rule for ``jaxmem run --target-se X``: fed each finished chunk's records
+  (``keep`` and ``train_correct`` rows), it says to stop once the median memorization SE over all
+  finished models is below ``target`` (examples not yet estimable — no in- or out-model — are
+  left out of the median; with none estimable it never stops)."""
+
+  def __init__(self, target: float):
+    self.target = float(target)
+    self._keep: list[np.ndarray] = []
+    self._correct: list[np.ndarray] = []
+    self.median_se = float("nan")
+
+  @property
+  def num_models(self) -> int:
+    return int(sum(len(k) for k in self._keep))
+
+  def add(self, keep_KxN: np.ndarray, correct_KxN: np.ndarray) -> bool:
+    """Adds a chunk's models; returns True when the target is reached."""
+    self._keep.append(np.asarray(keep_KxN, bool))
+    self._correct.append(np.asarray(correct_KxN, bool))
+    return self.reached()
+
+  def reached(self) -> bool:
+    if not self._keep:
+      return False
+    self.median_se = median_memorization_se(np.concatenate(self._keep), np.concatenate(self._correct))
+    return bool(np.isfinite(self.median_se) and self.median_se < self.target)
+
+
+def _targets(target_se) -> Sequence[float]:
+  if target_se is None:
+    return DEFAULT_TARGETS
+  if isinstance(target_se, (int, float)):
+    return (float(target_se),)
+  return tuple(float(t) for t in target_se)
+
+
+@register_estimator("uncertainty", requires=("train_correct",))
+def _uncertainty(records, *, context=None, seed: int = 0, resamples: int = 200, confidence: float = 0.95,
+                 splits: int = 5, target_se=None) -> EstimatorResult:
+  """Adapter: ``memorization_ci_low/high`` (bootstrap), split-half reliability and models needed."""
+  keep, correct = records.keep, records["train_correct"].astype(np.float32)
+  columns, summary, lines = {}, {}, []
+  if resamples:
+    interval = bootstrap_interval(keep, correct, key=jax.random.PRNGKey(seed), num_resamples=resamples,
+                                  confidence=confidence)
+    columns = {"memorization_ci_low": interval.low, "memorization_ci_high": interval.high}
+    width = interval.high - interval.low
+    summary["bootstrap"] = {"resamples": int(resamples), "confidence": float(confidence), "seed": int(seed),
+                            "median_width": float(np.nanmedian(width)) if np.isfinite(width).any() else None}
+  half = split_half_reliability(keep, correct, seed=seed, num_splits=splits)
+  summary["split_half"] = {"spearman": half.spearman, "spearman_brown": half.spearman_brown,
+                           "splits": list(half.per_split)}
+  context = context or {}
+  se = context.get("memorization_se")
+  median_se = (float(np.nanmedian(se)) if se is not None and np.isfinite(se).any()
+               else median_memorization_se(keep, correct))
+  m = records.num_models
+  needed = {f"{t:g}": models_needed(median_se, m, t) for t in _targets(target_se)}
+  summary["models_needed"] = {"median_se": median_se, "num_models": m, "targets": needed}
+  lines.append(f"memorization reliability: split-half Spearman {half.spearman:.3f} ({m // 2} vs {m // 2} models, "
+               f"{len(half.per_split)} splits); {half.spearman_brown:.3f} predicted for all {m} models (Spearman-Brown)")
+  if "bootstrap" in summary and summary["bootstrap"]["median_width"] is not None:
+    lines.append(f"memorization {confidence:.0%} bootstrap intervals over models ({resamples} resamples): "
+                 f"median width {summary['bootstrap']['median_width']:.3f}")
+  estimates = ", ".join(f"<= {t}: ~{n:,} models" if n is not None else f"<= {t}: unknown" for t, n in needed.items())
+  lines.append(f"models needed for median memorization SE {estimates} (now {m} models, median SE {median_se:.3f})")
+  return EstimatorResult(columns=columns, summary=summary, lines=lines)
