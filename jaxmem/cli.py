@@ -43,7 +43,43 @@ RUN_FLAGS = {
     "chunk_size": ("--chunk-size", int, "models trained together per chunk"),
     "strategy": ("--strategy", str, "auto, vmap, map, mixed:W or loop"),
     "queries": ("--queries", int, "LiRA queries per example: 1, 2 (+ flip) or 18 (2 flips x 3x3 shifts); images only"),
+    "score_epoch": ("--score-epoch", int, "record EL2N and GraNd after this many epochs (0: at initialization)"),
+    "checkpoint_every": ("--checkpoint-every", int, "save the chunk in progress every K epochs (0: only on SIGTERM/SIGINT)"),
+    "keep_params": ("--keep-params", str, "keep final parameters of none, all or the first N models"),
+    "target_se": ("--target-se", float, "stop adding chunks once the median memorization standard error is below this"),
 }
+
+
+def _add_score_arguments(p: argparse.ArgumentParser) -> None:
+  """Estimator options (issue 3); only given flags reach the estimators, see score_options_from_args."""
+  p.add_argument("--influence-topk", type=int, default=None, help="top-k influence per test and per training example (default 10)")
+  p.add_argument("--influence-full", action="store_true", help="also write the full train x test influence.npy")
+  p.add_argument("--influence-threshold", type=float, default=None,
+                 help="high-influence pairs: influence >= this (default 0.15, Feldman & Zhang)")
+  p.add_argument("--memorization-threshold", type=float, default=None,
+                 help="high-influence pairs: memorization of the training example >= this (default 0.25)")
+  p.add_argument("--metrics", default=None,
+                 help="counterfactual memorization columns: comma-separated margin,logprob,loss")
+  p.add_argument("--bootstrap", type=int, default=None,
+                 help="bootstrap resamples over models for memorization_ci_low/high (default 200; 0: off)")
+  p.add_argument("--bootstrap-seed", type=int, default=None, help="seed of the bootstrap and split-half draws")
+
+
+def score_options_from_args(args: argparse.Namespace) -> dict:
+  """Estimator name -> options from the flags of _add_score_arguments (and ``--target-se``)."""
+  options: dict = {"influence": {}, "counterfactual": {}, "uncertainty": {}}
+  for flag, estimator, key in (("influence_topk", "influence", "topk"), ("influence_threshold", "influence", "pair_influence"),
+                               ("memorization_threshold", "influence", "pair_memorization"),
+                               ("metrics", "counterfactual", "metrics"), ("bootstrap", "uncertainty", "resamples"),
+                               ("bootstrap_seed", "uncertainty", "seed"), ("target_se", "uncertainty", "target_se")):
+    if getattr(args, flag, None) is not None:
+      options[estimator][key] = getattr(args, flag)
+  if getattr(args, "influence_full", False):
+    options["influence"]["full"] = True
+  if "metrics" in options["counterfactual"]:
+    from jaxmem.scores.counterfactual import parse_metrics
+    options["counterfactual"]["metrics"] = parse_metrics(options["counterfactual"]["metrics"])
+  return {k: v for k, v in options.items() if v}
 
 
 def _add_run_arguments(p: argparse.ArgumentParser) -> None:
@@ -54,10 +90,19 @@ def _add_run_arguments(p: argparse.ArgumentParser) -> None:
                  help="several ratios, e.g. 0.1,0.3,0.5,0.7,0.9 (C-score)")
   p.add_argument("--augment", dest="augment", action=argparse.BooleanOptionalAction, default=None,
                  help="random flip and crop on the device (images)")
+  p.add_argument("--record-epochs", dest="record_epochs", action=argparse.BooleanOptionalAction, default=None,
+                 help="record every model's correctness on every training example after each epoch (bit-packed; "
+                      "forgetting events, first-learned epoch)")
+  p.add_argument("--record-epoch-margin", dest="record_epoch_margin", action=argparse.BooleanOptionalAction,
+                 default=None, help="with --record-epochs, also each epoch's margins (float32, 32x the disk)")
   p.add_argument("--config", default=None, help="config file: .py with CONFIG or get_config(), or .json")
   p.add_argument("--out", default=None, help="run directory (default: runs/DATASET-MODEL-sSEED)")
   p.add_argument("--overwrite", action="store_true", help="replace a run directory made with another config")
   p.add_argument("--no-progress", action="store_true", help="no progress bar")
+  p.add_argument("--shard", default=None, help="I/K: train only the chunks c with c mod K == I (job arrays)")
+  p.add_argument("--coordinator", default=None, help="multi-process: HOST:PORT of process 0 (else SLURM is detected)")
+  p.add_argument("--num-processes", type=int, default=None, help="multi-process: number of processes")
+  p.add_argument("--process-id", type=int, default=None, help="multi-process: this process's index")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -67,18 +112,121 @@ def build_parser() -> argparse.ArgumentParser:
 
   p = commands.add_parser("run", help="train subset models, record predictions, write scores.csv")
   _add_run_arguments(p)
+  _add_score_arguments(p)
   p.set_defaults(handler=_cmd_run)
 
   p = commands.add_parser("scores", help="(re)compute scores.csv from a run directory's records")
   p.add_argument("run_dir")
   p.add_argument("--estimators", default=None, help="comma-separated estimator names (default: all available)")
+  p.add_argument("--target-se", type=float, default=None, help="models-needed estimate for this median memorization SE")
+  _add_score_arguments(p)
   p.set_defaults(handler=_cmd_scores)
+
+  p = commands.add_parser("merge", help="check a run's chunks (e.g. from job-array shards), say what is missing, "
+                          "and score what is complete")
+  p.add_argument("run_dir")
+  p.add_argument("--from", dest="sources", nargs="*", default=[],
+                 help="other run directories of the same run whose complete chunks are copied in")
+  p.add_argument("--estimators", default=None, help="comma-separated estimator names (default: all available)")
+  p.set_defaults(handler=_cmd_merge)
 
   p = commands.add_parser("export", help="write a run's raw records to one .npz")
   p.add_argument("run_dir")
   p.add_argument("out")
   p.set_defaults(handler=_cmd_export)
+
+  p = commands.add_parser("report", help="write RUN_DIR/report/index.html: figures and tables of the run's scores")
+  p.add_argument("run_dir")
+  p.add_argument("--data-dir", default=None, help="TFDS data directory to reload the images from (default: the run's)")
+  p.add_argument("--top", type=int, default=24, help="examples per gallery")
+  p.set_defaults(handler=_cmd_report)
+
+  p = commands.add_parser("bench", help="train the same models with each engine strategy, a JAX loop and a "
+                          "PyTorch loop, side by side; print models/s, ratios and utilization")
+  p.add_argument("--quick", action="store_true", help="small sizes: the whole table in under 2 minutes on 2 CPU cores")
+  p.add_argument("--workloads", default="digits-mlp,digits-cnn",
+                 help="comma-separated: digits-mlp, digits-cnn, mnist-protocol, cifar-cnn (the last two are GPU-sized)")
+  p.add_argument("--repeats", type=int, default=3, help="interleaved timed repeats per variant (medians reported)")
+  p.add_argument("--strategies", default=None, help="comma-separated engine strategies (default: auto's candidates and auto)")
+  p.add_argument("--baselines", default="jax-step-loop,jax-model-loop,torch-loop", help="comma-separated baselines (or none)")
+  p.add_argument("--models", type=int, default=None, help="models the engine trains per variant (default: per workload)")
+  p.add_argument("--loop-models", type=int, default=None, help="models each loop baseline trains")
+  p.add_argument("--epochs", type=int, default=None, help="override the workload's epochs")
+  p.add_argument("--out", default=None, help="also write the tables to this file (and the raw numbers to OUT.json)")
+  p.set_defaults(handler=_cmd_bench)
+
+  # `jaxmem study NAME ...`: each study adds its own subparser to `studies` (and a _cmd_study_* handler).
+  study = commands.add_parser("study", help="studies that retrain models on modified data: remove-top, ...")
+  studies = study.add_subparsers(dest="study", required=True, parser_class=_Parser)
+
+  p = studies.add_parser("remove-top", help="remove the top-k examples by a score, retrain, plot test accuracy vs k "
+                         "(Feldman & Zhang's marginal utility)")
+  p.add_argument("run_dir")
+  p.add_argument("--k", dest="ks", type=_ints, default=(0, 50, 100, 200), help="comma-separated k values (default 0,50,100,200)")
+  p.add_argument("--by", default="memorization,random", help="comma-separated rankings: score columns of scores.csv, or random")
+  p.add_argument("--num-models", type=int, default=64, help="models per point (default 64)")
+  p.add_argument("--subset-ratio", type=float, default=None, help="training ratio of the retrained models (default: the run's)")
+  p.add_argument("--epochs", type=int, default=None, help="epochs (default: the run's)")
+  p.add_argument("--seed", type=int, default=None, help="seed of the retrained models and the random control (default: the run's)")
+  p.add_argument("--data-dir", default=None, help="TFDS data directory (default: the run's)")
+  p.add_argument("--out", default=None, help="study directory (default: RUN_DIR/remove_top)")
+  p.add_argument("--no-progress", action="store_true", help="no progress bar")
+  p.set_defaults(handler=_cmd_study_remove_top)
+
+  p = studies.add_parser("onion", help="privacy onion: remove the k examples most exposed to LiRA, retrain, "
+                         "count previously safe examples that become exposed (Carlini et al. 2022b)")
+  p.add_argument("run_dir")
+  p.add_argument("--remove", dest="ks", type=_ints, default=(50,), help="comma-separated k values (default 50)")
+  p.add_argument("--num-models", type=int, default=None, help="retrained models per k (default: the run's)")
+  p.add_argument("--epochs", type=int, default=None, help="epochs (default: the run's)")
+  p.add_argument("--seed", type=int, default=None, help="seed of the retrained models and the random control (default: the run's)")
+  p.add_argument("--threshold", type=float, default=0.8, help="exposed: per-example LiRA AUC >= this (default 0.8)")
+  p.add_argument("--no-control", action="store_true", help="skip the random-removal control (halves the cost)")
+  p.add_argument("--data-dir", default=None, help="TFDS data directory (default: the run's)")
+  p.add_argument("--out", default=None, help="study directory (default: RUN_DIR/onion)")
+  p.add_argument("--no-progress", action="store_true", help="no progress bar")
+  p.set_defaults(handler=_cmd_study_onion)
   return parser
+
+
+def _ints(text: str) -> tuple[int, ...]:
+  try:
+    return tuple(int(t) for t in text.split(",") if t.strip())
+  except ValueError:
+    raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
+def _cmd_report(args) -> int:
+  from jaxmem.report import write_report
+  report = write_report(args.run_dir, data_dir=args.data_dir, top=args.top, log=lambda m: print(m, file=sys.stderr))
+  print(f"wrote {report.path} ({len(report.images)} figures; sections: {', '.join(report.sections)})")
+  return 0
+
+
+def _cmd_study_onion(args) -> int:
+  from pathlib import Path
+  from jaxmem.studies.onion import format_onion, onion
+  out = args.out or str(Path(args.run_dir) / "onion")
+  result = onion(args.run_dir, out, ks=args.ks, num_models=args.num_models, epochs=args.epochs, seed=args.seed,
+                 threshold=args.threshold, control=not args.no_control, data_dir=args.data_dir,
+                 progress=not args.no_progress, log=lambda m: print(m, file=sys.stderr))
+  print("\n".join(format_onion(result)))
+  print(f"wrote {result.table}, {result.out / 'onion.json'}")
+  return 0
+
+
+def _cmd_study_remove_top(args) -> int:
+  from pathlib import Path
+  from jaxmem.studies.remove_top import remove_top
+  out = args.out or str(Path(args.run_dir) / "remove_top")
+  result = remove_top(args.run_dir, out, ks=args.ks, by=[b.strip() for b in args.by.split(",") if b.strip()],
+                      num_models=args.num_models, subset_ratio=args.subset_ratio, epochs=args.epochs, seed=args.seed,
+                      data_dir=args.data_dir, progress=not args.no_progress, log=lambda m: print(m, file=sys.stderr))
+  print("removed by       k  train  models  test accuracy [95% CI]")
+  for p in result.points:
+    print(f"{p.by:<14} {p.k:>4} {p.num_train:>6} {p.num_models:>7}  {p.test_accuracy:.4f} [{p.ci_low:.4f}, {p.ci_high:.4f}]")
+  print(f"wrote {result.table}, {result.plot}")
+  return 0
 
 
 def config_from_args(args: argparse.Namespace):
@@ -93,25 +241,49 @@ def config_from_args(args: argparse.Namespace):
     changes["subset_ratios"] = args.subset_ratios
   if args.augment is not None:
     changes["augment"] = args.augment
+  for flag in ("record_epochs", "record_epoch_margin"):
+    if getattr(args, flag, None) is not None:
+      changes[flag] = getattr(args, flag)
   if changes.get("mask_design") == "balanced" and "subset_ratios" not in changes:
     changes["subset_ratios"] = (0.5,)
   return config.replace(**changes).validate()
 
 
 def _cmd_run(args) -> int:
-  from jaxmem.run import format_summary, run
+  import os
+  from jaxmem.distributed import detect_cluster, initialize
+  from jaxmem.run import RunInterrupted, format_summary, parse_shard, run, stop_on_signals
   config = config_from_args(args)
+  shard = parse_shard(args.shard) if args.shard is not None else None
+  initialize(detect_cluster(os.environ, coordinator=args.coordinator, num_processes=args.num_processes,
+                            process_id=args.process_id))
   out = args.out or f"runs/{config.dataset.replace('/', '_').replace(':', '_')}-{config.model}-s{config.seed}"
-  result = run(config, out, overwrite=args.overwrite, progress=not args.no_progress,
-               log=lambda m: print(m, file=sys.stderr))
+  log = lambda m: print(m, file=sys.stderr)
+  with stop_on_signals(log=log) as stop:
+    try:
+      result = run(config, out, overwrite=args.overwrite, progress=not args.no_progress, log=log,
+                   score_options=score_options_from_args(args),
+                   shard=shard, should_stop=stop)
+    except RunInterrupted as e:
+      import shlex
+      argv = [a for a in args.argv if a != "--overwrite"]
+      raise RunInterrupted(f"{e}; resume with: jaxmem {shlex.join(argv)}", exit_code=e.exit_code) from None
   print(format_summary(result.summary))
+  return 0
+
+
+def _cmd_merge(args) -> int:
+  from jaxmem.run import format_summary, merge
+  summary = merge(args.run_dir, args.sources, estimators=args.estimators,
+                  log=lambda m: print(m, file=sys.stderr))
+  print(format_summary(summary))
   return 0
 
 
 def _cmd_scores(args) -> int:
   from jaxmem.scoring import parse_estimator_names, score_run
   from jaxmem.run import format_summary, summarize
-  table, records = score_run(args.run_dir, parse_estimator_names(args.estimators))
+  table, records = score_run(args.run_dir, parse_estimator_names(args.estimators), score_options_from_args(args))
   summary = summarize(records, table)
   print(format_summary(summary))
   print(f"wrote {args.run_dir}/scores.csv ({records.num_train} rows, estimators: {', '.join(table.estimators)})")
@@ -126,17 +298,29 @@ def _cmd_export(args) -> int:
   return 0
 
 
+def _cmd_bench(args) -> int:
+  from jaxmem.bench import format_table, run_benchmarks
+  names = lambda text: [t.strip() for t in text.split(",") if t.strip() and t.strip() != "none"]
+  results = run_benchmarks(
+      names(args.workloads), quick=args.quick, out=args.out, log=lambda m: print(m, file=sys.stderr),
+      repeats=args.repeats, strategies=names(args.strategies) if args.strategies else None,
+      baselines=names(args.baselines), engine_models=args.models, loop_models=args.loop_models, epochs=args.epochs)
+  print("\n\n".join(format_table(r) for r in results))
+  return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
   argv = list(sys.argv[1:] if argv is None else argv)
   debug = "--debug" in argv
   try:
     args = build_parser().parse_args(argv)
+    args.argv = argv  # for the resume command printed after an interruption
     return args.handler(args)
   except JaxmemError as e:
     if debug:
       raise
     print(f"jaxmem: error: {e}", file=sys.stderr)
-    return 2
+    return getattr(e, "exit_code", 2)
   except KeyboardInterrupt:
     if debug:
       raise

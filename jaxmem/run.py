@@ -6,9 +6,12 @@ checksum) and only missing or corrupt ones are trained.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import platform
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -35,6 +38,92 @@ class RunResult:
   skipped_chunks: list[int]
 
 
+class RunInterrupted(JaxmemError):
+  """Training stopped on a signal after saving the chunk in progress; rerun the same command."""
+
+  def __init__(self, message: str, *, exit_code: int):
+    super().__init__(message)
+    self.exit_code = exit_code
+
+
+class StopRequest:
+  """Set by a signal (see :func:`stop_on_signals`); polled by the trainer between host calls."""
+
+  def __init__(self):
+    self._event = threading.Event()
+    self.signal_name: str | None = None
+
+  def set(self, signal_name: str = "stop") -> None:
+    self.signal_name = self.signal_name or signal_name
+    self._event.set()
+
+  def __call__(self) -> bool:
+    return self._event.is_set()
+
+
+@contextlib.contextmanager
+def stop_on_signals(signals=(signal.SIGINT, signal.SIGTERM), log: Callable[[str], None] = print):
+  """Within the block, SIGTERM/SIGINT set the yielded :class:`StopRequest` instead of killing the
+  process: training saves the chunk in progress at the next host-call boundary and stops cleanly.
+  A second signal restores the default handlers (a second Ctrl-C aborts at once). Handlers are
+  restored on exit; outside the main thread this does nothing."""
+  stop = StopRequest()
+  if threading.current_thread() is not threading.main_thread():
+    yield stop
+    return
+  previous = {s: signal.getsignal(s) for s in signals}
+
+  def handler(signum, frame):
+    if stop():
+      for s, h in previous.items():
+        signal.signal(s, h)
+      signal.raise_signal(signum)
+      return
+    stop.set(signal.Signals(signum).name)
+    log(f"jaxmem: {signal.Signals(signum).name} received: saving the chunk in progress at the next "
+        "epoch boundary, then stopping (send it again to abort at once)")
+
+  for s in signals:
+    signal.signal(s, handler)
+  try:
+    yield stop
+  finally:
+    for s, h in previous.items():
+      signal.signal(s, h)
+
+
+def parse_shard(text: str) -> tuple[int, int]:
+  """``'i/k'`` -> (i, k) with 0 <= i < k: this process trains the chunks c with c % k == i."""
+  try:
+    i, k = (int(t) for t in text.split("/"))
+  except ValueError:
+    i, k = -1, 0
+  if not 0 <= i < k:
+    raise JaxmemError(f"shard must be I/K with 0 <= I < K (e.g. 0/4), got {text!r}")
+  return i, k
+
+
+def shard_of(chunk: int, num_shards: int) -> int:
+  """Chunks are dealt round-robin: chunk c belongs to shard c mod k (the plan orders chunks
+  round-robin over subset ratios, so every shard gets every ratio)."""
+  return chunk % num_shards
+
+
+def missing_chunks_line(run_dir: RunDir, num_shards: int | None = None) -> str | None:
+  """One line naming the chunks that are not complete (and their shards), or None."""
+  plan = run_dir.chunk_plan()
+  missing = [c for c in range(len(plan)) if run_dir.chunk_status(c) != "complete"]
+  if not missing:
+    return None
+  models = sum(len(plan[c]) for c in missing)
+  shown = ", ".join(map(str, missing[:20])) + (" ..." if len(missing) > 20 else "")
+  line = f"{len(missing)} of {len(plan)} chunks ({models} models) are not complete yet: chunks {shown}"
+  if num_shards:
+    shards = sorted({shard_of(c, num_shards) for c in missing})
+    line += f" (shards {', '.join(f'{s}/{num_shards}' for s in shards)})"
+  return line
+
+
 def plan_chunks(num_models: int, num_ratios: int, chunk_size: int) -> list[list[int]]:
   """Groups model ids into chunks of one subset ratio each (so a chunk has one step count), and
   orders chunks round-robin over ratios so an unfinished run already covers every ratio."""
@@ -53,6 +142,19 @@ def versions() -> dict[str, str]:
   from jaxmem import __version__
   return {"jaxmem": __version__, "jax": jax.__version__, "flax": flax.__version__, "optax": optax.__version__,
           "numpy": np.__version__, "python": sys.version.split()[0], "platform": platform.platform()}
+
+
+def epoch_record_estimate(config: RunConfig, num_train: int) -> str:
+  """What ``record_epochs`` costs: bit-packed correctness on disk (M x E x ceil(N/8) bytes), the
+  bool array ``load_records`` unpacks (M x E x N bytes), and per-epoch margins (4 bytes each)."""
+  m, e, n = config.num_models, config.epochs, num_train
+  mib = lambda b: f"{b / 2**20:,.1f} MiB"
+  text = (f"per-epoch records: {m} models x {e} epochs x {n} examples: correctness {mib(m * e * -(-n // 8))} "
+          f"on disk (bit-packed), {mib(m * e * n)} in memory when loaded; "
+          f"{mib(config.chunk_size * e * n)} per chunk on the device")
+  if config.record_epoch_margin:
+    text += f"; margins {mib(4 * m * e * n)} on disk and in memory"
+  return text
 
 
 def check_config_against_dataset(config: RunConfig, dataset: Dataset) -> None:
@@ -81,9 +183,18 @@ def build_manifest(config: RunConfig, dataset: Dataset, chunks: list[list[int]])
 
 def run(config: RunConfig, out: str | Path, *, overwrite: bool = False, progress: bool = True,
         log: Callable[[str], None] = print, devices: Sequence[Any] | None = None,
-        dataset: Dataset | None = None, estimators: Sequence[str] | None = None) -> RunResult:
+        dataset: Dataset | None = None, estimators: Sequence[str] | None = None,
+        shard: tuple[int, int] | None = None, should_stop: Callable[[], bool] | None = None,
+        score_options: dict[str, dict[str, Any]] | None = None) -> RunResult:
   """Train ``config.num_models`` subset models (resuming what ``out`` already holds), record
-  their predictions, score them and write ``scores.csv`` and ``summary.json`` into ``out``."""
+  their predictions, score them and write ``scores.csv`` and ``summary.json`` into ``out``.
+
+  ``shard=(i, k)`` trains only the chunks c with c % k == i (job arrays sharing ``out``; scores
+  then cover whatever is complete, see :func:`merge`). ``should_stop`` (e.g. a
+  :class:`StopRequest`) is polled between host calls: the chunk in progress is checkpointed and
+  :class:`RunInterrupted` raised. A chunk interrupted before (signal or kill) resumes from its last
+  checkpoint, bitwise as if never interrupted.
+  """
   config.validate()
   start = time.perf_counter()
   if dataset is None:
@@ -106,17 +217,39 @@ def run(config: RunConfig, out: str | Path, *, overwrite: bool = False, progress
   skipped = [c for c, s in status.items() if s == "complete"]
   if skipped:
     log(f"resuming {run_dir.path}: {len(skipped)} of {len(chunks)} chunks already complete")
+  if shard is not None:
+    todo = [c for c in todo if shard_of(c, shard[1]) == shard[0]]
 
+  target = _target_se_rule(config, run_dir, skipped, log) if todo else None
+  if target is not None and target.reached():
+    todo = []
+  if todo and config.record_epochs:
+    log(epoch_record_estimate(config, dataset.num_train))
   if todo:
     from jaxmem.engine import Engine  # imported here: scoring an existing run needs no engine
+    previous = run_dir.manifest().get("strategy")
+    if config.strategy == "auto" and previous:
+      # A resumed run keeps the strategy it started with, so a resumed chunk is bitwise the same.
+      config = config.replace(strategy=previous)
     engine = Engine(dataset, config, devices=devices, log=log)
+    run_dir.update_manifest(strategy=str(engine.resolve_strategy(keep_MxN[chunks[todo[0]]])),
+                            probe_seconds=engine.probe_seconds, devices=[str(d) for d in engine.devices])
     _train_chunks(engine, run_dir, chunks, todo, keep_MxN, progress=progress,
-                  done_models=sum(len(chunks[c]) for c in skipped))
-    run_dir.update_manifest(strategy=str(engine.strategy), probe_seconds=engine.probe_seconds,
-                            devices=[str(d) for d in engine.devices])
+                  done_models=sum(len(chunks[c]) for c in skipped), should_stop=should_stop,
+                  after_chunk=None if target is None else (lambda c, r: target.add(r["keep"], r["train_correct"])))
+    if target is not None and target.reached():
+      todo = [c for c in todo if run_dir.chunk_status(c) == "complete"]
+      log(f"--target-se {target.target:g} reached: median memorization standard error {target.median_se:.4f} "
+          f"with {target.num_models} models; stopped adding chunks (rerun with a smaller target or none to add more)")
 
+  missing = missing_chunks_line(run_dir, shard[1] if shard else None)
+  if missing:
+    log(f"{missing}; scores use the complete ones (`jaxmem merge {run_dir.path}` once all shards finished)")
   records = run_dir.load_records()
-  table = score_records(records, estimators)
+  options = {"uncertainty": {"target_se": config.target_se, "seed": config.seed}}
+  for name, values in (score_options or {}).items():
+    options[name] = {**options.get(name, {}), **values}
+  table = score_records(records, estimators, options)
   write_scores(run_dir, table)
   summary = summarize(records, table, dataset=dataset, seconds=time.perf_counter() - start,
                       trained=len(todo), skipped=len(skipped))
@@ -126,8 +259,77 @@ def run(config: RunConfig, out: str | Path, *, overwrite: bool = False, progress
   return RunResult(run_dir.path, config, records, table, summary, todo, skipped)
 
 
-def _train_chunks(engine, run_dir: RunDir, chunks, todo, keep_MxN, *, progress: bool, done_models: int) -> None:
+def merge(run_dir: str | Path, sources: Sequence[str | Path] = (), *, estimators: str | None = None,
+          log: Callable[[str], None] = print) -> dict[str, Any]:
+  """Gathers a run's chunks and scores whatever is complete, saying what is missing.
+
+  Job-array shards writing into one shared run directory need nothing copied; ``sources`` are
+  other directories of the same run (same identity, dataset and chunk plan, e.g. shards that ran
+  without a shared filesystem) whose complete, checksum-verified chunks are copied in atomically.
+  Writes ``scores.csv`` and ``summary.json`` and returns the summary.
+  """
+  from jaxmem.scoring import parse_estimator_names, score_run
+  from jaxmem.store import identity_differences, write_bytes_atomic
+  run = RunDir.open(run_dir)
+  for source in sources:
+    other = RunDir.open(source)
+    differences = identity_differences(other.manifest(), run.manifest())
+    if other.chunk_plan() != run.chunk_plan():
+      differences.append("chunk plan differs")
+    if differences:
+      raise JaxmemError(f"{str(source)!r} holds another run ({'; '.join(differences)}); cannot merge it into "
+                        f"{str(run.path)!r}")
+    copied = [c for c in other.completed_chunks() if run.chunk_status(c) != "complete"]
+    for c in copied:
+      write_bytes_atomic(run.chunk_path(c), other.chunk_path(c).read_bytes())
+      write_bytes_atomic(run.chunk_path(c).with_suffix(".json"), other.chunk_path(c).with_suffix(".json").read_bytes())
+    log(f"merged {len(copied)} chunks from {source}")
+  for c in range(len(run.chunk_plan())):
+    if run.chunk_status(c) == "corrupt":
+      log(f"chunk {c} in {run.path} failed its checksum; left out (rerun `jaxmem run` to train it again)")
+  missing = missing_chunks_line(run)
+  log(f"{missing}; scoring the complete ones" if missing else
+      f"all {len(run.chunk_plan())} chunks of {run.path} are complete")
+  table, records = score_run(run.path, parse_estimator_names(estimators))
+  summary = summarize(records, table)
+  summary["files"] = {"run_dir": str(run.path), "scores": str(run.path / "scores.csv"),
+                      "summary": str(run.path / "summary.json")}
+  write_json_atomic(run.path / "summary.json", summary)
+  return summary
+
+
+def kept_param_ids(keep_params: str, num_models: int) -> set[int]:
+  """Model ids whose final parameters ``keep_params`` keeps: none, all, or the first N ids (model
+  ids interleave subset ratios, so the first N cover every ratio)."""
+  if keep_params == "none":
+    return set()
+  if keep_params == "all":
+    return set(range(num_models))
+  return set(range(min(int(keep_params), num_models)))
+
+
+def _target_se_rule(config: RunConfig, run_dir: RunDir, complete: list[int], log):
+  """``--target-se``: a stopping rule primed with the chunks already complete (None without one)."""
+  if config.target_se is None:
+    return None
+  from jaxmem.scores.uncertainty import TargetSE
+  rule = TargetSE(config.target_se)
+  for c in complete:
+    chunk = run_dir.read_chunk(c)
+    rule.add(chunk["keep"], chunk["train_correct"])
+  if rule.reached():
+    log(f"--target-se {rule.target:g} already reached by the {rule.num_models} finished models "
+        f"(median memorization standard error {rule.median_se:.4f}); training nothing more")
+  return rule
+
+
+def _train_chunks(engine, run_dir: RunDir, chunks, todo, keep_MxN, *, progress: bool, done_models: int,
+                  should_stop: Callable[[], bool] | None = None,
+                  after_chunk: Callable[[int, dict], bool] | None = None) -> None:
   from tqdm.auto import tqdm
+  from jaxmem.engine.trainer import TrainingStopped
+  from jaxmem.store import ChunkCheckpoint, append_event, save_params
+  keep_ids = kept_param_ids(str(engine.config.keep_params), engine.config.num_models)
   total = sum(len(c) for c in chunks)
   epochs = engine.config.epochs
   # A few host calls per chunk give a live progress bar; results do not depend on this split.
@@ -144,8 +346,28 @@ def _train_chunks(engine, run_dir: RunDir, chunks, todo, keep_MxN, *, progress: 
         bar.update(target - credited[0])
         credited[0] = target
 
-      records = engine.train_chunk(ids, keep_MxN[ids], epochs_per_call=per_call, on_progress=on_progress)
-      run_dir.write_chunk(c, records)
+      with ChunkCheckpoint(run_dir, c, engine.config.checkpoint_every, log=engine.log) as checkpoint:
+        append_event(run_dir, event="chunk_start", chunk=c, from_epoch=checkpoint.latest_epoch() or 0)
+        try:
+          records = engine.train_chunk(ids, keep_MxN[ids], epochs_per_call=per_call, on_progress=on_progress,
+                                       checkpoint=checkpoint, should_stop=should_stop)
+        except TrainingStopped as stopped:
+          append_event(run_dir, event="interrupted", chunk=c, epoch=stopped.epochs_done)
+          name = getattr(should_stop, "signal_name", None) or "a stop request"
+          signum = signal.Signals[name] if name in signal.Signals.__members__ else signal.SIGINT
+          raise RunInterrupted(
+              f"interrupted by {name}: chunk {c} saved after epoch {stopped.epochs_done} of {epochs}, "
+              "finished chunks are intact", exit_code=128 + int(signum)) from None
+        kept = [k for k, m in enumerate(ids) if m in keep_ids]
+        if kept:  # before the records: a chunk is complete only with its parameters
+          import jax
+          save_params(run_dir, c, np.asarray(ids)[kept],
+                      jax.tree.map(lambda x: x[np.asarray(kept)], engine.last_state.params))
+        run_dir.write_chunk(c, records)
+        checkpoint.remove()
+      append_event(run_dir, event="chunk_done", chunk=c, resumed_from_epoch=engine.resumed_from_epoch)
+      if after_chunk is not None and after_chunk(c, records):
+        break  # e.g. --target-se reached: the remaining chunks stay missing, a rerun can add them
 
 
 def subset_accuracies(records: Records) -> dict[str, float]:

@@ -46,18 +46,19 @@ def parse_estimator_names(text: str | None) -> list[str] | None:
 
 def select_estimators(names: Sequence[str] | None, records: Records) -> list[Estimator]:
   """The named estimators (each must have its records), or every default one whose records exist."""
-  if names is None:
-    return [ESTIMATORS.get(n) for n in ESTIMATORS.names()
-            if ESTIMATORS.get(n).default and ESTIMATORS.get(n).available(records)]
   chosen = []
-  for name in names:
+  if names is None:
+    chosen = [ESTIMATORS.get(n) for n in ESTIMATORS.names()
+              if ESTIMATORS.get(n).default and ESTIMATORS.get(n).available(records)]
+  for name in names or ():
     estimator = ESTIMATORS.get(name)
     missing = [r for r in estimator.requires if r not in records]
     if missing:
       raise JaxmemError(f"estimator {name!r} needs records {', '.join(missing)} that this run did not record")
     chosen.append(estimator)
-  # memorization first: others refer to it in their summaries
-  return sorted(chosen, key=lambda e: e.name != "memorization")
+  # memorization first: others refer to it in their summaries; correlations last: it correlates
+  # every column the others computed (its `context`)
+  return sorted(chosen, key=lambda e: (e.name != "memorization", e.name == "correlations"))
 
 
 def score_records(records: Records, estimators: Sequence[str] | None = None,

@@ -57,6 +57,6 @@ def _memorization(records, **options) -> EstimatorResult:
 __all__ = ["ESTIMATORS", "Estimator", "EstimatorResult", "InOutDifference", "auroc",
            "counterfactual_memorization", "in_out_difference", "memorization", "register_estimator"]
 
-from jaxmem.scores import lira  # noqa: E402,F401  (issue 4: registers the lira estimator)
-
 from jaxmem.scores import counterfactual, cscore, influence, uncertainty  # noqa: E402,F401  (issue 3: registers estimators)
+from jaxmem.scores import lira  # noqa: E402,F401  (issue 4: registers the lira estimator)
+from jaxmem.scores import correlations, dynamics  # noqa: E402,F401  (issue 5: registers dynamics, el2n_grand, correlations)

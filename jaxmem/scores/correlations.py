@@ -1,0 +1,114 @@
+"""Forgetting-study analysis: how the per-example scores of a run agree, and which find flipped labels.
+
+The survey's §VI relates memorization to forgetting: atypical and mislabeled examples are learned
+late and forgotten often (Toneva et al. 2019), and forgotten fast once training moves to other data
+(Maini et al. 2022). This estimator takes every per-example score column computed before it in a
+run (memorization, C-score, LiRA, forgetting events, first-learned epoch, SSFT, EL2N, ...) and reports
+
+* the Spearman rank correlation of every pair, over the examples where both are defined (pairwise
+  complete: e.g. forgetting events are NaN for examples no model ever learned), and
+* when labels were flipped (``--label-noise``), each score's AUROC for finding the flipped labels,
+  taking high values as "flipped" (an AUROC below 0.5 means low values flag them, e.g. SSFT).
+
+Written to ``correlations.csv``: one row per score with its correlation to every score, then
+``auroc_flipped`` and ``n`` (examples where the score is defined). It runs after every other
+estimator (see :func:`jaxmem.scoring.select_estimators`) so that its ``context`` holds them all.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from scipy.stats import spearmanr
+
+from jaxmem.scores import EstimatorResult, auroc, register_estimator
+
+#: Columns that describe an example or a count, not a score.
+NOT_SCORES = frozenset({"index", "label", "clean_label", "noisy", "n_in", "n_out", "split"})
+NOT_SCORE_SUFFIXES = ("_se", "_ci_low", "_ci_high", "_n")
+
+
+def score_column_names(columns: dict[str, np.ndarray]) -> list[str]:
+  """The per-example score columns of a table, in table order: numeric, not an identifier, count or
+  uncertainty column, and not constant (a constant has no ranks to correlate)."""
+  names = []
+  for name, values in columns.items():
+    values = np.asarray(values)
+    if (name in NOT_SCORES or name.startswith("n_") or name.endswith(NOT_SCORE_SUFFIXES)
+        or values.ndim != 1 or not np.issubdtype(values.dtype, np.number)):
+      continue
+    finite = values[np.isfinite(values.astype(np.float64))]
+    if finite.size >= 3 and np.ptp(finite) > 0:
+      names.append(name)
+  return names
+
+
+def spearman(a: np.ndarray, b: np.ndarray) -> tuple[float, int]:
+  """Spearman rank correlation over the entries where both are finite, and how many there are."""
+  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+  valid = np.isfinite(a) & np.isfinite(b)
+  n = int(valid.sum())
+  if n < 3 or np.ptp(a[valid]) == 0 or np.ptp(b[valid]) == 0:
+    return float("nan"), n
+  return float(spearmanr(a[valid], b[valid]).statistic), n
+
+
+def correlation_table(columns: dict[str, np.ndarray], noisy: np.ndarray | None = None,
+                      names: list[str] | None = None) -> dict[str, Any]:
+  """Spearman matrix (K, K) of the score columns and, if ``noisy`` has both classes, each score's
+  AUROC for the flipped labels (K,). Returns ``{"names", "spearman", "auroc_flipped", "n"}``."""
+  names = score_column_names(columns) if names is None else list(names)
+  k = len(names)
+  matrix = np.eye(k)
+  for i in range(k):
+    for j in range(i + 1, k):
+      matrix[i, j] = matrix[j, i] = spearman(columns[names[i]], columns[names[j]])[0]
+  has_noise = noisy is not None and np.any(noisy) and not np.all(noisy)
+  areas = np.array([auroc(columns[n], noisy) if has_noise else np.nan for n in names], dtype=np.float64)
+  counts = np.array([int(np.isfinite(np.asarray(columns[n], np.float64)).sum()) for n in names])
+  return {"names": names, "spearman": matrix, "auroc_flipped": areas, "n": counts}
+
+
+def correlations_csv(table: dict[str, Any]) -> bytes:
+  out = io.StringIO()
+  writer = csv.writer(out, lineterminator="\n")
+  writer.writerow(["score", *table["names"], "auroc_flipped", "n"])
+  fmt = lambda v: "" if not np.isfinite(v) else f"{v:.4f}"
+  for i, name in enumerate(table["names"]):
+    writer.writerow([name, *[fmt(v) for v in table["spearman"][i]], fmt(table["auroc_flipped"][i]),
+                     int(table["n"][i])])
+  return out.getvalue().encode()
+
+
+def write_correlations(path: str | Path, table: dict[str, Any]) -> None:
+  from jaxmem.store import write_bytes_atomic
+  write_bytes_atomic(Path(path), correlations_csv(table))
+
+
+def summary_lines(table: dict[str, Any], anchor: str = "memorization") -> list[str]:
+  names, matrix = table["names"], table["spearman"]
+  lines = []
+  if anchor in names and len(names) > 1:
+    a = names.index(anchor)
+    pairs = ", ".join(f"{n} {matrix[a, j]:+.2f}" for j, n in enumerate(names) if j != a)
+    lines.append(f"Spearman correlation with {anchor}: {pairs}")
+  if np.isfinite(table["auroc_flipped"]).any():
+    pairs = ", ".join(f"{n} {v:.3f}" for n, v in zip(names, table["auroc_flipped"]) if np.isfinite(v))
+    lines.append(f"AUROC for flipped labels (high = flipped; < 0.5: low values flag them): {pairs}")
+  return lines
+
+
+@register_estimator("correlations")
+def _correlations(records, *, context=None, **options) -> EstimatorResult:
+  columns = dict(context or {})
+  table = correlation_table(columns, np.asarray(records.noisy, dtype=bool))
+  if len(table["names"]) < 2:
+    return EstimatorResult()
+  summary = {"names": table["names"], "spearman": table["spearman"].round(4).tolist(),
+             "auroc_flipped": [None if not np.isfinite(v) else round(float(v), 4) for v in table["auroc_flipped"]]}
+  return EstimatorResult(summary=summary, lines=summary_lines(table),
+                         files={"correlations.csv": lambda path: write_correlations(path, table)})

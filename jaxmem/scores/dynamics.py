@@ -1,0 +1,162 @@
+"""Learning dynamics: forgetting events, first-learned epoch, cumulative accuracy, FSLT/SSFT, EL2N/GraNd.
+
+All functions take per-epoch correctness histories ``correct_MxExN`` (model m, evaluation after
+epoch e = 1..E, example i) recorded by the engine with ``record_epochs`` (every training example is
+evaluated after each epoch's last update), and aggregate over the models that trained on an example.
+
+* **Forgetting events** (Toneva et al. 2019, "An Empirical Study of Example Forgetting during Deep
+  Neural Network Learning", def. 8 of the survey): the number of transitions correct -> incorrect
+  between consecutive evaluations. Per model, then averaged over the models that trained on the
+  example *and learned it at least once*. A model that never classified the example correctly has
+  no finite count (Toneva et al. call such examples "never learned" and sort them as if forgotten
+  infinitely often; their code adds the number of epochs). We keep the count finite and honest:
+  such models are left out of ``forgetting_events`` and reported in ``never_learned_fraction``; an
+  example no model ever learned has ``forgetting_events`` = NaN (an empty cell), never 0.
+  Difference from the reference code: Toneva et al. record accuracy when an example is presented in
+  its mini-batch (before that step's update); we evaluate all examples after each epoch (as Maini et
+  al. do), so the count has at most floor(E/2) events and does not depend on the batch order.
+* **First-learned epoch** (def. 9 applied to ordinary training): the earliest epoch after which the
+  example stays correct, 1-based: 1 if correct at every evaluation, E + 1 if wrong at the last one
+  (not learned by the end: a censored time, as Maini et al.'s code which pads the history with a
+  final all-correct row). Averaged over the models that trained on the example, sentinel included.
+* **Cumulative accuracy**: mean correctness over all epochs (the learning-speed proxy of Jiang et
+  al. 2021, "Characterizing Structural Regularities of Labeled Data", sec. 5), over models that
+  trained on the example.
+* **FSLT / SSFT** (Maini et al. 2022, "Characterizing Datapoints via Second-Split Forgetting",
+  defs. 9-10): on the first split, the first-learned epoch as above; on the second phase (training on
+  the other split), the earliest epoch after which the example is never again correct, 1-based:
+  E + 1 if it is still correct at the last evaluation (never forgotten), 1 if never correct during
+  the second phase. Identical to ``get_first_epoch_where_we_learn_forever`` / ``..._forget_forever``
+  in pratyushmaini/ssft, averaged over models (with the sentinels, as their ``masks_to_ssft.py``).
+* **EL2N / GraNd** (Paul et al. 2021, "Deep Learning on a Data Diet", eqs. 1-2): per model computed by
+  the engine after ``score_epoch`` epochs; here averaged over the models that trained on the example
+  (Paul et al. train on the full set; with subset models an example's score is only meaningful in
+  the models that saw it).
+Every column comes with a standard error over models (``_se``: sample std / sqrt(n)).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import numpy as np
+
+from jaxmem.scores import EstimatorResult, auroc, register_estimator
+
+
+def forgetting_counts(correct_MxExN: np.ndarray) -> np.ndarray:
+  """Number of correct -> incorrect transitions between consecutive evaluations, (M, N) int."""
+  c = np.asarray(correct_MxExN, dtype=bool)
+  return (c[:, :-1] & ~c[:, 1:]).sum(axis=1)
+
+
+def learned_forever_epoch(correct_MxExN: np.ndarray) -> np.ndarray:
+  """Earliest 1-based epoch from which every evaluation is correct; E + 1 if the last is wrong
+  (Maini et al.'s ``get_first_epoch_where_we_learn_forever``). (M, N) int."""
+  wrong = ~np.asarray(correct_MxExN, dtype=bool)
+  num_epochs = wrong.shape[1]
+  last_wrong = num_epochs - 1 - np.argmax(wrong[:, ::-1], axis=1)  # 0-based, valid where any wrong
+  return np.where(wrong.any(axis=1), last_wrong + 2, 1)
+
+
+def forgotten_forever_epoch(correct_MxExN: np.ndarray) -> np.ndarray:
+  """Earliest 1-based epoch from which every evaluation is wrong; E + 1 if the last is correct
+  (Maini et al.'s ``get_first_epoch_where_we_forget_forever``). (M, N) int."""
+  return learned_forever_epoch(~np.asarray(correct_MxExN, dtype=bool))
+
+
+class MaskedMean(NamedTuple):
+  mean: np.ndarray  # NaN where n == 0
+  se: np.ndarray    # sample std / sqrt(n); NaN where n < 2
+  n: np.ndarray
+
+
+def masked_mean(values_MxN: np.ndarray, mask_MxN: np.ndarray) -> MaskedMean:
+  """Per-column mean and standard error over the rows where ``mask`` holds."""
+  values = np.asarray(values_MxN, dtype=np.float64)
+  mask = np.asarray(mask_MxN, dtype=bool)
+  n = mask.sum(axis=0)
+  with np.errstate(invalid="ignore", divide="ignore"):
+    mean = np.where(mask, values, 0.0).sum(axis=0) / n
+    mean = np.where(n > 0, mean, np.nan)
+    centered = np.where(mask, values - mean[None], 0.0)
+    var = (centered**2).sum(axis=0) / (n - 1)
+    se = np.where(n > 1, np.sqrt(var / n), np.nan)
+  return MaskedMean(mean, se, n)
+
+
+class DynamicsScores(NamedTuple):
+  forgetting_events: np.ndarray       # (N,) NaN where no training model ever learned the example
+  forgetting_events_se: np.ndarray
+  never_learned_fraction: np.ndarray  # (N,) among models that trained on the example
+  first_learned_epoch: np.ndarray     # (N,) 1..E+1 (E+1: not learned by the end)
+  first_learned_epoch_se: np.ndarray
+  cumulative_accuracy: np.ndarray     # (N,) mean correctness over epochs
+  cumulative_accuracy_se: np.ndarray
+  n_models: np.ndarray                # (N,) models that trained on the example
+
+
+def dynamics_scores(keep_MxN: np.ndarray, correct_MxExN: np.ndarray) -> DynamicsScores:
+  """Forgetting events, never-learned fraction, first-learned epoch and cumulative accuracy of every
+  training example, over the models that trained on it (see the module docstring)."""
+  keep = np.asarray(keep_MxN, dtype=bool)
+  correct = np.asarray(correct_MxExN, dtype=bool)
+  if correct.ndim != 3 or correct.shape[0] != keep.shape[0] or correct.shape[2] != keep.shape[1]:
+    raise ValueError(f"correct {correct.shape} must be (M, E, N) for keep {keep.shape}")
+  learned = correct.any(axis=1)
+  forgetting = masked_mean(forgetting_counts(correct), keep & learned)
+  never = masked_mean(~learned, keep)
+  first = masked_mean(learned_forever_epoch(correct), keep)
+  cumulative = masked_mean(correct.mean(axis=1), keep)
+  return DynamicsScores(forgetting.mean, forgetting.se, never.mean, first.mean, first.se,
+                        cumulative.mean, cumulative.se, never.n)
+
+
+def split_learning_times(correct_first_MxExN: np.ndarray, correct_second_MxFxN: np.ndarray):
+  """FSLT and SSFT per model, (M, N) each: first-split learning time from the first phase's
+  history and second-split forgetting time from the second phase's history of the same examples."""
+  return learned_forever_epoch(correct_first_MxExN), forgotten_forever_epoch(correct_second_MxFxN)
+
+
+def _noisy_lines(name: str, values: np.ndarray, noisy: np.ndarray, fmt: str = "{:.2f}") -> tuple[dict, list[str]]:
+  """Mean of a score on flipped vs clean labels, and its AUROC for finding the flipped ones."""
+  if not noisy.any() or noisy.all():
+    return {}, []
+  flipped, clean = np.nanmean(values[noisy]), np.nanmean(values[~noisy])
+  area = auroc(values, noisy)
+  summary = {f"{name}_flipped_mean": float(flipped), f"{name}_clean_mean": float(clean), f"{name}_auroc": area}
+  line = (f"{name}: flipped labels {fmt.format(flipped)}, clean {fmt.format(clean)} "
+          f"(AUROC for finding flipped labels {area:.3f})")
+  return summary, [line]
+
+
+@register_estimator("dynamics", requires=("train_correct_epochs",))
+def _dynamics(records, *, context=None, **options) -> EstimatorResult:
+  scores = dynamics_scores(records.keep, records["train_correct_epochs"])
+  columns = {name: getattr(scores, name) for name in DynamicsScores._fields if name != "n_models"}
+  num_epochs = int(records["train_correct_epochs"].shape[1])
+  summary = {"epochs_recorded": num_epochs,
+             "never_learned_by_any_model": int(np.sum(scores.never_learned_fraction == 1.0)),
+             "unforgettable": int(np.sum(scores.forgetting_events == 0))}
+  lines = [f"forgetting events over {num_epochs} recorded epochs: mean {np.nanmean(scores.forgetting_events):.2f}, "
+           f"{summary['unforgettable']} unforgettable examples, "
+           f"{summary['never_learned_by_any_model']} never learned by any model"]
+  noisy = np.asarray(records.noisy, dtype=bool)
+  for name in ("forgetting_events", "first_learned_epoch"):
+    more, more_lines = _noisy_lines(name, getattr(scores, name), noisy)
+    summary.update(more)
+    lines.extend(more_lines)
+  return EstimatorResult(columns=columns, summary=summary, lines=lines)
+
+
+@register_estimator("el2n_grand", requires=("train_el2n", "train_grand"))
+def _el2n_grand(records, *, context=None, **options) -> EstimatorResult:
+  columns, summary, lines = {}, {}, []
+  noisy = np.asarray(records.noisy, dtype=bool)
+  for name in ("el2n", "grand"):
+    result = masked_mean(records[f"train_{name}"], records.keep)
+    columns[name], columns[f"{name}_se"] = result.mean, result.se
+    more, more_lines = _noisy_lines(name, result.mean, noisy, "{:.3f}")
+    summary.update(more)
+    lines.extend(more_lines)
+  return EstimatorResult(columns=columns, summary=summary, lines=lines)
