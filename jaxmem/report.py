@@ -1,0 +1,598 @@
+"""``jaxmem report``: one self-contained HTML page with PNG figures for a run directory.
+
+The report reads only what a run wrote (``manifest.json``, ``summary.json``, ``scores.csv`` and the
+estimators' files ``influence_topk.csv``, ``lira.json``, ``lira_roc.png``, ``correlations.csv``)
+and writes ``RUN/report/index.html`` plus its PNGs beside it, referenced by relative paths, so the
+folder opens offline and can be copied as a whole. A section appears only when the run has the
+scores it shows. Galleries need the images: the dataset is loaded again from the manifest's config
+(:func:`jaxmem.load_dataset`) and used only if its fingerprint equals the manifest's; otherwise,
+and for non-image data, the report shows tables instead of pictures.
+
+Figures mirror Feldman & Zhang (2020, "What Neural Networks Memorize and Why"): the distribution of
+memorization overall and per class (their Fig. 2), galleries of the most and least memorized
+training examples (Fig. 1 / Fig. 9-11), and train → test pairs with high influence (Fig. 4).
+Figures are drawn with matplotlib's object-oriented API on a ``Figure`` (Agg canvas), never
+through pyplot, so the report neither changes nor depends on the process's matplotlib backend.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import html
+import json
+import math
+import shutil
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from jaxmem.errors import JaxmemError
+from jaxmem.scoring import SCORES_CSV, read_scores_csv
+from jaxmem.store import RunDir, write_bytes_atomic
+
+REPORT_DIR = "report"
+
+# Per-example score columns the report knows how to show; anything else in scores.csv is listed
+# in the correlation fallback only if it is one of these (bookkeeping columns such as n_in are not
+# scores).
+SCORE_COLUMNS = ("memorization", "memorization_margin", "memorization_logprob", "memorization_loss",
+                 "cscore", "learning_speed", "lira_online", "lira_offline", "forgetting_events",
+                 "never_learned_fraction", "first_learned_epoch", "cumulative_accuracy", "el2n", "grand",
+                 "fslt", "ssft")
+DYNAMICS_COLUMNS = ("forgetting_events", "first_learned_epoch", "cumulative_accuracy", "el2n", "grand",
+                    "fslt", "ssft", "learning_speed")
+
+
+@dataclasses.dataclass
+class Report:
+  path: Path                    # RUN/report/index.html
+  sections: list[str]           # section ids written, in order
+  images: list[str]             # image files the page references (relative to the report folder)
+  dataset_note: str             # why images are (not) shown
+
+
+@dataclasses.dataclass
+class _Section:
+  id: str
+  title: str
+  body: str
+
+
+def write_report(run_dir: str | Path, *, dataset=None, data_dir: str | None = None, top: int = 24,
+                 log: Callable[[str], None] = lambda message: None) -> Report:
+  """Writes ``RUN/report/index.html`` and its figures; returns what was written.
+
+  Args:
+    run_dir: a run directory with ``scores.csv`` (``jaxmem run`` or ``jaxmem scores`` wrote it).
+    dataset: the run's :class:`~jaxmem.Dataset`, if the caller has it (e.g. a study that built it);
+      otherwise it is loaded again from the manifest's config.
+    data_dir: TFDS data directory to reload from, overriding the one in the manifest's config.
+    top: how many examples each gallery shows.
+  """
+  run = RunDir.open(run_dir)
+  manifest = run.manifest()
+  if not (run.path / SCORES_CSV).is_file():
+    raise JaxmemError(f"run directory {str(run.path)!r} has no {SCORES_CSV} yet; run `jaxmem scores "
+                      f"{run.path}` first")
+  scores = read_scores_csv(run.path / SCORES_CSV)
+  summary = _read_json(run.path / "summary.json")
+  out = run.path / REPORT_DIR
+  out.mkdir(exist_ok=True)
+  if dataset is None:
+    dataset, note = reload_dataset(manifest, data_dir=data_dir)
+  else:
+    note = _check_fingerprint(dataset, manifest)
+    dataset = dataset if not note else None
+  images_ok = dataset is not None and dataset.is_image and dataset.num_train == len(scores["index"])
+  if dataset is not None and not dataset.is_image:
+    note = "the inputs are not images; examples are listed in tables"
+  log(f"report: {note}" if note else "report: images from the reloaded dataset")
+
+  ctx = _Context(run.path, out, manifest, summary, scores, dataset if images_ok else None, top)
+  sections = [s for s in (
+      _facts_section(ctx, note),
+      _memorization_section(ctx),
+      _gallery_section(ctx),
+      _influence_section(ctx),
+      _cscore_section(ctx),
+      _lira_section(ctx),
+      _dynamics_section(ctx),
+      _correlation_section(ctx),
+  ) if s is not None]
+  page = _page(manifest, sections)
+  write_bytes_atomic(out / "index.html", page.encode())
+  return Report(out / "index.html", [s.id for s in sections], list(ctx.images), note)
+
+
+def reload_dataset(manifest: dict[str, Any], *, data_dir: str | None = None):
+  """The run's dataset loaded again from its manifest, or ``(None, reason)`` when it cannot be.
+
+  A dataset whose content differs from the run's (another TFDS version, an edited .npz) would put
+  wrong pictures under the scores, so it is used only when its fingerprint matches.
+  """
+  from jaxmem.data import load_dataset
+  config = manifest.get("config", {})
+  try:
+    dataset = load_dataset(config["dataset"], data_dir=data_dir or config.get("data_dir"),
+                           seed=int(config.get("seed", 0)), label_noise=float(config.get("label_noise", 0.0)))
+  except (JaxmemError, KeyError) as e:
+    return None, f"the dataset could not be loaded again ({e}); examples are listed in tables"
+  note = _check_fingerprint(dataset, manifest)
+  return (None, note) if note else (dataset, "")
+
+
+def _check_fingerprint(dataset, manifest) -> str:
+  expected = manifest.get("dataset", {}).get("fingerprint")
+  if expected and dataset.fingerprint != expected:
+    return ("the dataset loaded again differs from the one the run trained on (fingerprint mismatch); "
+            "examples are listed in tables")
+  return ""
+
+
+# ---------------------------------------------------------------------------------------------
+# Context and small helpers.
+
+
+@dataclasses.dataclass
+class _Context:
+  run_path: Path
+  out: Path
+  manifest: dict[str, Any]
+  summary: dict[str, Any]
+  scores: dict[str, np.ndarray]
+  dataset: Any  # Dataset with images, or None
+  top: int
+  images: list[str] = dataclasses.field(default_factory=list)
+
+  def has(self, column: str) -> bool:
+    return column in self.scores and bool(np.isfinite(self.scores[column].astype(float)).any())
+
+  def save(self, fig, name: str, alt: str, width: int | None = None) -> str:
+    """Saves a matplotlib Figure as ``name`` in the report folder; returns the <img> tag."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    FigureCanvasAgg(fig)
+    fig.savefig(self.out / name, dpi=100)
+    self.images.append(name)
+    style = f' style="max-width:{width}px"' if width else ""
+    return f'<img src="{html.escape(name)}" alt="{html.escape(alt)}"{style}>'
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+  if not path.is_file():
+    return {}
+  try:
+    return json.loads(path.read_text())
+  except json.JSONDecodeError as e:
+    raise JaxmemError(f"{str(path)!r} is not valid JSON ({e})") from None
+
+
+def _figure(width: float, height: float):
+  from matplotlib.figure import Figure
+  return Figure(figsize=(width, height), layout="constrained")
+
+
+def _fmt(value, digits: int = 3) -> str:
+  if isinstance(value, (bool, np.bool_)):
+    return "yes" if value else "no"
+  if isinstance(value, (int, np.integer)):
+    return str(int(value))
+  if isinstance(value, (float, np.floating)):
+    return "" if math.isnan(value) else f"{value:.{digits}g}" if abs(value) >= 1000 else f"{value:.{digits}f}"
+  return str(value)
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[Any]], cls: str = "") -> str:
+  head = "".join(f"<th>{html.escape(str(h))}</th>" for h in header)
+  body = "".join("<tr>" + "".join(f"<td>{html.escape(_fmt(v))}</td>" for v in row) + "</tr>" for row in rows)
+  return f'<table class="{cls}"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>'
+
+
+def _show_image(ax, x: np.ndarray) -> None:
+  """Draws one image; values outside [0, 1] (standardized or arbitrary floats) are min-max scaled."""
+  x = np.asarray(x, np.float32)
+  if x.min() < 0 or x.max() > 1:
+    x = (x - x.min()) / max(float(x.max() - x.min()), 1e-12)
+  if x.shape[-1] == 1:
+    ax.imshow(x[..., 0], cmap="gray", vmin=0, vmax=1, interpolation="nearest")
+  else:
+    ax.imshow(x[..., :3], interpolation="nearest")
+  ax.set_xticks([])
+  ax.set_yticks([])
+
+
+def _mark(ax, color: str) -> None:
+  for spine in ax.spines.values():
+    spine.set_edgecolor(color)
+    spine.set_linewidth(3)
+
+
+def _order(values: np.ndarray, descending: bool) -> np.ndarray:
+  """Indices sorted by value, NaN last, ties by index (stable)."""
+  v = values.astype(float)
+  key = np.where(np.isnan(v), np.inf, -v if descending else v)
+  return np.argsort(key, kind="stable")
+
+
+# ---------------------------------------------------------------------------------------------
+# Sections.
+
+
+def _facts_section(ctx: _Context, note: str) -> _Section:
+  m, s = ctx.manifest, ctx.summary
+  config, ds = m.get("config", {}), m.get("dataset", {})
+  rows = [("dataset", f"{ds.get('name')} ({ds.get('num_train')} train, {ds.get('num_test')} test, "
+                      f"{ds.get('num_classes')} classes, input {tuple(ds.get('input_shape', ()))})")]
+  if config.get("label_noise"):
+    flipped = int(np.sum(ctx.scores["noisy"])) if "noisy" in ctx.scores else "?"
+    rows.append(("label noise", f"{config['label_noise']} ({flipped} labels flipped)"))
+  models = s.get("models", {})
+  rows.append(("models", f"{models.get('finished', '?')} of {models.get('planned', config.get('num_models'))} "
+                         f"finished; {config.get('model')} {config.get('model_options') or ''}".rstrip()))
+  rows.append(("training", f"subset ratios {config.get('subset_ratios')}, mask design {config.get('mask_design')}, "
+                           f"{config.get('epochs')} epochs, batch {config.get('batch_size')}, "
+                           f"{config.get('optimizer')} lr {config.get('learning_rate')} ({config.get('schedule')})"
+                           f"{', augmented' if config.get('augment') else ''}, seed {config.get('seed')}"))
+  acc = s.get("accuracy")
+  if acc:
+    rows.append(("accuracy (mean over models)", f"own subset {acc['train_subset']:.3f}, held-out training examples "
+                                                f"{acc['train_held_out']:.3f}, test {acc['test']:.3f}"))
+  if "seconds" in s:
+    rows.append(("time of the last run/scores call", f"{s['seconds']:.1f} s"))
+  if "strategy" in m:
+    rows.append(("engine", f"strategy {m['strategy']} on {', '.join(m.get('devices', []))}"))
+  if "memorization_median_se" in s:
+    rows.append(("memorization median standard error", f"{s['memorization_median_se']:.3f}"))
+  if "noisy_label_auroc" in s:
+    rows.append(("flipped labels found by memorization (AUROC)", f"{s['noisy_label_auroc']:.3f}"))
+  versions = m.get("versions", {})
+  if versions:
+    rows.append(("versions", ", ".join(f"{k} {v}" for k, v in versions.items())))
+  rows.append(("created", m.get("created", "")))
+  if note:
+    rows.append(("images", note))
+  body = _table(("", ""), rows, "facts")
+  return _Section("facts", "Run", body)
+
+
+def _memorization_section(ctx: _Context) -> _Section | None:
+  if not ctx.has("memorization"):
+    return None
+  mem = ctx.scores["memorization"].astype(float)
+  labels = ctx.scores["label"]
+  noisy = ctx.scores.get("noisy", np.zeros_like(labels)).astype(bool)
+  finite = np.isfinite(mem)
+  bins = np.linspace(min(-0.2, np.nanmin(mem)), 1.0, 31)
+
+  fig = _figure(7, 3.2)
+  ax = fig.add_subplot()
+  if noisy.any():
+    ax.hist([mem[finite & ~noisy], mem[finite & noisy]], bins=bins, stacked=True,
+            label=["clean label", "flipped label"], color=["#4c72b0", "#dd5555"])
+    ax.legend()
+  else:
+    ax.hist(mem[finite], bins=bins, color="#4c72b0")
+  ax.set_yscale("log")
+  ax.set_xlabel("memorization estimate")
+  ax.set_ylabel("training examples (log scale)")
+  ax.set_title(f"memorization of {int(finite.sum())} training examples")
+  overall = ctx.save(fig, "memorization_hist.png", "memorization histogram")
+
+  classes = np.unique(labels)
+  if len(classes) <= 20:
+    cols = min(5, len(classes))
+    rows = -(-len(classes) // cols)
+    fig = _figure(2.4 * cols, 1.9 * rows)
+    axes = fig.subplots(rows, cols, squeeze=False, sharex=True)
+    for a in axes.flat[len(classes):]:
+      a.set_visible(False)
+    for a, c in zip(axes.flat, classes):
+      in_class = finite & (labels == c)
+      a.hist(mem[in_class], bins=bins, color="#4c72b0")
+      a.set_yscale("log")
+      a.set_title(f"label {c}: mean {np.mean(mem[in_class]):.2f}", fontsize=9)
+      a.tick_params(labelsize=7)
+    fig.supxlabel("memorization (training label as trained on)", fontsize=9)
+  else:  # many classes: one bar per class, sorted, instead of unreadable small multiples
+    means = np.array([np.nanmean(mem[labels == c]) for c in classes])
+    order = np.argsort(means)
+    fig = _figure(9, 3)
+    ax = fig.add_subplot()
+    ax.bar(np.arange(len(classes)), means[order], color="#4c72b0")
+    ax.set_xlabel("class (sorted by mean memorization)")
+    ax.set_ylabel("mean memorization")
+  per_class = ctx.save(fig, "memorization_per_class.png", "memorization per class")
+
+  q = np.nanquantile(mem, [0.5, 0.9, 0.99])
+  text = (f"<p>Memorization mem<sub>i</sub> = P[correct on i | i in subset] − P[correct on i | i held out] "
+          f"(Feldman &amp; Zhang 2020, eq. 3). Median {q[0]:.3f}, 90th percentile {q[1]:.3f}, 99th "
+          f"percentile {q[2]:.3f}; {int(np.sum(mem[finite] > 0.5))} examples above 0.5.</p>")
+  return _Section("memorization", "Memorization", text + overall + "<h3>Per class</h3>" + per_class)
+
+
+def _example_caption(ctx: _Context, i: int, value_column: str) -> tuple[str, bool]:
+  s = ctx.scores
+  label, noisy = int(s["label"][i]), bool(s["noisy"][i]) if "noisy" in s else False
+  value = float(s[value_column][i])
+  se_name = f"{value_column}_se"
+  se = f"±{float(s[se_name][i]):.2f}" if se_name in s and np.isfinite(s[se_name][i]) else ""
+  clean = f" (was {int(s['clean_label'][i])})" if noisy and "clean_label" in s else ""
+  short = "mem" if value_column == "memorization" else value_column
+  return f"#{i} y={label}{clean}\n{short} {value:.2f}{se}", noisy
+
+
+def _gallery(ctx: _Context, indices: np.ndarray, column: str, title: str, name: str) -> str:
+  cols = 8
+  rows = -(-len(indices) // cols)
+  fig = _figure(1.35 * cols, 1.6 * rows + 0.4)
+  axes = fig.subplots(rows, cols, squeeze=False)
+  for a in axes.flat[len(indices):]:
+    a.set_visible(False)
+  for a, i in zip(axes.flat, indices):
+    _show_image(a, ctx.dataset.x_train[i])
+    caption, noisy = _example_caption(ctx, int(i), column)
+    a.set_title(caption, fontsize=7, color="#c00000" if noisy else "black")
+    if noisy:
+      _mark(a, "#c00000")
+  fig.suptitle(title, fontsize=10)
+  return ctx.save(fig, name, title)
+
+
+def _gallery_section(ctx: _Context) -> _Section | None:
+  if not ctx.has("memorization"):
+    return None
+  mem = ctx.scores["memorization"]
+  finite = np.flatnonzero(np.isfinite(mem.astype(float)))
+  k = min(ctx.top, len(finite))
+  most, least = _order(mem, True)[:k], _order(mem, False)[:k]
+  legend = ("<p>Each image: training index, label trained on (a flipped label in red, with the original), "
+            "memorization ± standard error.</p>")
+  noisy = ctx.scores["noisy"].astype(bool) if "noisy" in ctx.scores else np.zeros(len(mem), bool)
+  # With label noise the top of the ranking is flipped labels; the examples Feldman & Zhang show
+  # (atypical but correctly labelled) are the most memorized among the clean labels.
+  most_clean = [i for i in _order(mem, True) if not noisy[i] and np.isfinite(mem[i])][:k] if noisy.any() else []
+  if ctx.dataset is not None:
+    body = legend + _gallery(ctx, most, "memorization", f"{k} most memorized training examples", "gallery_most.png")
+    if most_clean:
+      body += _gallery(ctx, np.asarray(most_clean), "memorization",
+                       f"{len(most_clean)} most memorized training examples with clean labels", "gallery_most_clean.png")
+    body += _gallery(ctx, least, "memorization", f"{k} least memorized training examples", "gallery_least.png")
+  else:
+    s = ctx.scores
+    header = ("index", "label", "clean label", "flipped", "memorization", "standard error")
+
+    def rows(indices):
+      return [(int(i), int(s["label"][i]), int(s["clean_label"][i]) if "clean_label" in s else "",
+               bool(s["noisy"][i]) if "noisy" in s else False, float(mem[i]),
+               float(s["memorization_se"][i]) if "memorization_se" in s else float("nan")) for i in indices]
+    body = f"<h3>{k} most memorized</h3>" + _table(header, rows(most))
+    if most_clean:
+      body += f"<h3>{len(most_clean)} most memorized with clean labels</h3>" + _table(header, rows(most_clean))
+    body += f"<h3>{k} least memorized</h3>" + _table(header, rows(least))
+  return _Section("gallery", "Most and least memorized training examples", body)
+
+
+def _influence_section(ctx: _Context) -> _Section | None:
+  # influence_pairs.csv holds Feldman & Zhang's high-influence pairs (high influence and high
+  # memorization, their Fig. 4); influence_topk.csv the top pairs per example, listed once per
+  # direction: fall back to it, deduplicated, when there are no high pairs.
+  table = None
+  for name in ("influence_pairs.csv", "influence_topk.csv"):
+    if (ctx.run_path / name).is_file():
+      candidate = _read_csv(ctx.run_path / name)
+      if candidate and {"train_index", "test_index", "influence"} <= set(candidate) and len(candidate["influence"]):
+        table, source = candidate, name
+        break
+  if table is None:
+    return None
+  order, seen = [], set()
+  for r in _order(table["influence"], True):
+    pair = (int(table["train_index"][r]), int(table["test_index"][r]))
+    if pair not in seen:
+      seen.add(pair)
+      order.append(int(r))
+    if len(order) == min(ctx.top // 2, 12):
+      break
+  test_labels = ctx.dataset.y_test if ctx.dataset is not None else None
+  body = ("<p>Influence infl(i → j) = P[f(x'<sub>j</sub>) = y'<sub>j</sub> | i ∈ S] − "
+          "P[f(x'<sub>j</sub>) = y'<sub>j</sub> | i ∉ S] (Feldman &amp; Zhang 2020, eq. 6): the training "
+          "examples whose presence most changes a test prediction.</p>")
+  if ctx.dataset is not None:
+    n = len(order)
+    cols = min(4, n)
+    rows = -(-n // cols)
+    fig = _figure(2.9 * cols, 1.75 * rows + 0.3)
+    grid = fig.add_gridspec(rows, 2 * cols)
+    for p, r in enumerate(order):
+      i, j = int(table["train_index"][r]), int(table["test_index"][r])
+      row, col = divmod(p, cols)
+      a_train, a_test = fig.add_subplot(grid[row, 2 * col]), fig.add_subplot(grid[row, 2 * col + 1])
+      _show_image(a_train, ctx.dataset.x_train[i])
+      _show_image(a_test, ctx.dataset.x_test[j])
+      a_train.set_title(f"train #{i} y={int(ctx.scores['label'][i])}", fontsize=7)
+      a_test.set_title(f"→ test #{j} y={int(test_labels[j])}", fontsize=7)
+      a_test.set_xlabel(f"infl {float(table['influence'][r]):.2f}", fontsize=7)
+    fig.suptitle("highest-influence pairs: training image → test image", fontsize=10)
+    body += ctx.save(fig, "influence_pairs.png", "influence pairs")
+  columns = [c for c in ("train_index", "test_index", "influence", "influence_se", "memorization") if c in table]
+  body += f"<p>From <code>{source}</code>.</p>" + _table(columns, [[table[c][r] for c in columns] for r in order])
+  return _Section("influence", "Influence: training → test pairs", body)
+
+
+def _cscore_section(ctx: _Context) -> _Section | None:
+  ratio_columns = sorted((float(c[len("cscore_at_"):]), c) for c in ctx.scores
+                         if c.startswith("cscore_at_") and ctx.has(c))
+  if not ratio_columns and not ctx.has("cscore"):
+    return None
+  body = ("<p>C-score C<sub>i</sub> = E<sub>n</sub> P[f<sub>S</sub>(x<sub>i</sub>) = y<sub>i</sub>], the "
+          "expected accuracy on i of models trained on random subsets S without i (Jiang et al. 2021), "
+          "per subset ratio and averaged over ratios.</p>")
+  if ratio_columns:
+    fig = _figure(max(5, 0.8 * len(ratio_columns) + 2), 3.2)
+    ax = fig.add_subplot()
+    data = [ctx.scores[c][np.isfinite(ctx.scores[c])] for _, c in ratio_columns]
+    ax.violinplot(data, showmedians=True)
+    ax.set_xticks(np.arange(1, len(data) + 1), [f"{r:g}" for r, _ in ratio_columns])
+    ax.set_xlabel("subset ratio")
+    ax.set_ylabel("held-out accuracy on the example")
+    ax.set_title("C-score per subset ratio")
+    body += ctx.save(fig, "cscore_per_ratio.png", "C-score per ratio")
+  if ctx.has("cscore"):
+    fig = _figure(7, 3)
+    ax = fig.add_subplot()
+    c = ctx.scores["cscore"]
+    ax.hist(c[np.isfinite(c)], bins=30, color="#55a868")
+    ax.set_yscale("log")
+    ax.set_xlabel("C-score")
+    ax.set_ylabel("training examples (log scale)")
+    body += ctx.save(fig, "cscore_hist.png", "C-score histogram")
+  return _Section("cscore", "C-score", body)
+
+
+def _flatten(obj, prefix: str = "") -> list[tuple[str, Any]]:
+  out = []
+  if isinstance(obj, dict):
+    for k, v in obj.items():
+      out.extend(_flatten(v, f"{prefix}.{k}" if prefix else str(k)))
+  elif isinstance(obj, list):
+    if all(isinstance(v, (int, float)) for v in obj) and len(obj) <= 8:
+      out.append((prefix, ", ".join(_fmt(v) for v in obj)))
+    else:
+      out.append((prefix, f"list of {len(obj)}"))
+  else:
+    out.append((prefix, obj))
+  return out
+
+
+def _lira_section(ctx: _Context) -> _Section | None:
+  lira_json, roc = ctx.run_path / "lira.json", ctx.run_path / "lira_roc.png"
+  columns = [c for c in ("lira_online", "lira_offline") if ctx.has(c)]
+  if not (lira_json.is_file() or roc.is_file() or columns):
+    return None
+  body = ("<p>LiRA (Carlini et al. 2022): per-example Gaussians of the statistic φ = log p<sub>y</sub> − "
+          "log Σ<sub>y'≠y</sub> p<sub>y'</sub> on shadow models with and without the example; ROC on "
+          "log-log axes, TPR at low FPR.</p>")
+  if roc.is_file():
+    shutil.copyfile(roc, ctx.out / "lira_roc.png")
+    ctx.images.append("lira_roc.png")
+    body += '<img src="lira_roc.png" alt="LiRA ROC" style="max-width:640px">'
+  if lira_json.is_file():
+    rows = [(k, v) for k, v in _flatten(_read_json(lira_json))][:60]
+    body += _table(("LiRA result", "value"), rows)
+  if columns:
+    fig = _figure(7, 3)
+    ax = fig.add_subplot()
+    for c in columns:
+      v = ctx.scores[c]
+      ax.hist(v[np.isfinite(v)], bins=40, histtype="step", label=c, linewidth=1.5)
+    ax.set_yscale("log")
+    ax.legend()
+    ax.set_xlabel("LiRA score per training example")
+    body += ctx.save(fig, "lira_scores.png", "LiRA score histogram")
+  return _Section("lira", "Membership inference (LiRA)", body)
+
+
+def _dynamics_section(ctx: _Context) -> _Section | None:
+  present = [c for c in DYNAMICS_COLUMNS if ctx.has(c)]
+  if not present or not ctx.has("memorization"):
+    return None
+  mem = ctx.scores["memorization"].astype(float)
+  noisy = ctx.scores.get("noisy", np.zeros(len(mem))).astype(bool)
+  cols = min(3, len(present))
+  rows = -(-len(present) // cols)
+  fig = _figure(3.4 * cols, 3.0 * rows)
+  axes = fig.subplots(rows, cols, squeeze=False)
+  for a in axes.flat[len(present):]:
+    a.set_visible(False)
+  rng = np.random.default_rng(0)  # jitter only, for integer-valued scores; fixed so reports are stable
+  for a, c in zip(axes.flat, present):
+    v = ctx.scores[c].astype(float)
+    ok = np.isfinite(v) & np.isfinite(mem)
+    integer = np.all(v[ok] == np.round(v[ok]))
+    x = v + (rng.uniform(-0.25, 0.25, len(v)) if integer else 0)
+    a.scatter(x[ok & ~noisy], mem[ok & ~noisy], s=4, alpha=0.4, color="#4c72b0", label="clean")
+    if noisy.any():
+      a.scatter(x[ok & noisy], mem[ok & noisy], s=6, alpha=0.7, color="#dd5555", label="flipped")
+      a.legend(fontsize=7, markerscale=2)
+    a.set_xlabel(c + (" (jittered)" if integer else ""), fontsize=8)
+    a.set_ylabel("memorization", fontsize=8)
+    a.tick_params(labelsize=7)
+  body = ("<p>Training dynamics against memorization: forgetting events (Toneva et al. 2019) and the other "
+          "per-example dynamics scores this run recorded.</p>")
+  body += ctx.save(fig, "dynamics_vs_memorization.png", "dynamics vs memorization")
+  title = "Forgetting vs memorization" if "forgetting_events" in present else "Training dynamics vs memorization"
+  return _Section("dynamics", title, body)
+
+
+def _correlation_section(ctx: _Context) -> _Section | None:
+  path = ctx.run_path / "correlations.csv"
+  if path.is_file():
+    with open(path, newline="") as f:
+      rows = list(csv.reader(f))
+    if len(rows) < 2:
+      return None
+    body_rows = [[_number_or_text(cell) for cell in row] for row in rows[1:]]
+    return _Section("correlations", "Score correlations",
+                    "<p>From the run's <code>correlations.csv</code>.</p>" + _table(rows[0], body_rows))
+  present = [c for c in SCORE_COLUMNS if ctx.has(c)]
+  if len(present) < 2:
+    return None
+  from scipy.stats import spearmanr
+  rows = []
+  for a in present:
+    row = [a]
+    for b in present:
+      x, y = ctx.scores[a].astype(float), ctx.scores[b].astype(float)
+      ok = np.isfinite(x) & np.isfinite(y)
+      row.append(float(spearmanr(x[ok], y[ok]).statistic) if ok.sum() > 2 else float("nan"))
+    rows.append(row)
+  return _Section("correlations", "Score correlations",
+                  "<p>Spearman rank correlations between the per-example scores in <code>scores.csv</code> "
+                  "(pairwise complete examples), computed for this report.</p>" + _table(["", *present], rows))
+
+
+def _read_csv(path: Path) -> dict[str, np.ndarray]:
+  """A CSV file as columns: numeric columns as float arrays (empty cells NaN), others as strings."""
+  with open(path, newline="") as f:
+    rows = list(csv.reader(f))
+  if not rows:
+    return {}
+  out = {}
+  for j, name in enumerate(rows[0]):
+    cells = [r[j] if j < len(r) else "" for r in rows[1:]]
+    try:
+      out[name] = np.array([float(c) if c != "" else np.nan for c in cells], dtype=np.float64)
+    except ValueError:
+      out[name] = np.array(cells, dtype=object)
+  return out
+
+
+def _number_or_text(cell: str):
+  try:
+    return float(cell)
+  except ValueError:
+    return cell
+
+
+# ---------------------------------------------------------------------------------------------
+# The page.
+
+_CSS = """
+body{font-family:system-ui,-apple-system,"Segoe UI",sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}
+h1{font-size:1.6em;margin-bottom:0.2em} h2{border-bottom:1px solid #ccc;padding-bottom:0.2em;margin-top:2em}
+nav a{margin-right:1em} img{max-width:100%;height:auto;display:block;margin:0.8em 0}
+table{border-collapse:collapse;margin:0.8em 0;font-size:0.9em} td,th{border:1px solid #ddd;padding:0.25em 0.6em;text-align:right}
+table.facts td{text-align:left} table.facts td:first-child{font-weight:600;white-space:nowrap}
+th{background:#f4f4f4} code{background:#f4f4f4;padding:0 0.2em}
+"""
+
+
+def _page(manifest: dict[str, Any], sections: list[_Section]) -> str:
+  ds = manifest.get("dataset", {}).get("name", "?")
+  title = f"jaxmem report: {ds}, {manifest.get('config', {}).get('num_models', '?')} models"
+  nav = " ".join(f'<a href="#{s.id}">{html.escape(s.title)}</a>' for s in sections)
+  parts = [f'<section id="{s.id}"><h2>{html.escape(s.title)}</h2>{s.body}</section>' for s in sections]
+  return (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>'
+          f'<meta name="viewport" content="width=device-width, initial-scale=1"><style>{_CSS}</style></head>'
+          f'<body><h1>{html.escape(title)}</h1><nav>{nav}</nav>\n' + "\n".join(parts) + "\n</body></html>\n")
