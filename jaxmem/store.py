@@ -460,10 +460,18 @@ def save_params(run_dir: "RunDir", index: int, model_ids: np.ndarray, params_K: 
     with ocp.StandardCheckpointer() as checkpointer:
       checkpointer.save(epath.Path(path.absolute()), params_K, save_args=_per_model_save_args(params_K))
       checkpointer.wait_until_finished()
+      metadata = checkpointer.metadata(epath.Path(path.absolute())).item_metadata
   except Exception as e:
     shutil.rmtree(path, ignore_errors=True)
     raise _storage_error(f"parameters {path}", e) from e
-  write_json_atomic(meta, {"model_ids": np.asarray(model_ids).tolist(), "written": utc_now()})
+  # Orbax's names of the stored arrays, kept beside the ids so that loading one model needs no
+  # pass over orbax's tree metadata (which reads the whole OCDBT index once more).
+  import jax
+  leaves = [{"path": [str(getattr(k, "key", getattr(k, "idx", k))) for k in key_path], "name": leaf.name}
+            for key_path, leaf in jax.tree_util.tree_leaves_with_path(
+                metadata.tree, is_leaf=lambda x: hasattr(x, "storage"))]
+  write_json_atomic(meta, {"model_ids": np.asarray(model_ids).tolist(), "arrays": leaves,
+                           "use_zarr3": bool(metadata.use_zarr3), "written": utc_now()})
 
 
 def kept_param_models(run_dir: "RunDir") -> dict[int, tuple[int, int]]:
@@ -491,17 +499,24 @@ def load_model_params(run_dir: str | Path, model_id: int) -> Any:
     raise JaxmemError(f"parameters of model {model_id} were not kept in {str(run.path)!r}; kept: {shown}")
   chunk, row = where[model_id]
   path = epath.Path((run.path / PARAMS / f"chunk_{chunk:05d}").absolute())
-  metadata = ocp.StandardCheckpointer().metadata(path).item_metadata
+  meta = json.loads((run.path / PARAMS / f"chunk_{chunk:05d}.json").read_text())
   context = ocp.type_handlers.get_ts_context(use_ocdbt=True)
-
-  def read(leaf):
-    info = ocp.type_handlers.ParamInfo(name=leaf.name, parent_dir=path, use_zarr3=metadata.use_zarr3,
+  database = None  # one OCDBT key-value store for all arrays: its B-tree index is read once
+  params: dict[str, Any] = {}
+  for leaf in meta["arrays"]:
+    info = ocp.type_handlers.ParamInfo(name=leaf["name"], parent_dir=path, use_zarr3=meta["use_zarr3"],
                                        ts_context=context)
-    store = ts.open(ocp.type_handlers.get_json_tspec_read(info, use_ocdbt=True), context=context).result()
-    return store[row].read().result()
-
-  import jax
-  return jax.tree.map(read, metadata.tree, is_leaf=lambda x: hasattr(x, "storage"))
+    spec = ocp.type_handlers.get_json_tspec_read(info, use_ocdbt=True)
+    if database is None:
+      database = ts.KvStore.open({k: v for k, v in spec["kvstore"].items() if k != "path"},
+                                 context=context).result()
+    store = ts.open({k: v for k, v in spec.items() if k != "kvstore"}, kvstore=database / f"{leaf['name']}/",
+                    context=context).result()
+    node = params
+    for key in leaf["path"][:-1]:
+      node = node.setdefault(key, {})
+    node[leaf["path"][-1]] = store[row].read().result()
+  return params
 
 
 def append_event(run_dir: "RunDir", **fields) -> None:
