@@ -186,7 +186,41 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--out", default=None, help="study directory (default: RUN_DIR/onion)")
   p.add_argument("--no-progress", action="store_true", help="no progress bar")
   p.set_defaults(handler=_cmd_study_onion)
+
+  p = studies.add_parser("ssft", help="two-phase study: train on half A, then on half B; first-split learning time "
+                         "and second-split forgetting time of every example (Maini et al. 2022)")
+  p.add_argument("--run", dest="run_dir", default=None,
+                 help="take the recipe from this run directory and merge fslt/ssft into its scores.csv")
+  p.add_argument("--out", default=None, help="study directory (default: RUN/ssft with --run; required otherwise)")
+  p.add_argument("--num-models", type=int, default=8, help="models (seeds) per split order (default 8)")
+  p.add_argument("--first-epochs", type=int, default=None, help="phase-one epochs on the first half (default: --epochs)")
+  p.add_argument("--second-epochs", type=int, default=None, help="phase-two epochs on the other half (default: --epochs)")
+  for field in ("dataset", "data_dir", "model", "epochs", "batch_size", "learning_rate", "optimizer", "schedule",
+                "weight_decay", "seed", "label_noise", "chunk_size", "strategy"):
+    flag, kind, help_text = RUN_FLAGS[field]
+    p.add_argument(flag, dest=field, type=kind, default=None, help=help_text)
+  p.add_argument("--config", default=None, help="config file (.py or .json) for the recipe")
+  p.set_defaults(handler=_cmd_study_ssft)
   return parser
+
+
+def _cmd_study_ssft(args) -> int:
+  from pathlib import Path
+  from jaxmem.config import RunConfig, load_config_file
+  from jaxmem.studies.ssft import config_from_run, ssft_study
+  if args.run_dir is None and args.out is None:
+    raise JaxmemError("jaxmem study ssft needs --out DIR (or --run RUN_DIR)")
+  config = (config_from_run(args.run_dir) if args.run_dir else
+            load_config_file(args.config) if args.config else RunConfig())
+  fields = ("dataset", "data_dir", "model", "epochs", "batch_size", "learning_rate", "optimizer", "schedule",
+            "weight_decay", "seed", "label_noise", "chunk_size", "strategy")
+  config = config.replace(**{f: getattr(args, f) for f in fields if getattr(args, f) is not None}).validate()
+  out = args.out or str(Path(args.run_dir) / "ssft")
+  result = ssft_study(config, out, num_models=args.num_models, first_epochs=args.first_epochs,
+                      second_epochs=args.second_epochs, run_dir=args.run_dir, log=lambda m: print(m, file=sys.stderr))
+  print("\n".join(result.lines))
+  print(f"wrote {result.out / 'ssft_scores.csv'}, {result.out / 'ssft.json'}")
+  return 0
 
 
 def _ints(text: str) -> tuple[int, ...]:
