@@ -395,6 +395,7 @@ def summarize(records: Records, table: ScoreTable, *, dataset: Dataset | None = 
     summary["memorization_median_se"] = float(np.nanmedian(se))
     if records.noisy.any():
       summary["noisy_label_auroc"] = auroc(mem, records.noisy)
+      summary["flipped_labels"] = int(records.noisy.sum())  # also known without the dataset (jaxmem scores)
   if dataset is not None:
     summary["dataset"] = {"name": dataset.name, "num_train": dataset.num_train, "num_test": dataset.num_test,
                           "num_classes": dataset.num_classes, "flipped_labels": int(dataset.noisy.sum())}
@@ -415,7 +416,7 @@ def format_summary(summary: dict[str, Any]) -> str:
     lines.append(f"memorization: median standard error {summary['memorization_median_se']:.3f}")
   if "noisy_label_auroc" in summary:
     lines.append(f"flipped labels found by memorization: AUROC {summary['noisy_label_auroc']:.3f} "
-                 f"({summary['dataset']['flipped_labels']} flipped)")
+                 f"({summary['flipped_labels']} flipped)")
   lines.extend(summary.get("lines", []))
   if summary.get("most_memorized"):
     lines.append("most memorized training examples:")
