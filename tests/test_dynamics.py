@@ -173,8 +173,13 @@ def test_score_epoch_zero_is_at_initialization():
   base = jaxmem.RunConfig(dataset="small", num_models=2, epochs=3, batch_size=8, strategy="vmap",
                           model_options={"hidden_sizes": (8,)})
   keep = np.ones((2, dataset.num_train), bool)
-  from jaxmem.engine import Engine
-  at0 = Engine(dataset, base.replace(score_epoch=0), probe_cache=None).train_chunk([0, 1], keep)  # one call
+  from jaxmem.engine import Engine, model_keys
+  engine = Engine(dataset, base.replace(score_epoch=0), probe_cache=None)
+  at0 = engine.train_chunk([0, 1], keep)  # one host call
+  fns = make_model_functions(engine.model, optax.sgd(0.1), batch_size=8, num_steps=1)
+  initial = [jax.jit(fns.early_scores)(fns.init(k, engine.data).params, engine.data) for k in model_keys(0, [0, 1])]
+  np.testing.assert_allclose(at0["train_el2n"], np.stack([r["train_el2n"] for r in initial]), rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(at0["train_grand"], np.stack([r["train_grand"] for r in initial]), rtol=1e-4, atol=1e-5)
   at1 = Engine(dataset, base.replace(score_epoch=1), probe_cache=None).train_chunk([0, 1], keep)  # split at 1
   np.testing.assert_allclose(at0["train_margin"], at1["train_margin"], rtol=1e-5, atol=1e-5)
   assert not np.allclose(at0["train_el2n"], at1["train_el2n"])
