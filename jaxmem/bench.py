@@ -1,0 +1,539 @@
+"""``jaxmem bench``: train the same models several ways, side by side, and compare throughput.
+
+Every variant trains the same work — the same models (keys ``fold_in(seed, m)``), the same
+membership subsets, epochs and batch size — in one process and one run. Repeats are interleaved
+(variant A, B, C, A, B, C, ...) so that load from other processes on a shared machine hits every
+variant alike, and the table reports medians. The first call of each variant (compilation, and for
+``auto`` its timed probe) is reported separately and never enters the medians.
+
+Variants:
+
+* ``engine:<strategy>``: :class:`jaxmem.engine.Engine` with a fixed lifting strategy (``vmap``,
+  ``map``, ``mixed:W``) and with ``auto``; a timed run is one ``train_chunk`` (init, all epochs,
+  and the recording of every model on every train and test example, copied to the host).
+  ``<strategy>@xla`` forces ``nn.Conv`` in the CNN (the engine's default on CPU is
+  :class:`jaxmem.models.ShiftConv`), e.g. ``vmap@xla`` is what a user vmapping flax convs gets.
+* ``jax-step-loop``: what a user writes without jaxmem (flax ``nn.Conv`` for the CNN): one jitted train step, called per batch in
+  a Python loop, one model after another; data resident on the device and gathered inside the step
+  (one dispatch per step, the most favourable form of this baseline), numpy batch order per epoch.
+* ``jax-model-loop``: the engine's ``loop`` strategy — a per-model Python loop over one jitted
+  program that runs all of a model's epochs (the best case of a loop of single-model programs;
+  it uses the engine's convolution, so it is a stronger baseline than a user's loop).
+* ``torch-loop``: the same model in PyTorch (CPU), trained per model with ``torch.optim.Adam`` and
+  the same cosine schedule; skipped with a message when PyTorch is absent (``pip install
+  'jaxmem[torch]'``).
+
+Loop baselines train fewer models than the engine (their cost is linear in the model count, so
+models/s is comparable); the table says how many each variant trained.
+
+Utilization: model FLOPs per trained model are 3x the forward FLOPs (XLA's cost analysis of one
+model's forward pass) per example seen, times examples seen (epochs x subset size); divided by the
+machine's peak, measured here with a large float32 matmul in the same process (on a busy shared
+machine both shrink together).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import json
+import math
+import os
+import platform
+import statistics
+import time
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxmem.config import RunConfig
+from jaxmem.data import Dataset, from_arrays, load_dataset
+from jaxmem.errors import JaxmemError
+from jaxmem.masks import make_masks
+
+
+@dataclasses.dataclass(frozen=True)
+class Workload:
+  """One benchmarked job: a dataset, a config, and how many models each kind of variant trains."""
+  name: str
+  description: str
+  config: RunConfig
+  dataset: Callable[[], Dataset]
+  engine_models: int
+  loop_models: int
+
+
+def _digits_images() -> Dataset:
+  ds = load_dataset("digits")
+  shape = lambda x: x.reshape((x.shape[0], 8, 8, 1))
+  return from_arrays("digits-8x8", shape(ds.x_train), ds.y_train, shape(ds.x_test), ds.y_test, ds.num_classes)
+
+
+def _random_images(name: str, num_train: int, num_test: int, shape: tuple[int, ...], seed: int = 0) -> Dataset:
+  """Random data of a real dataset's shape: timing does not depend on the pixel values."""
+  rng = np.random.default_rng(seed)
+  x = rng.integers(0, 256, (num_train + num_test,) + shape, dtype=np.uint8)
+  y = rng.integers(0, 10, num_train + num_test)
+  return from_arrays(name, x[:num_train], y[:num_train], x[num_train:], y[num_train:], num_classes=10)
+
+
+def workloads(quick: bool = False) -> dict[str, Workload]:
+  """The registered workloads; ``quick`` shrinks the CPU ones so that a full table takes < 2 min."""
+  digits_mlp = RunConfig()  # the default run: digits, MLP 64-256-256-10, batch 64, 30 epochs, r=0.7
+  digits_cnn = RunConfig(model="cnn", model_options={"channels": (16, 32)})
+  if quick:
+    digits_mlp = digits_mlp.replace(epochs=8)
+    digits_cnn = digits_cnn.replace(epochs=2)
+  return {
+      "digits-mlp": Workload(
+          "digits-mlp", "default run: digits, MLP 64-256-256-10, batch 64, 70% subsets",
+          digits_mlp, lambda: load_dataset("digits"), 32 if quick else 64, 2 if quick else 4),
+      "digits-cnn": Workload(
+          "digits-cnn", "digits as 8x8x1 images, CNN 16-16-pool-32-32-pool, batch 64, 70% subsets",
+          digits_cnn, _digits_images, 8 if quick else 16, 2 if quick else 4),
+      # The Feldman & Zhang MNIST protocol (2,000 models of 784-512-256-10, 10 epochs, 70% subsets)
+      # on MNIST-shaped random data: a GPU workload (hours on this CPU).
+      "mnist-protocol": Workload(
+          "mnist-protocol", "Feldman & Zhang MNIST protocol: MLP 784-512-256-10, 10 epochs, batch 128, 70%",
+          RunConfig(model="mlp", model_options={"hidden_sizes": (512, 256)}, epochs=10, batch_size=128,
+                    num_models=2000, chunk_size=500),
+          lambda: _random_images("mnist-shaped", 60000, 10000, (28, 28)), 500, 2),
+      # An airbench-class CIFAR-10 CNN (widths 64-256-256, augmentation) on CIFAR-shaped random data.
+      "cifar-cnn": Workload(
+          "cifar-cnn", "airbench-class CNN 64-256-256 on CIFAR-shaped data, 10 epochs, batch 512, flip+crop",
+          RunConfig(model="cnn", model_options={"channels": (64, 256, 256)}, epochs=10, batch_size=512,
+                    augment=True, learning_rate=2e-3, num_models=64, chunk_size=16),
+          lambda: _random_images("cifar-shaped", 50000, 10000, (32, 32, 3)), 16, 1),
+  }
+
+
+@dataclasses.dataclass
+class Row:
+  variant: str
+  models: int
+  seconds: list[float]             # steady-state timed repeats
+  first_call_seconds: float        # compilation (+ probe for auto) + one run
+  record_seconds: list[float] = dataclasses.field(default_factory=list)  # recording, inside seconds
+  note: str = ""
+
+  @property
+  def median(self) -> float:
+    return statistics.median(self.seconds)
+
+  @property
+  def models_per_second(self) -> float:
+    return self.models / self.median
+
+
+@dataclasses.dataclass
+class BenchResult:
+  workload: str
+  description: str
+  rows: list[Row]
+  skipped: dict[str, str]
+  peak_flops: float                # measured float32 matmul FLOP/s
+  model_flops: float               # training FLOPs of one model
+  environment: dict[str, Any]
+
+  def row(self, variant: str) -> Row | None:
+    return next((r for r in self.rows if r.variant == variant), None)
+
+  def utilization(self, row: Row) -> float:
+    return self.model_flops * row.models_per_second / self.peak_flops
+
+  def to_dict(self) -> dict[str, Any]:
+    return {"workload": self.workload, "description": self.description, "skipped": self.skipped,
+            "peak_gflops": self.peak_flops / 1e9, "model_gflops": self.model_flops / 1e9,
+            "environment": self.environment,
+            "rows": [{"variant": r.variant, "models": r.models, "median_seconds": r.median,
+                      "seconds": r.seconds, "first_call_seconds": r.first_call_seconds,
+                      "models_per_second": r.models_per_second, "utilization": self.utilization(r),
+                      "record_seconds": r.record_seconds, "note": r.note} for r in self.rows]}
+
+
+# ---------------------------------------------------------------------------------------------
+# Measurements.
+
+def measure_peak_flops(size: int = 2048, repeats: int = 5) -> float:
+  """float32 matmul FLOP/s of a ``size``x``size`` product (best of ``repeats``)."""
+  a = jax.random.normal(jax.random.PRNGKey(0), (size, size), jnp.float32)
+  matmul = jax.jit(lambda a, b: a @ b)
+  jax.block_until_ready(matmul(a, a))
+  times = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    jax.block_until_ready(matmul(a, a))
+    times.append(time.perf_counter() - start)
+  return 2.0 * size ** 3 / min(times)  # a peak: the best the machine did
+
+
+def training_flops_per_model(config: RunConfig, dataset: Dataset, subset_size: int) -> float:
+  """3x forward FLOPs per example (forward + backward, the usual model-FLOPs convention), from
+  XLA's cost analysis of one model's forward pass, times the examples one model sees."""
+  from jaxmem.models import build_model
+  model = build_model(config.model, dataset.num_classes, config.model_options)
+  batch = 32
+  x = jnp.zeros((batch,) + dataset.input_shape, jnp.float32)
+  params = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), x[:1]))["params"]
+  forward = jax.jit(lambda p, x: model.apply({"params": p}, x))
+  cost = forward.lower(params, jax.ShapeDtypeStruct(x.shape, x.dtype)).compile().cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  return 3.0 * float(cost["flops"]) / batch * config.epochs * subset_size
+
+
+def environment() -> dict[str, Any]:
+  env = {"date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "machine": platform.processor() or platform.machine(),
+         "cpu": _cpu_name(), "cores": os.cpu_count(), "python": platform.python_version(),
+         "jax": jax.__version__, "backend": jax.default_backend(),
+         "devices": [str(d.device_kind) for d in jax.devices()]}
+  try:
+    env["loadavg"] = Path("/proc/loadavg").read_text().split()[:3]
+  except OSError:
+    pass
+  import flax, optax
+  env["flax"], env["optax"] = flax.__version__, optax.__version__
+  if importlib.util.find_spec("torch") is not None:
+    import torch
+    env["torch"] = torch.__version__
+  return env
+
+
+def _cpu_name() -> str:
+  try:
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+      if line.startswith("model name"):
+        return line.split(":", 1)[1].strip()
+  except OSError:
+    pass
+  return platform.processor()
+
+
+# ---------------------------------------------------------------------------------------------
+# Variants. Each is ``prepare() -> run``, where ``run()`` trains its models once and returns
+# (seconds, recording seconds or None); prepare does nothing expensive.
+
+def _with_conv(config: RunConfig, conv: str) -> RunConfig:
+  if config.model != "cnn":
+    return config
+  return config.replace(model_options={**config.model_options, "conv": conv})
+
+
+class _EngineVariant:
+  """``strategy`` is a lifting strategy, optionally ``@conv`` to force the CNN's convolution
+  (``vmap@xla``: what vmapping ``nn.Conv`` gives, grouped convolutions)."""
+
+  def __init__(self, dataset: Dataset, config: RunConfig, keep_KxN: np.ndarray, strategy: str):
+    from jaxmem.engine import Engine
+    strategy, _, conv = strategy.partition("@")
+    if conv:
+      config = _with_conv(config, conv)
+    self.engine = Engine(dataset, config.replace(strategy=strategy), probe_cache=None)
+    self.keep = keep_KxN
+    self.ids = np.arange(keep_KxN.shape[0])
+
+  def __call__(self) -> tuple[float, float | None]:
+    start = time.perf_counter()
+    self.engine.train_chunk(self.ids, self.keep)
+    seconds = time.perf_counter() - start
+    # Recording = evaluating every model on every train and test example and copying the records
+    # to the host; timed again on its own with the same compiled program (train_chunk runs it too).
+    programs = [p for (name, _), p in self.engine._programs.items() if name == str(self.engine.strategy)]
+    start = time.perf_counter()
+    jax.device_get(programs[-1].evaluate(self.engine.last_state.params, self.engine.data))
+    return seconds, time.perf_counter() - start
+
+  @property
+  def note(self) -> str:
+    return f"auto chose {self.engine.strategy}" if self.engine.config.strategy == "auto" else ""
+
+
+class _JaxStepLoop:
+  """A user's loop: jitted step per batch, Python loops over models and epochs."""
+
+  def __init__(self, dataset: Dataset, config: RunConfig, keep_KxN: np.ndarray):
+    import optax
+    from jaxmem.engine.step import make_optimizer, margin_and_correct, steps_per_epoch
+    from jaxmem.engine.trainer import model_keys, standardize
+    from jaxmem.models import build_model
+    self.config, self.keep = config, keep_KxN
+    config = _with_conv(config, "xla")  # a user's model: plain nn.Conv
+    model = build_model(config.model, dataset.num_classes, config.model_options)
+    x_train, x_test = standardize(dataset)
+    self.data = jax.device_put((x_train, dataset.y_train.astype(np.int32), x_test, dataset.y_test.astype(np.int32)))
+    self.num_steps = steps_per_epoch(int(keep_KxN.sum(1).max()), config.batch_size)
+    tx = make_optimizer(optimizer=config.optimizer, learning_rate=config.learning_rate, schedule=config.schedule,
+                        total_steps=config.epochs * self.num_steps, momentum=config.momentum,
+                        weight_decay=config.weight_decay)
+    self.keys = model_keys(config.seed, range(keep_KxN.shape[0]))
+
+    @jax.jit
+    def init(key, x):
+      params = model.init(key, x[:1])["params"]
+      return params, tx.init(params)
+
+    def loss_fn(params, x, y):
+      return optax.softmax_cross_entropy_with_integer_labels(model.apply({"params": params}, x), y).mean()
+
+    @jax.jit
+    def step(params, opt_state, index_B, x_train, y_train):
+      loss, grads = jax.value_and_grad(loss_fn)(params, x_train[index_B], y_train[index_B])
+      updates, opt_state = tx.update(grads, opt_state, params)
+      return optax.apply_updates(params, updates), opt_state, loss
+
+    @jax.jit
+    def evaluate(params, x_train, y_train, x_test, y_test):
+      out = []
+      for x, y in ((x_train, y_train), (x_test, y_test)):
+        out.extend(margin_and_correct(model.apply({"params": params}, x), y))
+      return out
+
+    self._init, self._step, self._evaluate = init, step, evaluate
+
+  def __call__(self) -> tuple[float, float]:
+    x_train, y_train, x_test, y_test = self.data
+    batch = self.config.batch_size
+    record_seconds = 0.0
+    start = time.perf_counter()
+    for k, row in enumerate(self.keep):
+      members = np.flatnonzero(row)
+      rng = np.random.default_rng([self.config.seed, k])
+      params, opt_state = self._init(self.keys[k], x_train)
+      for _ in range(self.config.epochs):
+        order = rng.permutation(members).astype(np.int32)
+        for s in range(0, order.size, batch):  # a partial last batch: one extra compiled shape
+          params, opt_state, loss = self._step(params, opt_state, order[s: s + batch], x_train, y_train)
+      record_start = time.perf_counter()
+      jax.device_get(self._evaluate(params, x_train, y_train, x_test, y_test))
+      record_seconds += time.perf_counter() - record_start
+    return time.perf_counter() - start, record_seconds
+
+
+class _TorchLoop:
+  """The same model in PyTorch, trained per model with the same batches, optimizer and schedule."""
+
+  def __init__(self, dataset: Dataset, config: RunConfig, keep_KxN: np.ndarray, threads: int = 1):
+    import torch
+    from jaxmem.engine.step import steps_per_epoch
+    from jaxmem.engine.trainer import standardize
+    self.torch, self.config, self.keep, self.threads = torch, config, keep_KxN, threads
+    self.note = f"{threads} torch thread(s)"
+    x_train, x_test = standardize(dataset)
+    if dataset.is_image:  # torch convolutions want channels first
+      x_train, x_test = x_train.transpose(0, 3, 1, 2).copy(), x_test.transpose(0, 3, 1, 2).copy()
+    self.x_train, self.x_test = torch.from_numpy(x_train), torch.from_numpy(x_test)
+    self.y_train = torch.from_numpy(dataset.y_train.astype(np.int64))
+    self.y_test = torch.from_numpy(dataset.y_test.astype(np.int64))
+    self.num_classes = dataset.num_classes
+    self.total_steps = config.epochs * steps_per_epoch(int(keep_KxN.sum(1).max()), config.batch_size)
+    if config.optimizer != "adam" or config.augment:
+      raise JaxmemError("the PyTorch baseline implements adam without augmentation only")
+
+  def _model(self):
+    nn = self.torch.nn
+    options = self.config.model_options
+    if self.config.model == "mlp":
+      layers, width = [nn.Flatten()], int(np.prod(self.x_train.shape[1:]))
+      for h in options.get("hidden_sizes", (256, 256)):
+        layers += [nn.Linear(width, h), nn.ReLU()]
+        width = h
+      return nn.Sequential(*layers, nn.Linear(width, self.num_classes))
+    if self.config.model == "cnn":
+      layers, channels, size = [], self.x_train.shape[1], min(self.x_train.shape[2:])
+      for width in options.get("channels", (16, 32)):
+        layers += [nn.Conv2d(channels, width, 3, padding=1), nn.ReLU(), nn.Conv2d(width, width, 3, padding=1), nn.ReLU()]
+        if size > 1:
+          layers.append(nn.MaxPool2d(2))
+          size //= 2
+        channels = width
+      return nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(channels, self.num_classes))
+    raise JaxmemError(f"no PyTorch baseline for model {self.config.model!r}")
+
+  def __call__(self) -> tuple[float, float]:
+    torch, cfg = self.torch, self.config
+    threads = torch.get_num_threads()
+    # One thread by default: for these small layers intra-op threads only add synchronization, and
+    # on a loaded 2-core machine two spinning threads ran 30-50x slower than one (measured).
+    torch.set_num_threads(self.threads)
+    try:
+      return self._train_all()
+    finally:
+      torch.set_num_threads(threads)
+
+  def _train_all(self) -> tuple[float, float]:
+    torch, cfg = self.torch, self.config
+    record_seconds = 0.0
+    start = time.perf_counter()
+    for k, row in enumerate(self.keep):
+      torch.manual_seed(cfg.seed * 100003 + k)
+      members = torch.from_numpy(np.flatnonzero(row))
+      model = self._model()
+      opt = torch.optim.Adam(model.parameters(), lr=cfg.learning_rate)
+      schedule = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=self.total_steps)
+      for _ in range(cfg.epochs):
+        order = members[torch.randperm(members.numel())]
+        for s in range(0, order.numel(), cfg.batch_size):
+          index = order[s: s + cfg.batch_size]
+          loss = torch.nn.functional.cross_entropy(model(self.x_train[index]), self.y_train[index])
+          opt.zero_grad(set_to_none=True)
+          loss.backward()
+          opt.step()
+          schedule.step()
+      record_start = time.perf_counter()
+      with torch.no_grad():
+        for x, y in ((self.x_train, self.y_train), (self.x_test, self.y_test)):
+          logits = model(x)
+          label = logits.gather(1, y[:, None])[:, 0]
+          others = logits.scatter(1, y[:, None], float("-inf"))
+          (label - torch.logsumexp(others, 1)).numpy(), (logits.argmax(1) == y).numpy()
+      record_seconds += time.perf_counter() - record_start
+    return time.perf_counter() - start, record_seconds
+
+
+def torch_available() -> bool:
+  return importlib.util.find_spec("torch") is not None
+
+
+# ---------------------------------------------------------------------------------------------
+# The harness.
+
+def default_strategies(engine_models: int, config: RunConfig, quick: bool = False) -> list[str]:
+  """auto's candidates, auto itself, and for the CNN (not in quick mode: they are the slow ones)
+  vmap and map of plain ``nn.Conv``, to show what the convolution formulation buys."""
+  from jaxmem.engine.lift import candidate_strategies
+  names = [str(s) for s in candidate_strategies(engine_models)] + ["auto"]
+  if config.model == "cnn" and not quick:
+    names += ["vmap@xla", "map@xla"]
+  return names
+
+
+def bench(workload: Workload | str = "digits-mlp", *, quick: bool = False, repeats: int = 3,
+          strategies: Sequence[str] | None = None, baselines: Sequence[str] = ("jax-step-loop", "jax-model-loop", "torch-loop"),
+          engine_models: int | None = None, loop_models: int | None = None, epochs: int | None = None,
+          peak_size: int = 2048, torch_threads: int = 1, log: Callable[[str], None] | None = None) -> BenchResult:
+  """Train ``workload``'s models with each engine strategy and each baseline, interleaved over
+  ``repeats``, and return the timings (see the module docstring for what each variant is)."""
+  log = log or (lambda message: None)
+  if isinstance(workload, str):
+    known = workloads(quick)
+    if workload not in known:
+      raise JaxmemError(f"unknown workload {workload!r}; choose one of: {', '.join(known)}")
+    workload = known[workload]
+  if repeats < 1:
+    raise JaxmemError(f"repeats must be >= 1, got {repeats}")
+  config = workload.config if epochs is None else workload.config.replace(epochs=epochs)
+  engine_models = engine_models or workload.engine_models
+  loop_models = min(loop_models or workload.loop_models, engine_models)
+  unknown = sorted(set(baselines) - {"jax-step-loop", "jax-model-loop", "torch-loop"})
+  if unknown:
+    raise JaxmemError(f"unknown baseline(s) {', '.join(unknown)}; choose from: jax-step-loop, jax-model-loop, torch-loop")
+  dataset = workload.dataset()
+  keep, _ = make_masks(config.mask_design, max(engine_models, 2), dataset.num_train, config.subset_ratios, seed=config.seed)
+  keep = keep[:engine_models]
+
+  variants: dict[str, Any] = {}
+  models: dict[str, int] = {}
+  skipped: dict[str, str] = {}
+  for strategy in strategies or default_strategies(engine_models, config, quick):
+    variants[f"engine:{strategy}"], models[f"engine:{strategy}"] = (
+        _EngineVariant(dataset, config, keep, strategy), engine_models)
+  for name in baselines:
+    if name == "torch-loop" and not torch_available():
+      skipped[name] = "PyTorch is not installed (pip install 'jaxmem[torch]')"
+      continue
+    try:
+      if name == "jax-step-loop":
+        variants[name] = _JaxStepLoop(dataset, config, keep[:loop_models])
+      elif name == "jax-model-loop":
+        variants[name] = _EngineVariant(dataset, config, keep[:loop_models], "loop")
+      else:
+        variants[name] = _TorchLoop(dataset, config, keep[:loop_models], torch_threads)
+      models[name] = loop_models
+    except JaxmemError as e:
+      skipped[name] = str(e)
+  for name, why in skipped.items():
+    log(f"skipping {name}: {why}")
+
+  log(f"measuring the float32 matmul peak ({peak_size}x{peak_size})")
+  peaks = [measure_peak_flops(peak_size)]
+  rows = {name: Row(name, models[name], [], 0.0) for name in variants}
+  for name, run in variants.items():  # first calls: compilation (+ auto's probe), not in medians
+    start = time.perf_counter()
+    run()
+    rows[name].first_call_seconds = time.perf_counter() - start
+    log(f"  {name}: first call {rows[name].first_call_seconds:.1f} s")
+  for r in range(repeats):
+    for name, run in variants.items():
+      seconds, record = run()
+      rows[name].seconds.append(seconds)
+      if record is not None:
+        rows[name].record_seconds.append(record)
+      log(f"  repeat {r + 1}/{repeats} {name}: {seconds:.2f} s ({models[name] / seconds:.2f} models/s)")
+    peaks.append(measure_peak_flops(peak_size))  # the peak is interleaved too
+  for name, run in variants.items():
+    rows[name].note = getattr(run, "note", "")
+  subset_size = int(keep.sum(1).max())
+  return BenchResult(workload.name, workload.description, list(rows.values()), skipped,
+                     max(peaks), training_flops_per_model(config, dataset, subset_size),
+                     {**environment(), "epochs": config.epochs, "batch_size": config.batch_size,
+                      "repeats": repeats})
+
+
+def format_table(result: BenchResult) -> str:
+  """A plain-text table: models/s, ratios to the baselines, utilization, recording share."""
+  loops = [r for r in result.rows if not r.variant.startswith("engine:")]
+  vmap = result.row("engine:vmap")
+  best_loop_vmap = max([r.models_per_second for r in loops + ([vmap] if vmap else [])], default=float("nan"))
+  baseline_names = [r.variant for r in loops]
+  head = ["variant", "models", "median s", "models/s", "models/h", "first call s", "util"] + \
+         [f"x {n}" for n in baseline_names] + ["x best(loop,vmap)", "recording", "note"]
+  lines = []
+  for r in result.rows:
+    ratios = [f"{r.models_per_second / b.models_per_second:.2f}" for b in loops]
+    record = (f"{statistics.median(r.record_seconds) / r.median * 100:.1f}%" if r.record_seconds else "")
+    lines.append([r.variant, str(r.models), f"{r.median:.2f}", f"{r.models_per_second:.2f}",
+                  f"{r.models_per_second * 3600:.0f}", f"{r.first_call_seconds:.1f}",
+                  f"{result.utilization(r) * 100:.1f}%"] + ratios +
+                 [f"{r.models_per_second / best_loop_vmap:.2f}", record, r.note])
+  widths = [max(len(h), *(len(l[i]) for l in lines)) for i, h in enumerate(head)]
+  fmt = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths)).rstrip()
+  env = result.environment
+  out = [f"workload {result.workload}: {result.description}; {env['epochs']} epochs, "
+         f"medians of {env['repeats']} interleaved repeats",
+         f"{env['cpu']} ({env['cores']} cores, {env['backend']}), jax {env['jax']}"
+         + (f", torch {env['torch']}" if "torch" in env else "") + (f", load {' '.join(env['loadavg'])}" if "loadavg" in env else ""),
+         f"measured float32 matmul peak {result.peak_flops / 1e9:.1f} GFLOP/s; one model = {result.model_flops / 1e9:.2f} GFLOP "
+         "(3x forward, examples seen); util = model FLOP/s / peak; recording = evaluating every model on every example, share of the timed run",
+         fmt(head), fmt(["-" * w for w in widths])]
+  out += [fmt(l) for l in lines]
+  out += [f"skipped {name}: {why}" for name, why in result.skipped.items()]
+  return "\n".join(out)
+
+
+def write_results(results: Sequence[BenchResult], path: str | os.PathLike) -> None:
+  """Tables as text and the raw numbers as JSON beside them (``path`` and ``path.json``)."""
+  path = Path(path)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  path.write_text("\n\n".join(format_table(r) for r in results) + "\n")
+  path.with_suffix(path.suffix + ".json").write_text(json.dumps([r.to_dict() for r in results], indent=1))
+
+
+def run_benchmarks(names: Sequence[str] = ("digits-mlp", "digits-cnn"), *, quick: bool = False,
+                   out: str | os.PathLike | None = None, log: Callable[[str], None] | None = None,
+                   **options) -> list[BenchResult]:
+  """:func:`bench` for each named workload (what ``jaxmem bench`` calls); prints nothing itself,
+  writes the tables and JSON to ``out`` when given."""
+  known = workloads(quick)
+  unknown = [n for n in names if n not in known]
+  if unknown:
+    raise JaxmemError(f"unknown workload(s) {', '.join(unknown)}; choose from: {', '.join(known)}")
+  results = []
+  for name in names:
+    if log:
+      log(f"benchmarking {name}: {known[name].description}")
+    results.append(bench(known[name], quick=quick, log=log, **options))
+  if out is not None:
+    write_results(results, out)
+  return results
