@@ -154,7 +154,9 @@ class RunDir:
         run.clear()
       else:
         manifest = {**manifest, "created": existing.get("created", manifest.get("created"))}
-    elif run.path.is_dir() and any(run.path.iterdir()) and not overwrite:
+    elif run.path.is_dir() and not overwrite and any(
+        # A job-array shard starting at the same moment may have made only these so far.
+        not (p.name in (CHUNKS, EVENTS) or p.name.startswith(f".{MANIFEST}.tmp-")) for p in run.path.iterdir()):
       raise JaxmemError(f"output directory {str(run.path)!r} is not empty and is not a jaxmem run; "
                         "choose an empty or new directory")
     try:
@@ -250,6 +252,10 @@ class RunDir:
     design = self.read_design()
     chunks = [self.read_chunk(c) for c in self.completed_chunks()]
     if not chunks and not allow_empty:
+      corrupt = [c for c in range(len(self.chunk_plan())) if self.chunk_status(c) == "corrupt"]
+      if corrupt:
+        raise JaxmemError(f"chunk {corrupt[0]} of {str(self.path)!r} failed its checksum (tampered or truncated) "
+                          "and no other chunk is complete; rerun `jaxmem run` to train it again")
       raise JaxmemError(f"run directory {str(self.path)!r} has no finished chunk yet")
     per_model: dict[str, list[np.ndarray]] = {}
     for chunk in chunks:
@@ -362,6 +368,7 @@ class ChunkCheckpoint:
     import orbax.checkpoint as ocp
     from etils import epath
     self.path = run_dir.path / CHECKPOINTS / f"chunk_{index:05d}"
+    self.run_dir = run_dir
     self.index, self.every_epochs, self.log = index, every_epochs, log or (lambda message: None)
     self.last_saved = 0
     options = ocp.CheckpointManagerOptions(max_to_keep=1, enable_async_checkpointing=True, create=False,
@@ -404,6 +411,7 @@ class ChunkCheckpoint:
     except Exception as e:  # orbax/tensorstore raise many types for a full or unwritable disk
       raise _storage_error(f"checkpoint {self.path}", e) from e
     self.last_saved = epochs_done
+    append_event(self.run_dir, event="checkpoint", chunk=self.index, epoch=epochs_done, waited=wait)
 
   def restore(self, state_like: Any) -> tuple[int, Any, dict[str, Any]] | None:
     """The latest checkpoint as ``(epochs_done, state, history)``, with ``state`` restored to the

@@ -101,6 +101,7 @@ def test_truncated_chunk_is_detected_and_redone(tiny_run, tiny_config, tmp_path)
   _assert_bitwise_equal(_arrays(out), _arrays(tiny_run.run_dir))  # retrained bit for bit
 
 
+@pytest.mark.slow
 def test_kept_params_restore_one_model(tiny_config, tmp_path):
   """--keep-params N keeps the first N models' final parameters; each loads alone and equals the
   parameters the engine ended with."""
@@ -194,11 +195,11 @@ def test_sigkill_at_random_moments_then_resume_equals_uninterrupted(tmp_path):
   complete_at_kill: list[set[int]] = []
   for attempt in range(4):
     process = _start(out)
-    # Let it get somewhere (a chunk started or a checkpoint due), then kill at a random moment.
-    n_starts = sum(e["event"] == "chunk_start" for e in read_events(out))
-    _wait_for_event(out, lambda e, n=n_starts: e["event"] == "chunk_start" and
-                    sum(x["event"] == "chunk_start" for x in read_events(out)) > n, process)
-    time.sleep(rng.uniform(0.0, 3.0))
+    # Let it get somewhere (1-3 more chunk starts, checkpoints or chunk ends), then kill it at a
+    # random moment: during training, an asynchronous save, or writing records.
+    target = len(read_events(out)) + rng.randint(1, 3)
+    _wait_for_event(out, lambda e: len(read_events(out)) >= target, process)
+    time.sleep(rng.uniform(0.0, 1.0))
     process.send_signal(signal.SIGKILL)
     process.wait()
     run = RunDir.open(out)
@@ -215,9 +216,11 @@ def test_sigkill_at_random_moments_then_resume_equals_uninterrupted(tmp_path):
   for kill, complete in enumerate(complete_at_kill):
     later = {e["chunk"] for e in events if e["event"] == "chunk_start" and e["pid"] in pids[kill + 1:]}
     assert not (later & complete), (kill, complete, later)
-  # Each chunk finished exactly once, and at least one chunk resumed mid-way from a checkpoint.
-  done = [e for e in events if e["event"] == "chunk_done"]
-  assert sorted(e["chunk"] for e in done) == [0, 1, 2]
+  # No chunk finished twice (a kill between writing a chunk and logging it may drop its event),
+  # every chunk is complete, and at least one chunk resumed mid-way from a checkpoint.
+  done = [e["chunk"] for e in events if e["event"] == "chunk_done"]
+  assert len(done) == len(set(done))
+  assert RunDir.open(out).completed_chunks() == [0, 1, 2]
   assert any(e["from_epoch"] > 0 for e in events if e["event"] == "chunk_start") or len(complete_at_kill) == 1
 
 
