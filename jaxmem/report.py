@@ -179,14 +179,19 @@ def _fmt(value, digits: int = 3) -> str:
   if isinstance(value, (int, np.integer)):
     return str(int(value))
   if isinstance(value, (float, np.floating)):
-    return "" if math.isnan(value) else f"{value:.{digits}g}" if abs(value) >= 1000 else f"{value:.{digits}f}"
+    if math.isnan(value):
+      return ""
+    if value == int(value) and abs(value) >= 1:  # indices and counts read back as floats
+      return str(int(value))
+    return f"{value:.{digits}f}" if abs(value) < 1000 else f"{value:.0f}"
   return str(value)
 
 
-def _table(header: Sequence[str], rows: Sequence[Sequence[Any]], cls: str = "") -> str:
-  head = "".join(f"<th>{html.escape(str(h))}</th>" for h in header)
+def _table(header: Sequence[str] | None, rows: Sequence[Sequence[Any]], cls: str = "") -> str:
+  head = "".join(f"<th>{html.escape(str(h))}</th>" for h in header or ())
+  head = f"<thead><tr>{head}</tr></thead>" if header else ""
   body = "".join("<tr>" + "".join(f"<td>{html.escape(_fmt(v))}</td>" for v in row) + "</tr>" for row in rows)
-  return f'<table class="{cls}"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>'
+  return f'<table class="{cls}">{head}<tbody>{body}</tbody></table>'
 
 
 def _show_image(ax, x: np.ndarray) -> None:
@@ -239,7 +244,7 @@ def _facts_section(ctx: _Context, note: str) -> _Section:
     rows.append(("accuracy (mean over models)", f"own subset {acc['train_subset']:.3f}, held-out training examples "
                                                 f"{acc['train_held_out']:.3f}, test {acc['test']:.3f}"))
   if "seconds" in s:
-    rows.append(("time of the last run/scores call", f"{s['seconds']:.1f} s"))
+    rows.append(("time (last jaxmem run of this directory)", f"{s['seconds']:.1f} s"))
   if "strategy" in m:
     rows.append(("engine", f"strategy {m['strategy']} on {', '.join(m.get('devices', []))}"))
   if "memorization_median_se" in s:
@@ -252,7 +257,7 @@ def _facts_section(ctx: _Context, note: str) -> _Section:
   rows.append(("created", m.get("created", "")))
   if note:
     rows.append(("images", note))
-  body = _table(("", ""), rows, "facts")
+  body = _table(None, rows, "facts")
   return _Section("facts", "Run", body)
 
 
@@ -263,7 +268,8 @@ def _memorization_section(ctx: _Context) -> _Section | None:
   labels = ctx.scores["label"]
   noisy = ctx.scores.get("noisy", np.zeros_like(labels)).astype(bool)
   finite = np.isfinite(mem)
-  bins = np.linspace(min(-0.2, np.nanmin(mem)), 1.0, 31)
+  low = min(0.0, math.floor(float(np.nanmin(mem)) * 10) / 10)  # memorization can be negative
+  bins = np.linspace(low, 1.0, int(round((1.0 - low) * 30)) + 1)
 
   fig = _figure(7, 3.2)
   ax = fig.add_subplot()
@@ -357,7 +363,9 @@ def _gallery_section(ctx: _Context) -> _Section | None:
     if most_clean:
       body += _gallery(ctx, np.asarray(most_clean), "memorization",
                        f"{len(most_clean)} most memorized training examples with clean labels", "gallery_most_clean.png")
-    body += _gallery(ctx, least, "memorization", f"{k} least memorized training examples", "gallery_least.png")
+    ties = int(np.sum(mem == np.nanmin(mem)))
+    tie_note = f" ({ties} tie at the minimum {np.nanmin(mem):.2f}; the first by index)" if ties > k else ""
+    body += _gallery(ctx, least, "memorization", f"{k} least memorized training examples{tie_note}", "gallery_least.png")
   else:
     s = ctx.scores
     header = ("index", "label", "clean label", "flipped", "memorization", "standard error")
@@ -428,7 +436,7 @@ def _cscore_section(ctx: _Context) -> _Section | None:
   body = ("<p>C-score C<sub>i</sub> = E<sub>n</sub> P[f<sub>S</sub>(x<sub>i</sub>) = y<sub>i</sub>], the "
           "expected accuracy on i of models trained on random subsets S without i (Jiang et al. 2021), "
           "per subset ratio and averaged over ratios.</p>")
-  if ratio_columns:
+  if len(ratio_columns) > 1:  # with one ratio the C-score histogram below shows the same
     fig = _figure(max(5, 0.8 * len(ratio_columns) + 2), 3.2)
     ax = fig.add_subplot()
     data = [ctx.scores[c][np.isfinite(ctx.scores[c])] for _, c in ratio_columns]
