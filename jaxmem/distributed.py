@@ -5,9 +5,12 @@ the environment mapping and the explicit flags as arguments and returns a :class
 None for a single process); the CLI passes ``os.environ`` and calls :func:`initialize`.
 
 After initialization ``jax.devices()`` lists the devices of every process, so the engine's ``Mesh``
-spans all hosts and the model axis of a chunk is sharded over all of them; orbax checkpoints are
-written collectively (each process writes the shards it holds) and the chunk records, gathered
-to every process, are written by process 0 only.
+spans all hosts and the model axis of a chunk is sharded over all of them, and orbax checkpoints
+are written collectively (each process writes the shards it holds). NOT done yet (no multi-host
+machine to test on): gathering the chunk records to the host (``process_allgather`` for arrays
+that are not fully addressable) and letting only process 0 (:func:`is_primary`) write the records,
+manifest and scores. Until then, multi-host runs are experimental; job arrays are the supported way
+to use many machines.
 
 Job arrays are a different thing: independent single-process jobs that share a run directory and
 split its chunks with ``--shard i/k`` (see ``experiments/slurm_array.sh``); they need no

@@ -53,6 +53,15 @@ def _listing(path: Path) -> list[str]:
   return sorted(str(p.relative_to(path)) for p in path.rglob("*"))
 
 
+def _main(capsys, *args):
+  """``jaxmem.cli.main`` in-process (the console script's function), as a finished process."""
+  from types import SimpleNamespace
+  from jaxmem.cli import main
+  code = main(list(args))
+  captured = capsys.readouterr()
+  return SimpleNamespace(returncode=code, stderr=captured.err, stdout=captured.out)
+
+
 def _assert_one_line_error(result, needle, code=2):
   assert result.returncode == code, (result.returncode, result.stderr)
   assert "Traceback" not in result.stderr
@@ -89,21 +98,33 @@ INPUT_CASES = [
 
 
 @pytest.mark.parametrize("name,make_args,needle", INPUT_CASES, ids=[c[0] for c in INPUT_CASES])
-def test_bad_input_is_one_line_and_writes_nothing(name, make_args, needle, tmp_path):
+def test_bad_input_is_one_line_and_writes_nothing(name, make_args, needle, tmp_path, capsys):
+  """In-process through ``jaxmem.cli.main`` (the console script's function: same parsing, exit
+  code and stderr, without a process start per case; the subprocess path is tested below)."""
+  from types import SimpleNamespace
+  from jaxmem.cli import main
   out = tmp_path / "out"
   if make_args is None:
-    result = jaxmem_cli("scores", str(out), "--estimators", "foo")
+    code = main(["scores", str(out), "--estimators", "foo"])
   else:
-    result = jaxmem_cli("run", "--out", str(out), *TINY, *make_args(tmp_path))
-  _assert_one_line_error(result, needle)
+    code = main(["run", "--out", str(out), *TINY, *make_args(tmp_path)])
+  captured = capsys.readouterr()
+  _assert_one_line_error(SimpleNamespace(returncode=code, stderr=captured.err), needle)
+  assert captured.out == ""
   assert not out.exists()
 
 
-def test_output_path_is_unwritable(tmp_path):
+def test_bad_input_through_the_console_script(tmp_path):
+  result = jaxmem_cli("run", "--out", str(tmp_path / "out"), *TINY, "--subset-ratio", "1")
+  _assert_one_line_error(result, "subset ratio must be in (0, 1), got 1.0")
+  assert not (tmp_path / "out").exists()
+
+
+def test_output_path_is_unwritable(tmp_path, capsys):
   (tmp_path / "file").write_text("x")
-  result = jaxmem_cli("run", "--out", str(tmp_path / "file" / "sub"), *TINY)
+  result = _main(capsys, "run", "--out", str(tmp_path / "file" / "sub"), *TINY)
   _assert_one_line_error(result, f"cannot create run directory '{tmp_path / 'file' / 'sub'}': Not a directory")
-  result = jaxmem_cli("run", "--out", "/sys/jaxmem-test-run", *TINY)  # unwritable even for root
+  result = _main(capsys, "run", "--out", "/sys/jaxmem-test-run", *TINY)  # unwritable even for root
   _assert_one_line_error(result, "cannot create run directory '/sys/jaxmem-test-run'")
 
 
@@ -112,26 +133,26 @@ def test_debug_shows_the_traceback(tmp_path):
   assert result.returncode != 0 and "Traceback" in result.stderr and "JaxmemError" in result.stderr
 
 
-def test_run_dir_with_another_config_is_refused_unless_overwrite(finished_run, tmp_path):
+def test_run_dir_with_another_config_is_refused_unless_overwrite(finished_run, tmp_path, capsys):
   out = tmp_path / "run"
   shutil.copytree(finished_run, out)
   before = {p: p.stat().st_mtime_ns for p in out.rglob("*")}
-  result = jaxmem_cli("run", "--out", str(out), *TINY, "--epochs", "2")
+  result = _main(capsys, "run", "--out", str(out), *TINY, "--epochs", "2")
   _assert_one_line_error(result, "holds a run with another config (epochs: 1 there, 2 now); use another --out "
                                  "or pass --overwrite to replace it")
   assert {p: p.stat().st_mtime_ns for p in out.rglob("*")} == before  # untouched
 
 
-def test_invalid_manifest(finished_run, tmp_path):
+def test_invalid_manifest(finished_run, tmp_path, capsys):
   out = tmp_path / "run"
   shutil.copytree(finished_run, out)
   (out / "manifest.json").write_text("{\"format\": \"jaxmem-run\", ")
   for command in (["scores", str(out)], ["export", str(out), str(tmp_path / "e.npz")], ["merge", str(out)]):
-    _assert_one_line_error(jaxmem_cli(*command), "is not valid JSON")
+    _assert_one_line_error(_main(capsys, *command), "is not valid JSON")
   assert not (tmp_path / "e.npz").exists()
 
 
-def test_tampered_records_file(finished_run, tmp_path):
+def test_tampered_records_file(finished_run, tmp_path, capsys):
   """A flipped byte in a chunk file: `scores` leaves that chunk out and says so when nothing else
   is left; `run` trains it again (tests/test_resume.py)."""
   out = tmp_path / "run"
@@ -141,7 +162,7 @@ def test_tampered_records_file(finished_run, tmp_path):
     data = bytearray(run.chunk_path(c).read_bytes())
     data[len(data) // 2] ^= 0x01
     run.chunk_path(c).write_bytes(bytes(data))
-  _assert_one_line_error(jaxmem_cli("scores", str(out)),
+  _assert_one_line_error(_main(capsys, "scores", str(out)),
                          "chunk 0 of '" + str(out) + "' failed its checksum (tampered or truncated)")
 
 

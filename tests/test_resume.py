@@ -86,6 +86,7 @@ def test_damaged_checkpoint_is_reported_and_chunk_retrained(tiny_run, tiny_confi
   _assert_bitwise_equal(_arrays(out), _arrays(tiny_run.run_dir))
 
 
+@pytest.mark.slow  # the same checksum path as tests/test_store.py's flipped byte
 def test_truncated_chunk_is_detected_and_redone(tiny_run, tiny_config, tmp_path):
   import shutil
   out = tmp_path / "run"
