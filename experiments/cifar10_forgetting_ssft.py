@@ -1,9 +1,7 @@
 """Forgetting events, first-learned epoch and EL2N/GraNd on CIFAR-10, then SSFT's two-phase study.
 
 Run:   jaxmem run --config experiments/cifar10_forgetting_ssft.py --data-dir /data/tfds --out runs/c10-dynamics
-       python -c "import sys; sys.path.insert(0, 'experiments'); import cifar10_forgetting_ssft as e; \
-from jaxmem.studies.ssft import ssft_study; \
-print('\n'.join(ssft_study(e.get_config().replace(data_dir='/data/tfds'), 'runs/c10-ssft', num_models=8, run_dir='runs/c10-dynamics').lines))"
+       jaxmem study ssft --config experiments/cifar10_forgetting_ssft.py --data-dir /data/tfds --num-models 8 --run runs/c10-dynamics
        jaxmem report runs/c10-dynamics
 Data:  TFDS ``cifar10`` prepared offline in ``--data-dir`` (README, "Datasets from TFDS (offline)").
 Cost:  estimated, not measured: 64 models x 30 epochs x 35,000 examples of the small CNN is ~15
