@@ -295,11 +295,16 @@ def unpack_bit_records(arrays: dict[str, np.ndarray], *, num_examples: int) -> d
 
 def identity_differences(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
   """Human-readable differences between two manifests' result-determining parts."""
+  from jaxmem.config import RunConfig
+  # A field that a manifest lacks was added to jaxmem after that run was made: the run used the
+  # field's default, so a missing field equals the default (old run directories stay resumable).
+  defaults = RunConfig().identity()
   out = []
   config_a, config_b = a.get("identity", {}), b.get("identity", {})
   for key in sorted(set(config_a) | set(config_b)):
-    if config_a.get(key) != config_b.get(key):
-      out.append(f"{key}: {config_a.get(key)!r} there, {config_b.get(key)!r} now")
+    value_a, value_b = config_a.get(key, defaults.get(key)), config_b.get(key, defaults.get(key))
+    if value_a != value_b:
+      out.append(f"{key}: {value_a!r} there, {value_b!r} now")
   fa, fb = a.get("dataset", {}).get("fingerprint"), b.get("dataset", {}).get("fingerprint")
   if fa != fb:
     out.append("dataset content differs (fingerprint)")

@@ -102,3 +102,18 @@ def test_scores_csv_contract(tiny_run):
   np.testing.assert_allclose(scores["memorization"], direct.estimate, atol=1e-5, equal_nan=True)
   summary = json.loads((tiny_run.run_dir / "summary.json").read_text())
   assert summary["models"]["finished"] == 8
+
+
+def test_manifest_from_before_a_new_field_still_resumes(tiny_run, tiny_config, tmp_path):
+  """A config field added to jaxmem later takes its default for runs made before it existed."""
+  run = _copy_run(tiny_run.run_dir, tmp_path / "run")
+  manifest = run.manifest()
+  field = next(k for k in manifest["identity"] if k not in ("dataset", "num_models", "epochs"))
+  del manifest["identity"][field]
+  run.manifest_path.write_text(json.dumps(manifest))
+  again = jaxmem.run(tiny_config, run.path, progress=False, log=lambda m: None)
+  assert again.trained_chunks == []
+  manifest["identity"]["epochs"] = 99  # a real difference is still refused
+  run.manifest_path.write_text(json.dumps(manifest))
+  with pytest.raises(JaxmemError, match="epochs: 99 there"):
+    jaxmem.run(tiny_config, run.path, progress=False, log=lambda m: None)

@@ -91,15 +91,14 @@ def cscore(keep_MxN: np.ndarray, correct_MxN: np.ndarray, ratio_M: np.ndarray) -
 
 def learning_speed(keep_MxN: np.ndarray, correct_epochs_MxExN: np.ndarray) -> np.ndarray:
   """Jiang et al.'s learning-speed proxy: mean over epochs and over models that train on i of
-  their correctness on i; NaN where no model trains on i."""
+  their correctness on i; NaN where no model trains on i. This is the same quantity as the
+  dynamics estimator's ``cumulative_accuracy`` (one implementation serves both names)."""
+  from jaxmem.scores.dynamics import masked_mean
   keep_MxN = np.asarray(keep_MxN, bool)
   correct = np.asarray(correct_epochs_MxExN, bool)
   if correct.ndim != 3 or correct.shape[0] != keep_MxN.shape[0] or correct.shape[2] != keep_MxN.shape[1]:
     raise ValueError(f"train_correct_epochs {correct.shape} must be (M, E, N) for keep {keep_MxN.shape}")
-  per_model_MxN = correct.mean(axis=1)
-  n_in = keep_MxN.sum(axis=0)
-  total = (per_model_MxN * keep_MxN).sum(axis=0)
-  return np.where(n_in > 0, total / np.maximum(n_in, 1), np.nan)
+  return masked_mean(correct.mean(axis=1), keep_MxN).mean
 
 
 def spearman(a: np.ndarray, b: np.ndarray) -> float:
