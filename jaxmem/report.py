@@ -181,8 +181,6 @@ def _fmt(value, digits: int = 3) -> str:
   if isinstance(value, (float, np.floating)):
     if math.isnan(value):
       return ""
-    if value == int(value) and abs(value) >= 1:  # indices and counts read back as floats
-      return str(int(value))
     return f"{value:.{digits}f}" if abs(value) < 1000 else f"{value:.0f}"
   return str(value)
 
@@ -388,7 +386,7 @@ def _influence_section(ctx: _Context) -> _Section | None:
   table = None
   for name in ("influence_pairs.csv", "influence_topk.csv"):
     if (ctx.run_path / name).is_file():
-      candidate = _read_csv(ctx.run_path / name)
+      candidate = read_scores_csv(ctx.run_path / name)
       if candidate and {"train_index", "test_index", "influence"} <= set(candidate) and len(candidate["influence"]):
         table, source = candidate, name
         break
@@ -558,22 +556,6 @@ def _correlation_section(ctx: _Context) -> _Section | None:
   return _Section("correlations", "Score correlations",
                   "<p>Spearman rank correlations between the per-example scores in <code>scores.csv</code> "
                   "(pairwise complete examples), computed for this report.</p>" + _table(["", *present], rows))
-
-
-def _read_csv(path: Path) -> dict[str, np.ndarray]:
-  """A CSV file as columns: numeric columns as float arrays (empty cells NaN), others as strings."""
-  with open(path, newline="") as f:
-    rows = list(csv.reader(f))
-  if not rows:
-    return {}
-  out = {}
-  for j, name in enumerate(rows[0]):
-    cells = [r[j] if j < len(r) else "" for r in rows[1:]]
-    try:
-      out[name] = np.array([float(c) if c != "" else np.nan for c in cells], dtype=np.float64)
-    except ValueError:
-      out[name] = np.array(cells, dtype=object)
-  return out
 
 
 def _number_or_text(cell: str):

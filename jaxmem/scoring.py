@@ -104,17 +104,23 @@ def table_to_csv(columns: dict[str, np.ndarray]) -> bytes:
 
 
 def read_scores_csv(path: str | Path) -> dict[str, np.ndarray]:
-  """Reads ``scores.csv`` back; empty cells become NaN in float columns."""
+  """Reads ``scores.csv`` (or any CSV jaxmem writes) back as columns: integer columns as int64,
+  other numeric columns as float64 with empty cells NaN, anything else as strings."""
   with open(path, newline="") as f:
     rows = list(csv.reader(f))
+  if not rows:
+    return {}
   header, body = rows[0], rows[1:]
   out = {}
   for j, name in enumerate(header):
-    cells = [r[j] for r in body]
+    cells = [r[j] if j < len(r) else "" for r in body]
     try:
       out[name] = np.array([int(c) for c in cells], dtype=np.int64)
     except ValueError:
-      out[name] = np.array([float(c) if c != "" else np.nan for c in cells], dtype=np.float64)
+      try:
+        out[name] = np.array([float(c) if c != "" else np.nan for c in cells], dtype=np.float64)
+      except ValueError:
+        out[name] = np.array(cells, dtype=object)
   return out
 
 
