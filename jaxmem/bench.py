@@ -90,10 +90,10 @@ def workloads(quick: bool = False) -> dict[str, Workload]:
   return {
       "digits-mlp": Workload(
           "digits-mlp", "default run: digits, MLP 64-256-256-10, batch 64, 70% subsets",
-          digits_mlp, lambda: load_dataset("digits"), 32 if quick else 64, 2 if quick else 4),
+          digits_mlp, lambda: load_dataset("digits"), 16 if quick else 64, 2 if quick else 4),
       "digits-cnn": Workload(
           "digits-cnn", "digits as 8x8x1 images, CNN 16-16-pool-32-32-pool, batch 64, 70% subsets",
-          digits_cnn, _digits_images, 8 if quick else 16, 2 if quick else 4),
+          digits_cnn, _digits_images, 4 if quick else 16, 2 if quick else 4),
       # The Feldman & Zhang MNIST protocol (2,000 models of 784-512-256-10, 10 epochs, 70% subsets)
       # on MNIST-shaped random data: a GPU workload (hours on this CPU).
       "mnist-protocol": Workload(
@@ -403,8 +403,10 @@ def default_strategies(engine_models: int, config: RunConfig, quick: bool = Fals
   """auto's candidates, auto itself, and for the CNN (not in quick mode: they are the slow ones)
   vmap and map of plain ``nn.Conv``, to show what the convolution formulation buys."""
   from jaxmem.engine.lift import candidate_strategies
+  if quick:  # the two extremes and auto (which still probes all its candidates)
+    return ["vmap", "map", "auto"]
   names = [str(s) for s in candidate_strategies(engine_models)] + ["auto"]
-  if config.model == "cnn" and not quick:
+  if config.model == "cnn":
     names += ["vmap@xla", "map@xla"]
   return names
 

@@ -146,7 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--quick", action="store_true", help="small sizes: the whole table in under 2 minutes on 2 CPU cores")
   p.add_argument("--workloads", default="digits-mlp,digits-cnn",
                  help="comma-separated: digits-mlp, digits-cnn, mnist-protocol, cifar-cnn (the last two are GPU-sized)")
-  p.add_argument("--repeats", type=int, default=3, help="interleaved timed repeats per variant (medians reported)")
+  p.add_argument("--repeats", type=int, default=None, help="interleaved timed repeats per variant, medians reported (default 3, 2 with --quick)")
   p.add_argument("--strategies", default=None, help="comma-separated engine strategies (default: auto's candidates and auto)")
   p.add_argument("--baselines", default="jax-step-loop,jax-model-loop,torch-loop", help="comma-separated baselines (or none)")
   p.add_argument("--models", type=int, default=None, help="models the engine trains per variant (default: per workload)")
@@ -337,7 +337,7 @@ def _cmd_bench(args) -> int:
   names = lambda text: [t.strip() for t in text.split(",") if t.strip() and t.strip() != "none"]
   results = run_benchmarks(
       names(args.workloads), quick=args.quick, out=args.out, log=lambda m: print(m, file=sys.stderr),
-      repeats=args.repeats, strategies=names(args.strategies) if args.strategies else None,
+      repeats=args.repeats or (2 if args.quick else 3), strategies=names(args.strategies) if args.strategies else None,
       baselines=names(args.baselines), engine_models=args.models, loop_models=args.loop_models, epochs=args.epochs)
   print("\n\n".join(format_table(r) for r in results))
   return 0
