@@ -302,7 +302,8 @@ def _cmd_run(args) -> int:
       import shlex
       argv = [a for a in args.argv if a != "--overwrite"]
       raise RunInterrupted(f"{e}; resume with: jaxmem {shlex.join(argv)}", exit_code=e.exit_code) from None
-  print(format_summary(result.summary))
+  if result.summary["process"]["index"] == 0:  # other processes of a multi-process run said their line
+    print(format_summary(result.summary))
   return 0
 
 

@@ -4,13 +4,11 @@ Nothing here reads the environment by itself or keeps global state: :func:`detec
 the environment mapping and the explicit flags as arguments and returns a :class:`ClusterSpec` (or
 None for a single process); the CLI passes ``os.environ`` and calls :func:`initialize`.
 
-After initialization ``jax.devices()`` lists the devices of every process, so the engine's ``Mesh``
-spans all hosts and the model axis of a chunk is sharded over all of them, and orbax checkpoints
-are written collectively (each process writes the shards it holds). NOT done yet (no multi-host
-machine to test on): gathering the chunk records to the host (``process_allgather`` for arrays
-that are not fully addressable) and letting only process 0 (:func:`is_primary`) write the records,
-manifest and scores. Until then, multi-host runs are experimental; job arrays are the supported way
-to use many machines.
+After initialization, :func:`jaxmem.run.run` splits the run's chunks over processes (process i
+trains the chunks c with c % P == i on a mesh of its local devices and writes only those; process 0
+waits for the others' chunks and writes the scores). The models are independent, so a global mesh
+over all hosts would add lockstep and cross-host gathers and nothing else. Orbax checkpoints are
+written by each process alone (``store._this_process_only``).
 
 Job arrays are a different thing: independent single-process jobs that share a run directory and
 split its chunks with ``--shard i/k`` (see ``experiments/slurm_array.sh``); they need no
@@ -92,9 +90,3 @@ def initialize(spec: ClusterSpec | None) -> None:
   import jax
   jax.distributed.initialize(coordinator_address=spec.coordinator_address, num_processes=spec.num_processes,
                              process_id=spec.process_id)
-
-
-def is_primary() -> bool:
-  """Whether this process writes shared files (records, manifest, scores): process 0."""
-  import jax
-  return jax.process_index() == 0

@@ -92,6 +92,27 @@ def stop_on_signals(signals=(signal.SIGINT, signal.SIGTERM), log: Callable[[str]
       signal.signal(s, h)
 
 
+def _process_layout() -> tuple[int, int]:
+  """(this process's index, number of processes): (0, 1) unless jax.distributed was initialized."""
+  import jax
+  return jax.process_index(), jax.process_count()
+
+
+def _wait_for_chunks(run_dir: "RunDir", num_chunks: int, *, log: Callable[[str], None],
+                     should_stop: Callable[[], bool] | None, poll_seconds: float = 1.0) -> None:
+  """Process 0 of a multi-process run waits until the other processes' chunks are complete (they
+  share the run directory); a stop request ends the wait and the scores use what is complete."""
+  told = False
+  while True:
+    missing = [c for c in range(num_chunks) if run_dir.chunk_status(c) != "complete"]
+    if not missing or (should_stop is not None and should_stop()):
+      return
+    if not told:
+      log(f"waiting for {len(missing)} chunks of the other processes")
+      told = True
+    time.sleep(poll_seconds)
+
+
 def parse_shard(text: str) -> tuple[int, int]:
   """``'i/k'`` -> (i, k) with 0 <= i < k: this process trains the chunks c with c % k == i."""
   try:
@@ -197,6 +218,17 @@ def run(config: RunConfig, out: str | Path, *, overwrite: bool = False, progress
   """
   config.validate()
   start = time.perf_counter()
+  process, num_processes = _process_layout()
+  if num_processes > 1:
+    # Models never communicate, so a multi-process run (after jax.distributed.initialize) needs no
+    # global mesh: each process trains the chunks c with c % P == its index on its own devices and
+    # writes only those chunks; process 0 waits for the others' chunks and writes the scores.
+    if shard is not None:
+      raise JaxmemError("--shard splits a run over independent jobs, and a multi-process run already splits "
+                        "its chunks over processes: use one or the other")
+    import jax
+    shard = (process, num_processes)
+    devices = devices if devices is not None else jax.local_devices()
   if dataset is None:
     dataset = load_dataset(config.dataset, data_dir=config.data_dir, seed=config.seed,
                            label_noise=config.label_noise)
@@ -242,7 +274,11 @@ def run(config: RunConfig, out: str | Path, *, overwrite: bool = False, progress
       log(f"--target-se {target.target:g} reached: median memorization standard error {target.median_se:.4f} "
           f"with {target.num_models} models; stopped adding chunks (rerun with a smaller target or none to add more)")
 
-  missing = missing_chunks_line(run_dir, shard[1] if shard else None)
+  if num_processes > 1 and process != 0:
+    log(f"process {process} of {num_processes}: its chunks are done; process 0 writes the scores")
+  elif num_processes > 1:
+    _wait_for_chunks(run_dir, len(chunks), log=log, should_stop=should_stop)
+  missing = missing_chunks_line(run_dir, shard[1] if shard else None) if process == 0 else None
   if missing:
     log(f"{missing}; scores use the complete ones (`jaxmem merge {run_dir.path}` once all shards finished)")
   records = run_dir.load_records()
@@ -250,12 +286,14 @@ def run(config: RunConfig, out: str | Path, *, overwrite: bool = False, progress
   for name, values in (score_options or {}).items():
     options[name] = {**options.get(name, {}), **values}
   table = score_records(records, estimators, options)
-  write_scores(run_dir, table)
   summary = summarize(records, table, dataset=dataset, seconds=time.perf_counter() - start,
                       trained=len(todo), skipped=len(skipped))
   summary["files"] = {"run_dir": str(run_dir.path), "scores": str(run_dir.path / "scores.csv"),
                       "summary": str(run_dir.path / "summary.json")}
-  write_json_atomic(run_dir.path / "summary.json", summary)
+  summary["process"] = {"index": process, "count": num_processes}
+  if process == 0:  # in a multi-process run only process 0 writes shared files
+    write_scores(run_dir, table)
+    write_json_atomic(run_dir.path / "summary.json", summary)
   return RunResult(run_dir.path, config, records, table, summary, todo, skipped)
 
 

@@ -359,6 +359,24 @@ def _storage_error(what: str, error: BaseException) -> JaxmemError:
   return JaxmemError(f"could not write {what}: {first_line}; finished chunks are intact")
 
 
+def _this_process_only():
+  """Orbax options for a checkpoint that one process writes alone. In a multi-process run every
+  process trains its own chunks on its own devices (see :func:`jaxmem.run.run`), so checkpoints
+  are per process: orbax must neither wait at barriers for the others nor leave writing to process 0."""
+  import jax
+  import orbax.checkpoint as ocp
+  me = jax.process_index()
+  return ocp.options.MultiprocessingOptions(primary_host=me, active_processes={me},
+                                            barrier_sync_key_prefix=f"jaxmem-p{me}")
+
+
+def _host_if_multiprocess(tree: Any) -> Any:
+  """Orbax serializes only global arrays in a multi-process job, but a process's chunk lives on its
+  own devices; such arrays are saved as host numpy arrays (the same bytes)."""
+  import jax
+  return jax.device_get(tree) if jax.process_count() > 1 else tree
+
+
 class ChunkCheckpoint:
   """Mid-chunk checkpoints of one chunk (orbax ``CheckpointManager``: asynchronous, atomic — a
   step directory appears under its final name only once complete — keeping only the latest).
@@ -376,8 +394,13 @@ class ChunkCheckpoint:
     self.run_dir = run_dir
     self.index, self.every_epochs, self.log = index, every_epochs, log or (lambda message: None)
     self.last_saved = 0
-    options = ocp.CheckpointManagerOptions(max_to_keep=1, enable_async_checkpointing=True, create=False,
-                                           cleanup_tmp_directories=True)
+    import jax
+    # Asynchronous saves finalize through orbax's cross-process barriers, which a process saving on
+    # its own must not enter; in a multi-process run each process therefore saves synchronously.
+    options = ocp.CheckpointManagerOptions(max_to_keep=1, enable_async_checkpointing=jax.process_count() == 1,
+                                           create=False,
+                                           cleanup_tmp_directories=True,
+                                           multiprocessing_options=_this_process_only())
     self._manager = None
     self._options, self._epath = options, epath
     if self.path.is_dir():
@@ -408,6 +431,7 @@ class ChunkCheckpoint:
       self.path.parent.mkdir(parents=True, exist_ok=True)
       self.path.mkdir(exist_ok=True)
       manager = self._open()
+      state = _host_if_multiprocess(state)
       manager.save(epochs_done, args=ocp.args.Composite(
           state=ocp.args.StandardSave(state, save_args=_per_model_save_args(state)),
           history=ocp.args.StandardSave(history, save_args=_per_model_save_args(history))))
@@ -427,10 +451,16 @@ class ChunkCheckpoint:
     epoch = self.latest_epoch()
     if epoch is None:
       return None
-    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state_like)
+    multiprocess = jax.process_count() > 1
+    if multiprocess:  # saved as host arrays (see _host_if_multiprocess): restore them as such
+      abstract = jax.tree.map(lambda x: np.zeros(x.shape, x.dtype), state_like)
+    else:
+      abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state_like)
     try:
       restored = self._manager.restore(epoch, args=ocp.args.Composite(
           state=ocp.args.StandardRestore(abstract), history=ocp.args.StandardRestore()))
+      if multiprocess:
+        restored["state"] = jax.tree.map(lambda r, like: jax.device_put(r, like.sharding), restored["state"], state_like)
     except Exception as e:  # a damaged checkpoint only costs retraining this chunk from its start
       first_line = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
       self.log(f"checkpoint of chunk {self.index} at epoch {epoch} cannot be read ({first_line}); "
@@ -470,7 +500,8 @@ def save_params(run_dir: "RunDir", index: int, model_ids: np.ndarray, params_K: 
     meta.unlink(missing_ok=True)
     shutil.rmtree(path, ignore_errors=True)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with ocp.StandardCheckpointer() as checkpointer:
+    params_K = _host_if_multiprocess(params_K)
+    with ocp.StandardCheckpointer(multiprocessing_options=_this_process_only()) as checkpointer:
       checkpointer.save(epath.Path(path.absolute()), params_K, save_args=_per_model_save_args(params_K))
       checkpointer.wait_until_finished()
       metadata = checkpointer.metadata(epath.Path(path.absolute())).item_metadata

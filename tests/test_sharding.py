@@ -149,3 +149,41 @@ def test_detect_cluster_from_slurm_and_flags():
     detect_cluster({}, coordinator="h:1", num_processes=2, process_id=2)
   with pytest.raises(JaxmemError, match="SLURM_PROCID"):
     detect_cluster({**slurm, "SLURM_PROCID": "x"})
+
+
+def test_two_jax_distributed_processes_equal_one_process(one_process, tmp_path):
+  """A real multi-process run: two processes joined by jax.distributed.initialize (coordinator on
+  loopback), each with 2 simulated local devices. Each trains its own chunks (c % 2 == its index)
+  on its own devices, checkpoints them itself (orbax per process), and process 0 waits for the
+  other's chunks and writes the scores. The export equals one single-device process within the
+  cross-layout tolerance (2 local devices hold 1 model each instead of 2 vmapped on one device)."""
+  import socket
+  exe = Path(sys.executable).with_name("jaxmem")
+  with socket.socket() as s:  # a free loopback port for the coordinator
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+  out = tmp_path / "run"
+  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+  procs = [subprocess.Popen([str(exe), "run", "--out", str(out), *FLAGS, "--checkpoint-every", "1",
+                             "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2", "--process-id", str(i)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env) for i in range(2)]
+  outputs = [p.communicate(timeout=600) for p in procs]
+  for p, (_, err) in zip(procs, outputs):
+    assert p.returncode == 0, err[-3000:]
+  assert "most memorized" in outputs[0][0] and outputs[1][0].strip() == ""  # only process 0 reports
+  assert "process 1 of 2: its chunks are done" in outputs[1][1]
+  done = {}
+  for e in read_events(out):
+    if e["event"] == "chunk_done":
+      done.setdefault(e["pid"], []).append(e["chunk"])
+  assert sorted(sorted(v) for v in done.values()) == [[0, 2, 4], [1, 3]]
+  assert any(e["event"] == "checkpoint" for e in read_events(out))
+  a, b = _export(out, tmp_path / "multi.npz"), one_process[1]
+  assert sorted(a) == sorted(b)
+  for k in ("keep", "train_labels", "test_labels", "model_ids", "subset_ratio"):
+    np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+  for k in ("train_margin", "test_margin", "epoch_loss"):
+    np.testing.assert_allclose(a[k], b[k], rtol=1e-4, atol=1e-4, err_msg=k)
+  for split in ("train", "test"):
+    flips = a[f"{split}_correct"] != b[f"{split}_correct"]
+    assert np.all(np.abs(b[f"{split}_margin"][flips]) < 1e-3)
