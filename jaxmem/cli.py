@@ -105,6 +105,15 @@ def _add_run_arguments(p: argparse.ArgumentParser) -> None:
   p.add_argument("--process-id", type=int, default=None, help="multi-process: this process's index")
 
 
+def _add_retrain_arguments(p: argparse.ArgumentParser) -> None:
+  """Flags of the studies that retrain models from a run's recipe (remove-top, onion)."""
+  p.add_argument("--epochs", type=int, default=None, help="epochs (default: the run's)")
+  p.add_argument("--seed", type=int, default=None,
+                 help="seed of the retrained models and the random control (default: the run's)")
+  p.add_argument("--data-dir", default=None, help="TFDS data directory (default: the run's)")
+  p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
 def build_parser() -> argparse.ArgumentParser:
   parser = _Parser(prog="jaxmem", description="Measure which training examples deep networks memorize.")
   parser.add_argument("--debug", action="store_true", help="show tracebacks")
@@ -166,11 +175,8 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--by", default="memorization,random", help="comma-separated rankings: score columns of scores.csv, or random")
   p.add_argument("--num-models", type=int, default=64, help="models per point (default 64)")
   p.add_argument("--subset-ratio", type=float, default=None, help="training ratio of the retrained models (default: the run's)")
-  p.add_argument("--epochs", type=int, default=None, help="epochs (default: the run's)")
-  p.add_argument("--seed", type=int, default=None, help="seed of the retrained models and the random control (default: the run's)")
-  p.add_argument("--data-dir", default=None, help="TFDS data directory (default: the run's)")
+  _add_retrain_arguments(p)
   p.add_argument("--out", default=None, help="study directory (default: RUN_DIR/remove_top)")
-  p.add_argument("--no-progress", action="store_true", help="no progress bar")
   p.set_defaults(handler=_cmd_study_remove_top)
 
   p = studies.add_parser("onion", help="privacy onion: remove the k examples most exposed to LiRA, retrain, "
@@ -178,13 +184,10 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("run_dir")
   p.add_argument("--remove", dest="ks", type=_ints, default=(50,), help="comma-separated k values (default 50)")
   p.add_argument("--num-models", type=int, default=None, help="retrained models per k (default: the run's)")
-  p.add_argument("--epochs", type=int, default=None, help="epochs (default: the run's)")
-  p.add_argument("--seed", type=int, default=None, help="seed of the retrained models and the random control (default: the run's)")
+  _add_retrain_arguments(p)
   p.add_argument("--threshold", type=float, default=0.8, help="exposed: per-example LiRA AUC >= this (default 0.8)")
   p.add_argument("--no-control", action="store_true", help="skip the random-removal control (halves the cost)")
-  p.add_argument("--data-dir", default=None, help="TFDS data directory (default: the run's)")
   p.add_argument("--out", default=None, help="study directory (default: RUN_DIR/onion)")
-  p.add_argument("--no-progress", action="store_true", help="no progress bar")
   p.set_defaults(handler=_cmd_study_onion)
 
   p = studies.add_parser("ssft", help="two-phase study: train on half A, then on half B; first-split learning time "
