@@ -377,10 +377,11 @@ def _train_chunks(engine, run_dir: RunDir, chunks, todo, keep_MxN, *, progress: 
             bar_format="{desc}: {percentage:3.0f}%|{bar}| {n:.0f}/{total:.0f} models [{elapsed}<{remaining}, {rate_fmt}]") as bar:
     for c in todo:
       ids = chunks[c]
-      credited = [0.0]
+      credited = [0]
 
       def on_progress(epochs_done: int, ids=ids, credited=credited):
-        target = len(ids) * epochs_done / epochs
+        # Whole models only: fractional updates accumulate float error and overrun the bar's total.
+        target = len(ids) * epochs_done // epochs
         bar.update(target - credited[0])
         credited[0] = target
 
