@@ -247,6 +247,34 @@ def validate_dataset(ds: Dataset) -> None:
                         f"be finite")
 
 
+def training_subset(ds: Dataset, indices: np.ndarray, name: str) -> Dataset:
+  """The training examples ``indices`` (in that order) with the test set unchanged, for studies
+  that retrain on part of the data. Label-noise bookkeeping (``noisy``, ``clean_y_train``) and the
+  synthetic ground truth (``group``, ``group_size``) follow the examples."""
+  indices = np.asarray(indices)
+  optional = {f: (getattr(ds, f)[indices] if getattr(ds, f) is not None else None) for f in ("group", "group_size")}
+  subset = dataclasses.replace(ds, name=name, x_train=ds.x_train[indices], y_train=ds.y_train[indices],
+                               noisy=ds.noisy[indices], clean_y_train=ds.clean_y_train[indices], **optional)
+  validate_dataset(subset)
+  return subset
+
+
+def load_run_dataset(manifest: dict, *, data_dir: str | os.PathLike | None = None) -> Dataset:
+  """The dataset a run trained on, loaded again from its manifest (name, data dir, seed, label
+  noise). A dataset whose content differs from the run's (another TFDS version, an edited .npz)
+  would silently mix two datasets, so a fingerprint mismatch is an error."""
+  config = manifest.get("config", {})
+  if "dataset" not in config:
+    raise JaxmemError("the run's manifest names no dataset; pass the dataset explicitly")
+  ds = load_dataset(config["dataset"], data_dir=data_dir or config.get("data_dir"),
+                    seed=int(config.get("seed", 0)), label_noise=float(config.get("label_noise", 0.0)))
+  expected = manifest.get("dataset", {}).get("fingerprint")
+  if expected and ds.fingerprint != expected:
+    raise JaxmemError("the dataset loaded again differs from the one the run trained on (fingerprint mismatch); "
+                      "pass the run's dataset explicitly")
+  return ds
+
+
 def with_label_noise(ds: Dataset, fraction: float, seed: int) -> Dataset:
   """Flips exactly ``round(fraction * N)`` training labels, each to a different random class.
 

@@ -107,20 +107,13 @@ def write_report(run_dir: str | Path, *, dataset=None, data_dir: str | None = No
 
 
 def reload_dataset(manifest: dict[str, Any], *, data_dir: str | None = None):
-  """The run's dataset loaded again from its manifest, or ``(None, reason)`` when it cannot be.
-
-  A dataset whose content differs from the run's (another TFDS version, an edited .npz) would put
-  wrong pictures under the scores, so it is used only when its fingerprint matches.
-  """
-  from jaxmem.data import load_dataset
-  config = manifest.get("config", {})
+  """The run's dataset loaded again from its manifest (only if its fingerprint matches: wrong
+  pictures under the scores would mislead), or ``(None, reason)`` when it cannot be."""
+  from jaxmem.data import load_run_dataset
   try:
-    dataset = load_dataset(config["dataset"], data_dir=data_dir or config.get("data_dir"),
-                           seed=int(config.get("seed", 0)), label_noise=float(config.get("label_noise", 0.0)))
-  except (JaxmemError, KeyError) as e:
-    return None, f"the dataset could not be loaded again ({e}); examples are listed in tables"
-  note = _check_fingerprint(dataset, manifest)
-  return (None, note) if note else (dataset, "")
+    return load_run_dataset(manifest, data_dir=data_dir), ""
+  except JaxmemError as e:
+    return None, f"{e}; examples are listed in tables"
 
 
 def _check_fingerprint(dataset, manifest) -> str:

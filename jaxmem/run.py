@@ -288,8 +288,7 @@ def run(config: RunConfig, out: str | Path, *, overwrite: bool = False, progress
   table = score_records(records, estimators, options)
   summary = summarize(records, table, dataset=dataset, seconds=time.perf_counter() - start,
                       trained=len(todo), skipped=len(skipped))
-  summary["files"] = {"run_dir": str(run_dir.path), "scores": str(run_dir.path / "scores.csv"),
-                      "summary": str(run_dir.path / "summary.json")}
+  summary["files"] = output_files(run_dir.path)
   summary["process"] = {"index": process, "count": num_processes}
   if process == 0:  # in a multi-process run only process 0 writes shared files
     write_scores(run_dir, table)
@@ -330,8 +329,7 @@ def merge(run_dir: str | Path, sources: Sequence[str | Path] = (), *, estimators
       f"all {len(run.chunk_plan())} chunks of {run.path} are complete")
   table, records = score_run(run.path, parse_estimator_names(estimators))
   summary = summarize(records, table)
-  summary["files"] = {"run_dir": str(run.path), "scores": str(run.path / "scores.csv"),
-                      "summary": str(run.path / "summary.json")}
+  summary["files"] = output_files(run.path)
   write_json_atomic(run.path / "summary.json", summary)
   return summary
 
@@ -407,6 +405,11 @@ def _train_chunks(engine, run_dir: RunDir, chunks, todo, keep_MxN, *, progress: 
       append_event(run_dir, event="chunk_done", chunk=c, resumed_from_epoch=engine.resumed_from_epoch)
       if after_chunk is not None and after_chunk(c, records):
         break  # e.g. --target-se reached: the remaining chunks stay missing, a rerun can add them
+
+
+def output_files(run_path: Path) -> dict[str, str]:
+  """Where a run's results are, for the summary."""
+  return {"run_dir": str(run_path), "scores": str(run_path / "scores.csv"), "summary": str(run_path / "summary.json")}
 
 
 def subset_accuracies(records: Records) -> dict[str, float]:

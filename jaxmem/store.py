@@ -131,6 +131,7 @@ class RunDir:
 
   def __init__(self, path: str | Path):
     self.path = Path(path)
+    self._verified: dict[int, tuple] = {}  # chunk index -> file signature when its checksum matched
 
   # -- creation and identity ------------------------------------------------------------------
   @classmethod
@@ -225,16 +226,28 @@ class RunDir:
         "sha256": digest, "model_ids": np.asarray(records["model_ids"]).tolist(), "written": utc_now()})
 
   def chunk_status(self, index: int) -> str:
-    """'complete', 'missing' or 'corrupt' (checksum or format mismatch)."""
+    """'complete', 'missing' or 'corrupt' (checksum or format mismatch).
+
+    A verified chunk is not hashed again while its two files keep their size and modification
+    time (every write replaces a file, so any rewrite or edit changes them): a run asks about its
+    chunks several times, and process 0 of a multi-process run polls them while it waits."""
     npz, meta = self.chunk_path(index), self.chunk_path(index).with_suffix(".json")
-    if not meta.is_file() or not npz.is_file():
+    try:
+      stats = (npz.stat(), meta.stat())
+    except OSError:
       return "missing"
+    signature = tuple((st.st_size, st.st_mtime_ns, st.st_ino) for st in stats)
+    if self._verified.get(index) == signature:
+      return "complete"
     try:
       expected = json.loads(meta.read_text())["sha256"]
       actual = hashlib.sha256(npz.read_bytes()).hexdigest()
     except (OSError, KeyError, TypeError, json.JSONDecodeError):
       return "corrupt"
-    return "complete" if actual == expected else "corrupt"
+    if actual != expected:
+      return "corrupt"
+    self._verified[index] = signature
+    return "complete"
 
   def read_chunk(self, index: int) -> dict[str, np.ndarray]:
     with np.load(self.chunk_path(index)) as f:
@@ -354,9 +367,13 @@ def _per_model_save_args(tree: Any) -> Any:
   return jax.tree.map(lambda x: ocp.SaveArgs(shard_axes=(0,) if np.ndim(x) >= 1 else ()), tree)
 
 
+def _first_line(error: BaseException) -> str:
+  """Orbax and tensorstore errors run over many lines; a user sees the first."""
+  return (str(error).strip().splitlines() or [type(error).__name__])[0]
+
+
 def _storage_error(what: str, error: BaseException) -> JaxmemError:
-  first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
-  return JaxmemError(f"could not write {what}: {first_line}; finished chunks are intact")
+  return JaxmemError(f"could not write {what}: {_first_line(error)}; finished chunks are intact")
 
 
 def _this_process_only():
@@ -388,13 +405,13 @@ class ChunkCheckpoint:
   """
 
   def __init__(self, run_dir: "RunDir", index: int, every_epochs: int, *, log: Any = None):
+    import jax
     import orbax.checkpoint as ocp
     from etils import epath
     self.path = run_dir.path / CHECKPOINTS / f"chunk_{index:05d}"
     self.run_dir = run_dir
     self.index, self.every_epochs, self.log = index, every_epochs, log or (lambda message: None)
     self.last_saved = 0
-    import jax
     # Asynchronous saves finalize through orbax's cross-process barriers, which a process saving on
     # its own must not enter; in a multi-process run each process therefore saves synchronously.
     options = ocp.CheckpointManagerOptions(max_to_keep=1, enable_async_checkpointing=jax.process_count() == 1,
@@ -462,8 +479,7 @@ class ChunkCheckpoint:
       if multiprocess:
         restored["state"] = jax.tree.map(lambda r, like: jax.device_put(r, like.sharding), restored["state"], state_like)
     except Exception as e:  # a damaged checkpoint only costs retraining this chunk from its start
-      first_line = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-      self.log(f"checkpoint of chunk {self.index} at epoch {epoch} cannot be read ({first_line}); "
+      self.log(f"checkpoint of chunk {self.index} at epoch {epoch} cannot be read ({_first_line(e)[:200]}); "
                "training the chunk from its start")
       return None
     self.last_saved = epoch

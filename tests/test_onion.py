@@ -8,13 +8,14 @@ import pytest
 import jaxmem
 from jaxmem.data import load_dataset
 from jaxmem.errors import JaxmemError
-from jaxmem.studies.onion import exposure_order, format_onion, onion, remaining_dataset
+from jaxmem.data import training_subset
+from jaxmem.studies.onion import exposure_order, format_onion, onion
 
 
-def test_remaining_dataset_keeps_noise_bookkeeping():
+def test_training_subset_keeps_noise_bookkeeping():
   ds = load_dataset("digits", label_noise=0.1, seed=0)
   kept = np.array([3, 0, 7, 100])
-  small = remaining_dataset(ds, kept, "small")
+  small = training_subset(ds, kept, "small")
   np.testing.assert_array_equal(small.x_train, ds.x_train[kept])
   np.testing.assert_array_equal(small.y_train, ds.y_train[kept])
   np.testing.assert_array_equal(small.noisy, ds.noisy[kept])
@@ -31,7 +32,7 @@ def test_exposure_order_breaks_ties_by_gap_and_puts_nan_last():
 def _tiny_source(tmp_path, tiny_config):
   # 300 digits (10% labels flipped) and 16 small models: seconds per retraining (plus compilation).
   digits = load_dataset("digits", label_noise=0.1, seed=0)
-  data = remaining_dataset(digits, np.arange(300), "digits[:300]")
+  data = training_subset(digits, np.arange(300), "digits[:300]")
   config = tiny_config.replace(num_models=16, chunk_size=16, subset_ratios=(0.5,), epochs=3)
   source = tmp_path / "run"
   jaxmem.run(config, source, dataset=data, progress=False, log=lambda m: None, estimators=["memorization"])

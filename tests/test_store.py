@@ -117,3 +117,14 @@ def test_manifest_from_before_a_new_field_still_resumes(tiny_run, tiny_config, t
   run.manifest_path.write_text(json.dumps(manifest))
   with pytest.raises(JaxmemError, match="epochs: 99 there"):
     jaxmem.run(tiny_config, run.path, progress=False, log=lambda m: None)
+
+
+def test_verified_chunk_is_checked_again_after_an_edit(tiny_run, tmp_path):
+  """chunk_status remembers a verified chunk by its files' size, mtime and inode; editing the file
+  afterwards (same RunDir object, same size) is still caught."""
+  run = _copy_run(tiny_run.run_dir, tmp_path / "run")
+  assert run.chunk_status(0) == "complete" and run.chunk_status(0) == "complete"
+  data = bytearray(run.chunk_path(0).read_bytes())
+  data[len(data) // 2] ^= 0xFF
+  run.chunk_path(0).write_bytes(bytes(data))
+  assert run.chunk_status(0) == "corrupt"

@@ -264,8 +264,7 @@ class Engine:
         on_progress(stop)
       stopping = should_stop is not None and should_stop() and stop < epochs
       if checkpoint is not None and stop < epochs and (stopping or checkpoint.due(stop)):
-        history = {"per_epoch": {name: np.concatenate([np.asarray(o[name]) for o in outputs], axis=1)
-                                 for name in outputs[0]}}
+        history = {"per_epoch": _concat_epochs(outputs)}
         if early is not None:
           history["early"] = jax.device_get(early)
         checkpoint.save(stop, state, history, wait=stopping)
@@ -273,8 +272,7 @@ class Engine:
         raise TrainingStopped(stop, saved=checkpoint is not None)
     records = programs.evaluate(state.params, self.data)
     records = {name: np.asarray(value)[: len(model_ids)] for name, value in records.items()}
-    per_epoch = {name: np.concatenate([np.asarray(o[name]) for o in outputs], axis=1)[: len(model_ids)]
-                 for name in outputs[0]}
+    per_epoch = {name: value[: len(model_ids)] for name, value in _concat_epochs(outputs).items()}
     records["epoch_loss"] = per_epoch.pop("loss")
     records.update(pack_epoch_records(per_epoch))
     if early is not None:
@@ -304,6 +302,11 @@ class TrainingStopped(Exception):
   def __init__(self, epochs_done: int, *, saved: bool):
     super().__init__(f"stopped after {epochs_done} epochs")
     self.epochs_done, self.saved = epochs_done, saved
+
+
+def _concat_epochs(outputs: list[dict[str, Any]]) -> dict[str, np.ndarray]:
+  """The per-epoch outputs of successive host calls ({name: (K, E_call, ...)}) joined along epochs."""
+  return {name: np.concatenate([np.asarray(o[name]) for o in outputs], axis=1) for name in outputs[0]}
 
 
 def _call_ranges(epochs: int, per_call: int, score_epoch: int | None) -> list[tuple[int, int]]:

@@ -32,7 +32,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from jaxmem.config import RunConfig
-from jaxmem.data import Dataset, from_arrays, load_dataset
+from jaxmem.data import Dataset, load_run_dataset, training_subset
 from jaxmem.errors import JaxmemError
 from jaxmem.scores.lira import as_queries, per_example_risk, select_margins
 from jaxmem.store import RunDir, write_bytes_atomic, write_json_atomic
@@ -73,24 +73,6 @@ def exposure_order(risk: np.ndarray, gap: np.ndarray) -> np.ndarray:
   return np.lexsort((-np.nan_to_num(gap, nan=-np.inf), -np.nan_to_num(risk, nan=-np.inf)))
 
 
-def remaining_dataset(dataset: Dataset, keep_idx: np.ndarray, name: str) -> Dataset:
-  """The training examples ``keep_idx`` (in that order) with the test set unchanged; flipped-label
-  bookkeeping is carried over so the retrained run still knows which labels are noisy."""
-  smaller = from_arrays(name, dataset.x_train[keep_idx], dataset.y_train[keep_idx], dataset.x_test,
-                        dataset.y_test, num_classes=dataset.num_classes)
-  return dataclasses.replace(smaller, noisy=dataset.noisy[keep_idx], clean_y_train=dataset.clean_y_train[keep_idx])
-
-
-def _reload(manifest: dict[str, Any], data_dir: str | None) -> Dataset:
-  config = manifest["config"]
-  dataset = load_dataset(config["dataset"], data_dir=data_dir or config.get("data_dir"),
-                         seed=int(config.get("seed", 0)), label_noise=float(config.get("label_noise", 0.0)))
-  if dataset.fingerprint != manifest["dataset"]["fingerprint"]:
-    raise JaxmemError("the dataset loaded again differs from the run's (fingerprint mismatch); "
-                      "pass the run's dataset explicitly")
-  return dataset
-
-
 def onion(run_dir: str | Path, out: str | Path, *, ks: Sequence[int] = (50,), num_models: int | None = None,
           epochs: int | None = None, seed: int | None = None, threshold: float = 0.8, control: bool = True,
           dataset: Dataset | None = None, data_dir: str | None = None, center: str = "mean",
@@ -116,7 +98,7 @@ def onion(run_dir: str | Path, out: str | Path, *, ks: Sequence[int] = (50,), nu
   if not 0.5 < threshold <= 1.0:
     raise JaxmemError(f"threshold must be in (0.5, 1] (a per-example attack AUC), got {threshold!r}")
   if dataset is None:
-    dataset = _reload(manifest, data_dir)
+    dataset = load_run_dataset(manifest, data_dir=data_dir)
   elif dataset.fingerprint != manifest["dataset"]["fingerprint"]:
     raise JaxmemError("the dataset given differs from the run's (fingerprint mismatch)")
   margin = as_queries(select_margins(records))
@@ -138,7 +120,7 @@ def onion(run_dir: str | Path, out: str | Path, *, ks: Sequence[int] = (50,), nu
       removed = np.sort(ranking[:k])
       kept = np.setdiff1d(np.arange(n), removed)
       name = f"{removal}-k{k}"
-      smaller = remaining_dataset(dataset, kept, f"{dataset.name} without {k} {'most exposed' if removal == 'top' else 'random'}")
+      smaller = training_subset(dataset, kept, f"{dataset.name} without {k} {'most exposed' if removal == 'top' else 'random'}")
       log(f"onion: removing {k} {'most exposed' if removal == 'top' else 'random'} examples; "
           f"training {config.num_models} models on {smaller.num_train}")
       result = run_models(config, out / "runs" / name, dataset=smaller, progress=progress, log=log,

@@ -42,7 +42,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from jaxmem.config import RunConfig
-from jaxmem.data import Dataset, validate_dataset
+from jaxmem.data import Dataset, load_run_dataset, training_subset
 from jaxmem.errors import JaxmemError
 from jaxmem.scoring import SCORES_CSV, read_scores_csv
 from jaxmem.store import RunDir, write_bytes_atomic, write_json_atomic
@@ -96,11 +96,7 @@ def without(dataset: Dataset, removed: np.ndarray, name: str) -> Dataset:
   """``dataset`` without the training examples ``removed`` (order of the rest kept; test set intact)."""
   keep = np.ones(dataset.num_train, bool)
   keep[removed] = False
-  optional = {f: (getattr(dataset, f)[keep] if getattr(dataset, f) is not None else None) for f in ("group", "group_size")}
-  smaller = dataclasses.replace(dataset, name=name, x_train=dataset.x_train[keep], y_train=dataset.y_train[keep],
-                                noisy=dataset.noisy[keep], clean_y_train=dataset.clean_y_train[keep], **optional)
-  validate_dataset(smaller)
-  return smaller
+  return training_subset(dataset, np.flatnonzero(keep), name)
 
 
 def interval(per_model: np.ndarray) -> tuple[float, float, float, float]:
@@ -134,7 +130,6 @@ def remove_top(run_dir: str | Path, out: str | Path, *, ks: Sequence[int], by: S
     dataset: the run's dataset, if the caller has it; otherwise reloaded from the manifest and
       checked against its fingerprint.
   """
-  from jaxmem.report import reload_dataset
   from jaxmem.run import run as run_models
   source = RunDir.open(run_dir)
   manifest = source.manifest()
@@ -154,9 +149,7 @@ def remove_top(run_dir: str | Path, out: str | Path, *, ks: Sequence[int], by: S
   seed = base.seed if seed is None else seed
   orders = {b: removal_order(scores, b, seed) for b in by}
   if dataset is None:
-    dataset, note = reload_dataset(manifest, data_dir=data_dir)
-    if dataset is None:
-      raise JaxmemError(f"cannot retrain: {note.split(';')[0]}")
+    dataset = load_run_dataset(manifest, data_dir=data_dir)
   elif dataset.fingerprint != manifest["dataset"]["fingerprint"]:
     raise JaxmemError("the dataset given differs from the run's (fingerprint mismatch)")
   if subset_ratio is None:
