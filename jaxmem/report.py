@@ -537,15 +537,8 @@ def _correlation_section(ctx: _Context) -> _Section | None:
   present = [c for c in SCORE_COLUMNS if ctx.has(c)]
   if len(present) < 2:
     return None
-  from scipy.stats import spearmanr
-  rows = []
-  for a in present:
-    row = [a]
-    for b in present:
-      x, y = ctx.scores[a].astype(float), ctx.scores[b].astype(float)
-      ok = np.isfinite(x) & np.isfinite(y)
-      row.append(float(spearmanr(x[ok], y[ok]).statistic) if ok.sum() > 2 else float("nan"))
-    rows.append(row)
+  from jaxmem.scores._stats import spearman
+  rows = [[a] + [spearman(ctx.scores[a], ctx.scores[b]) for b in present] for a in present]
   return _Section("correlations", "Score correlations",
                   "<p>Spearman rank correlations between the per-example scores in <code>scores.csv</code> "
                   "(pairwise complete examples), computed for this report.</p>" + _table(["", *present], rows))

@@ -7,7 +7,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
-from scipy.stats import rankdata
+from scipy.stats import rankdata, spearmanr
 
 
 class InOutDifference(NamedTuple):
@@ -47,15 +47,30 @@ def in_out_difference(keep_MxN: np.ndarray, values_MxN: np.ndarray) -> InOutDiff
                          np.asarray(n_in, dtype=np.int64), np.asarray(n_out, dtype=np.int64))
 
 
+def plus_two_se(successes, n) -> np.ndarray:
+  """Standard error of a proportion with one pseudo-success and one pseudo-failure added (the
+  "plus two" estimate of Agresti & Caffo 2000); NaN where n = 0."""
+  successes, n = np.asarray(successes, np.float64), np.asarray(n, np.float64)
+  p = (successes + 1) / (n + 2)
+  return np.where(n > 0, np.sqrt(p * (1 - p) / (n + 2)), np.nan)
+
+
 def agresti_caffo_se(successes_in, n_in, successes_out, n_out) -> np.ndarray:
   """Standard error of a difference of two proportions with one success and one failure added to
   each group (Agresti & Caffo 2000, "Simple and effective confidence intervals for proportions and
   differences of proportions"). Unlike the plain Welch SE it is never 0 just because every model
   agreed — with 20 models all correct the true rate is not known to be exactly 1."""
-  p_in = (np.asarray(successes_in, np.float64) + 1) / (np.asarray(n_in, np.float64) + 2)
-  p_out = (np.asarray(successes_out, np.float64) + 1) / (np.asarray(n_out, np.float64) + 2)
-  se = np.sqrt(p_in * (1 - p_in) / (np.asarray(n_in) + 2) + p_out * (1 - p_out) / (np.asarray(n_out) + 2))
-  return np.where((np.asarray(n_in) > 0) & (np.asarray(n_out) > 0), se, np.nan)
+  return np.sqrt(plus_two_se(successes_in, n_in) ** 2 + plus_two_se(successes_out, n_out) ** 2)
+
+
+def spearman(a: np.ndarray, b: np.ndarray) -> float:
+  """Spearman rank correlation over the entries where both are finite; NaN with fewer than 3 such
+  entries or when either side is constant there (no ranking to correlate)."""
+  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+  valid = np.isfinite(a) & np.isfinite(b)
+  if valid.sum() < 3 or np.ptp(a[valid]) == 0 or np.ptp(b[valid]) == 0:
+    return float("nan")
+  return float(spearmanr(a[valid], b[valid]).statistic)
 
 
 def auroc(scores: np.ndarray, positive: np.ndarray) -> float:

@@ -23,9 +23,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from scipy.stats import spearmanr
 
 from jaxmem.scores import EstimatorResult, auroc, register_estimator
+from jaxmem.scores._stats import spearman
 
 #: Columns that describe an example or a count, not a score.
 NOT_SCORES = frozenset({"index", "label", "clean_label", "noisy", "n_in", "n_out", "split"})
@@ -47,16 +47,6 @@ def score_column_names(columns: dict[str, np.ndarray]) -> list[str]:
   return names
 
 
-def spearman(a: np.ndarray, b: np.ndarray) -> tuple[float, int]:
-  """Spearman rank correlation over the entries where both are finite, and how many there are."""
-  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-  valid = np.isfinite(a) & np.isfinite(b)
-  n = int(valid.sum())
-  if n < 3 or np.ptp(a[valid]) == 0 or np.ptp(b[valid]) == 0:
-    return float("nan"), n
-  return float(spearmanr(a[valid], b[valid]).statistic), n
-
-
 def correlation_table(columns: dict[str, np.ndarray], noisy: np.ndarray | None = None,
                       names: list[str] | None = None) -> dict[str, Any]:
   """Spearman matrix (K, K) of the score columns and, if ``noisy`` has both classes, each score's
@@ -66,7 +56,7 @@ def correlation_table(columns: dict[str, np.ndarray], noisy: np.ndarray | None =
   matrix = np.eye(k)
   for i in range(k):
     for j in range(i + 1, k):
-      matrix[i, j] = matrix[j, i] = spearman(columns[names[i]], columns[names[j]])[0]
+      matrix[i, j] = matrix[j, i] = spearman(columns[names[i]], columns[names[j]])
   has_noise = noisy is not None and np.any(noisy) and not np.all(noisy)
   areas = np.array([auroc(columns[n], noisy) if has_noise else np.nan for n in names], dtype=np.float64)
   counts = np.array([int(np.isfinite(np.asarray(columns[n], np.float64)).sum()) for n in names])

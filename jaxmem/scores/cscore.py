@@ -31,9 +31,9 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import numpy as np
-from scipy.stats import spearmanr
 
 from jaxmem.scores import EstimatorResult, register_estimator
+from jaxmem.scores._stats import plus_two_se, spearman
 
 
 class CScore(NamedTuple):
@@ -48,13 +48,6 @@ class CScore(NamedTuple):
 def ratio_name(ratio: float) -> str:
   """``0.3`` -> ``'0.3'`` (column ``cscore_at_0.3``); float32 ratios are rounded to 6 digits first."""
   return f"{round(float(ratio), 6):g}"
-
-
-def plus_two_se(successes, n) -> np.ndarray:
-  """Binomial SE with one pseudo-success and one pseudo-failure; NaN where n = 0."""
-  successes, n = np.asarray(successes, np.float64), np.asarray(n, np.float64)
-  p = (successes + 1) / (n + 2)
-  return np.where(n > 0, np.sqrt(p * (1 - p) / (n + 2)), np.nan)
 
 
 def cscore(keep_MxN: np.ndarray, correct_MxN: np.ndarray, ratio_M: np.ndarray) -> CScore:
@@ -99,15 +92,6 @@ def learning_speed(keep_MxN: np.ndarray, correct_epochs_MxExN: np.ndarray) -> np
   if correct.ndim != 3 or correct.shape[0] != keep_MxN.shape[0] or correct.shape[2] != keep_MxN.shape[1]:
     raise ValueError(f"train_correct_epochs {correct.shape} must be (M, E, N) for keep {keep_MxN.shape}")
   return masked_mean(correct.mean(axis=1), keep_MxN).mean
-
-
-def spearman(a: np.ndarray, b: np.ndarray) -> float:
-  """Spearman rank correlation over the entries where both are finite (NaN if fewer than 3)."""
-  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-  valid = np.isfinite(a) & np.isfinite(b)
-  if valid.sum() < 3 or np.ptp(a[valid]) == 0 or np.ptp(b[valid]) == 0:
-    return float("nan")
-  return float(spearmanr(a[valid], b[valid]).statistic)
 
 
 def _nanmedian(x) -> float:

@@ -57,6 +57,7 @@ import numpy as np
 from scipy.special import log_ndtr
 
 from jaxmem.errors import JaxmemError
+from jaxmem.scores._stats import spearman
 from jaxmem.scores.attack_metrics import DEFAULT_FPRS, bootstrap_attack_metrics, per_example_auc, roc, tpr_key
 
 CENTERS = ("mean", "median")
@@ -453,7 +454,6 @@ def lira_report(records, *, memorization: np.ndarray | None = None, targets: int
                 queries: str = "auto", top: int = 10) -> tuple[dict[str, np.ndarray], dict[str, Any], list[str], LiraAttack]:
   """Everything ``jaxmem scores --estimators lira`` reports: per-example columns, the summary
   (written to ``lira.json``), printed lines, and the attack (for the ROC plot)."""
-  from scipy.stats import spearmanr
   margin = as_queries(select_margins(records, queries))
   keep = np.asarray(records.keep, bool)
   attack = lira_attack(margin, keep, targets=targets, center=center, min_models=min_models,
@@ -494,7 +494,7 @@ def lira_report(records, *, memorization: np.ndarray | None = None, targets: int
     lines.append(text)
   if memorization is not None:
     valid = ~np.isnan(online) & ~np.isnan(memorization)
-    rho = float(spearmanr(online[valid], memorization[valid]).statistic) if valid.sum() > 2 else float("nan")
+    rho = spearman(online, memorization)
     summary["spearman_lira_online_memorization"] = rho
     lines.append(f"Spearman rank correlation of lira_online with memorization: {rho:.3f} ({int(valid.sum())} examples)")
   return columns, summary, lines, attack

@@ -32,7 +32,7 @@ import numpy as np
 
 from jaxmem.errors import JaxmemError
 from jaxmem.scores import EstimatorResult, register_estimator
-from jaxmem.scores.cscore import spearman
+from jaxmem.scores._stats import spearman
 from jaxmem.scores.memorization import memorization
 
 _HIGHEST = jax.lax.Precision.HIGHEST
