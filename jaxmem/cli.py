@@ -30,6 +30,7 @@ RUN_FLAGS = {
     "dataset": ("--dataset", str, "digits, synthetic, tfds:NAME or a .npz file"),
     "data_dir": ("--data-dir", str, "TFDS data directory (prepared offline)"),
     "model": ("--model", str, "registered model: mlp, cnn"),
+    "compute_dtype": ("--compute-dtype", str, "float32 or bfloat16 (bf16 compute, fp32 master weights; for GPUs/TPUs)"),
     "num_models": ("--num-models", int, "number of subset models M"),
     "epochs": ("--epochs", int, "training epochs per model"),
     "batch_size": ("--batch-size", int, "batch size"),

@@ -39,6 +39,10 @@ class RunConfig:
   label_noise: float = 0.0
   model: str = "mlp"
   model_options: dict[str, Any] = dataclasses.field(default_factory=dict)
+  # The dtype models compute in: "float32", or "bfloat16" (bf16 inputs, activations and matmuls with
+  # float32 parameters, gradients and optimizer state, and float32 logits, margins and loss; for
+  # GPUs and TPUs). It changes results, so it is part of a run's identity.
+  compute_dtype: str = "float32"
   num_models: int = 256
   subset_ratios: tuple[float, ...] = (0.7,)
   mask_design: str = "subset"
@@ -101,8 +105,10 @@ class RunConfig:
   def validate(self) -> "RunConfig":
     """Checks that need no dataset; raises a one-line :class:`JaxmemError`."""
     from jaxmem.masks import MASK_DESIGNS
-    from jaxmem.models import MODELS
+    from jaxmem.models import COMPUTE_DTYPES, MODELS
     MODELS.get(self.model)
+    _check(self.compute_dtype in COMPUTE_DTYPES,
+           f"unknown compute_dtype {self.compute_dtype!r}; choose one of: {', '.join(COMPUTE_DTYPES)}")
     MASK_DESIGNS.get(self.mask_design)
     _check(isinstance(self.num_models, int) and self.num_models >= 2,
            f"num_models must be an integer >= 2, got {self.num_models!r}")

@@ -4,6 +4,12 @@ A model is a plain ``flax.linen`` module mapping a batch of inputs to logits. Th
 inside: it only calls ``init`` and ``apply``. No model here keeps batch statistics, so training and
 evaluation modes compute the same function (LiRA's queries and the records need no "eval mode"
 switch that could silently differ from training, a known defect of the reference LiRA code).
+
+Every model takes a computation ``dtype`` (``RunConfig.compute_dtype``): with ``bfloat16`` the
+inputs, activations and matmuls are bf16 while the parameters stay float32 (flax's ``param_dtype``),
+so gradients and optimizer state are float32 too ("master weights") and the parameter tree is the
+same for both dtypes. Logits are returned as float32, so the loss, margins and softmax never run in
+bf16 (a bf16 margin would have only 8 bits of mantissa).
 """
 
 from __future__ import annotations
@@ -12,10 +18,14 @@ from typing import Any, Callable, Sequence
 
 import flax.linen as nn
 import jax.numpy as jnp
+from flax.linen.dtypes import promote_dtype
 
 from jaxmem.registry import Registry
 
 MODELS: Registry[Callable[..., nn.Module]] = Registry("model")
+
+#: ``RunConfig.compute_dtype`` values: the dtype models compute in (parameters are always float32).
+COMPUTE_DTYPES = ("float32", "bfloat16")
 
 
 class MLP(nn.Module):
@@ -23,13 +33,14 @@ class MLP(nn.Module):
 
   num_classes: int
   hidden_sizes: Sequence[int] = (256, 256)
+  dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x_BxD: jnp.ndarray) -> jnp.ndarray:
     x = x_BxD.reshape((x_BxD.shape[0], -1))
     for width in self.hidden_sizes:
-      x = nn.relu(nn.Dense(width)(x))
-    return nn.Dense(self.num_classes)(x)
+      x = nn.relu(nn.Dense(width, dtype=self.dtype)(x))
+    return nn.Dense(self.num_classes, dtype=self.dtype)(x).astype(jnp.float32)
 
 
 class ShiftConv(nn.Module):
@@ -45,6 +56,7 @@ class ShiftConv(nn.Module):
 
   features: int
   kernel_size: tuple[int, int] = (3, 3)
+  dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x_BxHxWxC: jnp.ndarray) -> jnp.ndarray:
@@ -52,6 +64,8 @@ class ShiftConv(nn.Module):
     channels = x_BxHxWxC.shape[-1]
     kernel = self.param("kernel", nn.linear.default_kernel_init, (kh, kw, channels, self.features))
     bias = self.param("bias", nn.initializers.zeros_init(), (self.features,))
+    # As nn.Conv does: the float32 parameters and the input are cast to the computation dtype.
+    x_BxHxWxC, kernel, bias = promote_dtype(x_BxHxWxC, kernel, bias, dtype=self.dtype)
     _, height, width, _ = x_BxHxWxC.shape
     top, left = (kh - 1) // 2, (kw - 1) // 2  # lax's 'SAME' puts the odd pixel at the end
     padded = jnp.pad(x_BxHxWxC, ((0, 0), (top, kh - 1 - top), (left, kw - 1 - left), (0, 0)))
@@ -75,14 +89,15 @@ class CNN(nn.Module):
   num_classes: int
   channels: Sequence[int] = (16, 32)
   conv: str = "auto"
+  dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x_BxHxWxC: jnp.ndarray) -> jnp.ndarray:
     import jax
     impl = self.conv if self.conv != "auto" else ("shift" if jax.default_backend() == "cpu" else "xla")
     # Explicit names keep the parameter tree the same for both implementations.
-    make_conv = lambda width, i: (ShiftConv(width, (3, 3), name=f"Conv_{i}") if impl == "shift"
-                                  else nn.Conv(width, (3, 3), name=f"Conv_{i}"))
+    make_conv = lambda width, i: (ShiftConv(width, (3, 3), dtype=self.dtype, name=f"Conv_{i}") if impl == "shift"
+                                  else nn.Conv(width, (3, 3), dtype=self.dtype, name=f"Conv_{i}"))
     x = x_BxHxWxC
     if x.ndim == 2:  # vectors: treat as a 1-pixel-high image so the registry stays total
       x = x[:, None, :, None]
@@ -92,26 +107,37 @@ class CNN(nn.Module):
       if x.shape[1] > 1 and x.shape[2] > 1:
         x = nn.max_pool(x, (2, 2), strides=(2, 2))
     x = x.mean(axis=(1, 2))
-    return nn.Dense(self.num_classes)(x)
+    return nn.Dense(self.num_classes, dtype=self.dtype)(x).astype(jnp.float32)
 
 
+# Factories take the computation dtype as a keyword (build_model always passes it), apart from the
+# user's model options, so that model_options cannot change it behind the config's compute_dtype.
 @MODELS.register("mlp")
-def _mlp(num_classes: int, hidden_sizes: Sequence[int] = (256, 256)) -> nn.Module:
-  return MLP(num_classes=num_classes, hidden_sizes=tuple(hidden_sizes))
+def _mlp(num_classes: int, hidden_sizes: Sequence[int] = (256, 256), *, dtype: Any = jnp.float32) -> nn.Module:
+  return MLP(num_classes=num_classes, hidden_sizes=tuple(hidden_sizes), dtype=dtype)
 
 
 @MODELS.register("cnn")
-def _cnn(num_classes: int, channels: Sequence[int] = (16, 32), conv: str = "auto") -> nn.Module:
+def _cnn(num_classes: int, channels: Sequence[int] = (16, 32), conv: str = "auto", *,
+         dtype: Any = jnp.float32) -> nn.Module:
   if conv not in CONV_IMPLS:
     raise TypeError(f"conv must be one of {', '.join(CONV_IMPLS)}, got {conv!r}")
-  return CNN(num_classes=num_classes, channels=tuple(channels), conv=conv)
+  return CNN(num_classes=num_classes, channels=tuple(channels), conv=conv, dtype=dtype)
 
 
-def build_model(name: str, num_classes: int, options: dict[str, Any] | None = None) -> nn.Module:
-  """Instantiate a registered model; unknown names and options give a one-line error."""
+def build_model(name: str, num_classes: int, options: dict[str, Any] | None = None, *,
+                dtype: str = "float32") -> nn.Module:
+  """Instantiate a registered model computing in ``dtype`` (one of COMPUTE_DTYPES; parameters are
+  float32 either way); unknown names, options and dtypes give a one-line error."""
   from jaxmem.errors import JaxmemError
   factory = MODELS.get(name)
+  if dtype not in COMPUTE_DTYPES:
+    raise JaxmemError(f"unknown compute_dtype {dtype!r}; choose one of: {', '.join(COMPUTE_DTYPES)}")
+  options = dict(options or {})
+  if "dtype" in options:
+    raise JaxmemError(f"bad options {options!r} for model {name!r}: the computation dtype is set by "
+                      "compute_dtype, not by a model option")
   try:
-    return factory(num_classes, **(options or {}))
+    return factory(num_classes, **options, dtype=jnp.dtype(dtype))
   except TypeError as e:
     raise JaxmemError(f"bad options {options!r} for model {name!r}: {e}") from None

@@ -14,6 +14,7 @@ from jaxmem.errors import JaxmemError
     (dict(mask_design="weird"), "unknown mask design 'weird'"),
     (dict(strategy="fast"), "unknown strategy 'fast'"),
     (dict(optimizer="lion"), "unknown optimizer 'lion'"),
+    (dict(compute_dtype="float16"), "unknown compute_dtype 'float16'; choose one of: float32, bfloat16"),
     (dict(label_noise=1.0), "label_noise must be in [0, 1), got 1.0"),
     (dict(mask_design="balanced", subset_ratios=(0.7,)), "subset ratio must be 0.5"),
     (dict(mask_design="balanced", subset_ratios=(0.5,), num_models=5), "even num_models, got 5"),

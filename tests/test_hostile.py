@@ -94,6 +94,8 @@ INPUT_CASES = [
     ("bad shard", lambda t: ["--shard", "2/2"], "shard must be I/K with 0 <= I < K (e.g. 0/4), got '2/2'"),
     ("bad keep-params", lambda t: ["--keep-params", "some"], "keep_params must be 'none', 'all' or a number of models"),
     ("negative checkpoint interval", lambda t: ["--checkpoint-every", "-1"], "checkpoint_every must be an integer >= 0"),
+    ("unknown compute dtype", lambda t: ["--compute-dtype", "float16"],
+     "unknown compute_dtype 'float16'; choose one of: float32, bfloat16"),
 ]
 
 

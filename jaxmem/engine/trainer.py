@@ -74,7 +74,7 @@ class Engine:
     self.config = config
     self.devices = list(devices or jax.devices())
     self.mesh = Mesh(np.array(self.devices), (MODEL_AXIS,))
-    self.model = build_model(config.model, dataset.num_classes, config.model_options)
+    self.model = build_model(config.model, dataset.num_classes, config.model_options, dtype=config.compute_dtype)
     self.probe_cache = lifting.default_cache_path() if probe_cache == "default" else probe_cache
     self.log = log or (lambda message: None)
     self.strategy = lifting.parse_strategy(config.strategy)  # None until auto has probed
