@@ -103,9 +103,9 @@ def workloads(quick: bool = False) -> dict[str, Workload]:
           lambda: _random_images("mnist-shaped", 60000, 10000, (28, 28)), 500, 2),
       # An airbench-class CIFAR-10 CNN (widths 64-256-256, augmentation) on CIFAR-shaped random data.
       "cifar-cnn": Workload(
-          "cifar-cnn", "airbench-class CNN 64-256-256 on CIFAR-shaped data, 10 epochs, batch 512, flip+crop",
+          "cifar-cnn", "airbench-class CNN 64-256-256 on CIFAR-shaped data, 10 epochs, batch 512, flip+crop, bf16 compute",
           RunConfig(model="cnn", model_options={"channels": (64, 256, 256)}, epochs=10, batch_size=512,
-                    augment=True, learning_rate=2e-3, num_models=64, chunk_size=16),
+                    augment=True, learning_rate=2e-3, num_models=64, chunk_size=16, compute_dtype="bfloat16"),
           lambda: _random_images("cifar-shaped", 50000, 10000, (32, 32, 3)), 16, 1),
   }
 
@@ -134,7 +134,7 @@ class BenchResult:
   description: str
   rows: list[Row]
   skipped: dict[str, str]
-  peak_flops: float                # measured float32 matmul FLOP/s
+  peak_flops: float                # measured matmul FLOP/s in the models' compute dtype
   model_flops: float               # training FLOPs of one model
   environment: dict[str, Any]
 
@@ -157,9 +157,10 @@ class BenchResult:
 # ---------------------------------------------------------------------------------------------
 # Measurements.
 
-def measure_peak_flops(size: int = 2048, repeats: int = 5) -> float:
-  """float32 matmul FLOP/s of a ``size``x``size`` product (best of ``repeats``)."""
-  a = jax.random.normal(jax.random.PRNGKey(0), (size, size), jnp.float32)
+def measure_peak_flops(size: int = 2048, repeats: int = 5, dtype: str = "float32") -> float:
+  """Matmul FLOP/s of a ``size``x``size`` product in ``dtype`` (best of ``repeats``): the peak that
+  utilization is measured against is the one of the dtype the models compute in."""
+  a = jax.random.normal(jax.random.PRNGKey(0), (size, size), jnp.float32).astype(dtype)
   matmul = jax.jit(lambda a, b: a @ b)
   jax.block_until_ready(matmul(a, a))
   times = []
@@ -174,7 +175,7 @@ def training_flops_per_model(config: RunConfig, dataset: Dataset, subset_size: i
   """3x forward FLOPs per example (forward + backward, the usual model-FLOPs convention), from
   XLA's cost analysis of one model's forward pass, times the examples one model sees."""
   from jaxmem.models import build_model
-  model = build_model(config.model, dataset.num_classes, config.model_options)
+  model = build_model(config.model, dataset.num_classes, config.model_options, dtype=config.compute_dtype)
   batch = 32
   x = jnp.zeros((batch,) + dataset.input_shape, jnp.float32)
   params = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), x[:1]))["params"]
@@ -260,7 +261,7 @@ class _JaxStepLoop:
     from jaxmem.models import build_model
     self.config, self.keep = config, keep_KxN
     config = _with_conv(config, "xla")  # a user's model: plain nn.Conv
-    model = build_model(config.model, dataset.num_classes, config.model_options)
+    model = build_model(config.model, dataset.num_classes, config.model_options, dtype=config.compute_dtype)
     x_train, x_test = standardize(dataset)
     self.data = jax.device_put((x_train, dataset.y_train.astype(np.int32), x_test, dataset.y_test.astype(np.int32)))
     self.num_steps = steps_per_epoch(int(keep_KxN.sum(1).max()), config.batch_size)
@@ -305,6 +306,7 @@ class _JaxStepLoop:
         order = rng.permutation(members).astype(np.int32)
         for s in range(0, order.size, batch):  # a partial last batch: one extra compiled shape
           params, opt_state, loss = self._step(params, opt_state, order[s: s + batch], x_train, y_train)
+      jax.block_until_ready(params)  # steps are dispatched asynchronously: training ends here
       record_start = time.perf_counter()
       jax.device_get(self._evaluate(params, x_train, y_train, x_test, y_test))
       record_seconds += time.perf_counter() - record_start
@@ -328,8 +330,8 @@ class _TorchLoop:
     self.y_test = torch.from_numpy(dataset.y_test.astype(np.int64))
     self.num_classes = dataset.num_classes
     self.total_steps = config.epochs * steps_per_epoch(int(keep_KxN.sum(1).max()), config.batch_size)
-    if config.optimizer != "adam" or config.augment:
-      raise JaxmemError("the PyTorch baseline implements adam without augmentation only")
+    if config.optimizer != "adam" or config.augment or config.compute_dtype != "float32":
+      raise JaxmemError("the PyTorch baseline implements float32 adam without augmentation only")
 
   def _model(self):
     nn = self.torch.nn
@@ -414,6 +416,7 @@ def default_strategies(engine_models: int, config: RunConfig, quick: bool = Fals
 def bench(workload: Workload | str = "digits-mlp", *, quick: bool = False, repeats: int = 3,
           strategies: Sequence[str] | None = None, baselines: Sequence[str] = ("jax-step-loop", "jax-model-loop", "torch-loop"),
           engine_models: int | None = None, loop_models: int | None = None, epochs: int | None = None,
+          compute_dtype: str | None = None,
           peak_size: int = 2048, torch_threads: int = 1, log: Callable[[str], None] | None = None) -> BenchResult:
   """Train ``workload``'s models with each engine strategy and each baseline, interleaved over
   ``repeats``, and return the timings (see the module docstring for what each variant is)."""
@@ -425,7 +428,12 @@ def bench(workload: Workload | str = "digits-mlp", *, quick: bool = False, repea
     workload = known[workload]
   if repeats < 1:
     raise JaxmemError(f"repeats must be >= 1, got {repeats}")
+  if torch_threads < 1:
+    raise JaxmemError(f"torch threads must be >= 1, got {torch_threads}")
   config = workload.config if epochs is None else workload.config.replace(epochs=epochs)
+  if compute_dtype is not None:
+    config = config.replace(compute_dtype=compute_dtype)
+  config.validate()
   engine_models = engine_models or workload.engine_models
   loop_models = min(loop_models or workload.loop_models, engine_models)
   unknown = sorted(set(baselines) - {"jax-step-loop", "jax-model-loop", "torch-loop"})
@@ -458,8 +466,8 @@ def bench(workload: Workload | str = "digits-mlp", *, quick: bool = False, repea
   for name, why in skipped.items():
     log(f"skipping {name}: {why}")
 
-  log(f"measuring the float32 matmul peak ({peak_size}x{peak_size})")
-  peaks = [measure_peak_flops(peak_size)]
+  log(f"measuring the {config.compute_dtype} matmul peak ({peak_size}x{peak_size})")
+  peaks = [measure_peak_flops(peak_size, dtype=config.compute_dtype)]
   rows = {name: Row(name, models[name], [], 0.0) for name in variants}
   for name, run in variants.items():  # first calls: compilation (+ auto's probe), not in medians
     start = time.perf_counter()
@@ -473,13 +481,14 @@ def bench(workload: Workload | str = "digits-mlp", *, quick: bool = False, repea
       if record is not None:
         rows[name].record_seconds.append(record)
       log(f"  repeat {r + 1}/{repeats} {name}: {seconds:.2f} s ({models[name] / seconds:.2f} models/s)")
-    peaks.append(measure_peak_flops(peak_size))  # the peak is interleaved too
+    peaks.append(measure_peak_flops(peak_size, dtype=config.compute_dtype))  # the peak is interleaved too
   for name, run in variants.items():
     rows[name].note = getattr(run, "note", "")
   subset_size = int(keep.sum(1).max())
   return BenchResult(workload.name, workload.description, list(rows.values()), skipped,
                      max(peaks), training_flops_per_model(config, dataset, subset_size),
                      {**environment(), "epochs": config.epochs, "batch_size": config.batch_size,
+                      "compute_dtype": config.compute_dtype,
                       "repeats": repeats})
 
 
@@ -504,9 +513,10 @@ def format_table(result: BenchResult) -> str:
   env = result.environment
   out = [f"workload {result.workload}: {result.description}; {env['epochs']} epochs, "
          f"medians of {env['repeats']} interleaved repeats",
-         f"{env['cpu']} ({env['cores']} cores, {env['backend']}), jax {env['jax']}"
+         f"{env['cpu']} ({env['cores']} cores, {env['backend']}; the engine shards models over "
+         f"{len(env['devices'])} device(s), the loops use one), jax {env['jax']}"
          + (f", torch {env['torch']}" if "torch" in env else "") + (f", load {' '.join(env['loadavg'])}" if "loadavg" in env else ""),
-         f"measured float32 matmul peak {result.peak_flops / 1e9:.1f} GFLOP/s; one model = {result.model_flops / 1e9:.2f} GFLOP "
+         f"measured {env.get('compute_dtype', 'float32')} matmul peak {result.peak_flops / 1e9:.1f} GFLOP/s; one model = {result.model_flops / 1e9:.2f} GFLOP "
          "(3x forward, examples seen); util = model FLOP/s / peak; recording = evaluating every model on every example, share of the timed run",
          fmt(head), fmt(["-" * w for w in widths])]
   out += [fmt(l) for l in lines]

@@ -162,6 +162,8 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--models", type=int, default=None, help="models the engine trains per variant (default: per workload)")
   p.add_argument("--loop-models", type=int, default=None, help="models each loop baseline trains")
   p.add_argument("--epochs", type=int, default=None, help="override the workload's epochs")
+  p.add_argument("--compute-dtype", default=None, help="float32 or bfloat16: override the workloads' compute dtype")
+  p.add_argument("--torch-threads", type=int, default=1, help="intra-op threads of the PyTorch baseline (default 1)")
   p.add_argument("--out", default=None, help="also write the tables to this file (and the raw numbers to OUT.json)")
   p.set_defaults(handler=_cmd_bench)
 
@@ -343,7 +345,8 @@ def _cmd_bench(args) -> int:
   results = run_benchmarks(
       names(args.workloads), quick=args.quick, out=args.out, log=lambda m: print(m, file=sys.stderr),
       repeats=args.repeats or (2 if args.quick else 3), strategies=names(args.strategies) if args.strategies else None,
-      baselines=names(args.baselines), engine_models=args.models, loop_models=args.loop_models, epochs=args.epochs)
+      baselines=names(args.baselines), engine_models=args.models, loop_models=args.loop_models, epochs=args.epochs,
+      torch_threads=args.torch_threads, compute_dtype=args.compute_dtype)
   print("\n\n".join(format_table(r) for r in results))
   return 0
 
@@ -353,6 +356,9 @@ def main(argv: Sequence[str] | None = None) -> int:
   debug = "--debug" in argv
   try:
     args = build_parser().parse_args(argv)
+    # Before JAX runs anything: on a CPU, one device per core (each trains its own models).
+    from jaxmem.devices import use_one_cpu_device_per_core
+    use_one_cpu_device_per_core()
     args.argv = argv  # for the resume command printed after an interruption
     return args.handler(args)
   except JaxmemError as e:

@@ -137,6 +137,7 @@ def apply_in_batches(apply_fn: Callable[[jax.Array], jax.Array], x: jax.Array, b
   if n <= batch:
     return apply_fn(x)
   num_batches = -(-n // batch)
+  batch = -(-n // num_batches)  # equal batches, at most num_batches - 1 padding rows
   padded = jnp.pad(x, ((0, num_batches * batch - n),) + ((0, 0),) * (x.ndim - 1))
   out = jax.lax.map(apply_fn, padded.reshape((num_batches, batch) + x.shape[1:]))
   return out.reshape((num_batches * batch,) + out.shape[2:])[:n]
