@@ -163,7 +163,8 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--loop-models", type=int, default=None, help="models each loop baseline trains")
   p.add_argument("--epochs", type=int, default=None, help="override the workload's epochs")
   p.add_argument("--compute-dtype", default=None, help="float32 or bfloat16: override the workloads' compute dtype")
-  p.add_argument("--torch-threads", type=int, default=1, help="intra-op threads of the PyTorch baseline (default 1)")
+  p.add_argument("--torch-threads", type=int, default=None,
+                 help="intra-op threads of the PyTorch baseline (default: PyTorch's, one per core)")
   p.add_argument("--out", default=None, help="also write the tables to this file (and the raw numbers to OUT.json)")
   p.set_defaults(handler=_cmd_bench)
 

@@ -35,6 +35,9 @@ def test_bench_runs_every_variant_side_by_side(monkeypatch):
   assert result.peak_flops > 0 and result.model_flops > 0
   table = bench.format_table(result)
   assert "engine:auto" in table and "x jax-step-loop" in table and "skipped torch-loop" in table
+  ceiling = result.peak_flops / result.model_flops  # every FLOP at the measured peak
+  step_loop = result.row("jax-step-loop").models_per_second
+  assert f"ceiling at 100% of the peak: {ceiling:.2f} models/s = {ceiling / step_loop:.2f}x jax-step-loop" in table
 
 
 def test_cli_bench_prints_the_table(capsys, tmp_path):
