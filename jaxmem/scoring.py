@@ -21,6 +21,9 @@ from jaxmem.scores import ESTIMATORS, Estimator, EstimatorResult
 from jaxmem.store import Records, RunDir, write_bytes_atomic, write_json_atomic
 
 SCORES_CSV = "scores.csv"
+#: Columns that studies merge into a run's scores.csv (``jaxmem study ssft --run``): they come from
+#: training the study ran, not from the run's records, so rescoring carries them over.
+STUDY_COLUMNS = ("fslt", "fslt_se", "ssft", "ssft_se")
 
 
 @dataclasses.dataclass
@@ -62,15 +65,20 @@ def select_estimators(names: Sequence[str] | None, records: Records) -> list[Est
 
 
 def score_records(records: Records, estimators: Sequence[str] | None = None,
-                  options: dict[str, dict[str, Any]] | None = None) -> ScoreTable:
-  """Runs estimators on records. ``options`` maps estimator name -> keyword options."""
+                  options: dict[str, dict[str, Any]] | None = None,
+                  carried: dict[str, np.ndarray] | None = None) -> ScoreTable:
+  """Runs estimators on records. ``options`` maps estimator name -> keyword options; ``carried``
+  columns (a study's, see STUDY_COLUMNS) join the table before the correlations are computed."""
   options = options or {}
+  carried = carried or {}
   columns: dict[str, np.ndarray] = {
       "index": np.arange(records.num_train), "label": records.train_labels,
       "clean_label": records.clean_train_labels, "noisy": records.noisy.astype(np.int8)}
   summary, lines, files = {}, [], {}
   chosen = select_estimators(estimators, records)
   for estimator in chosen:
+    if estimator.name == "correlations":  # last (select_estimators): it correlates every column
+      columns.update(carried)
     result: EstimatorResult = estimator.fn(records, context=columns, **options.get(estimator.name, {}))
     for name, values in result.columns.items():
       values = np.asarray(values)
@@ -80,6 +88,7 @@ def score_records(records: Records, estimators: Sequence[str] | None = None,
     summary[estimator.name] = result.summary
     lines.extend(result.lines)
     files.update(result.files)
+  columns.update(carried)
   return ScoreTable(columns, summary, lines, files, [e.name for e in chosen])
 
 
@@ -141,6 +150,22 @@ def score_run(run_dir: str | Path, estimators: Sequence[str] | None = None,
   """(Re)computes scores from whatever chunks of ``run_dir`` are complete, and writes them."""
   run = RunDir.open(run_dir)
   records = run.load_records()
-  table = score_records(records, estimators, options)
+  table = score_records(records, estimators, options, carried=study_columns(run, records.num_train))
   write_scores(run, table)
   return table, records
+
+
+def study_columns(run: RunDir, num_train: int) -> dict[str, np.ndarray]:
+  """The STUDY_COLUMNS of the run's current scores.csv, so that rescoring does not drop what a
+  study computed (only when its rows are this run's training examples in order)."""
+  path = run.path / SCORES_CSV
+  if not path.is_file():
+    return {}
+  try:
+    old = read_scores_csv(path)
+  except (OSError, UnicodeDecodeError, csv.Error):
+    return {}  # an unreadable table has nothing to carry; it is rewritten below
+  index = old.get("index")
+  if index is None or index.dtype.kind != "i" or not np.array_equal(index, np.arange(num_train)):
+    return {}
+  return {name: old[name] for name in STUDY_COLUMNS if name in old and old[name].dtype.kind == "f"}

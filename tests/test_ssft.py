@@ -88,6 +88,13 @@ def test_merge_into_run_adds_columns_and_correlations(tiny_run, tmp_path):
   np.testing.assert_allclose(table["memorization"], read_scores_csv(tiny_run.run_dir / "scores.csv")["memorization"])
   header = (run / "correlations.csv").read_text().splitlines()[0].split(",")
   assert "fslt" in header and "ssft" in header and "memorization" in header
+  # Rescoring rebuilds scores.csv from the records and keeps what the study computed.
+  jaxmem.score_run(run)
+  rescored = read_scores_csv(run / "scores.csv")
+  for name in columns:
+    np.testing.assert_allclose(rescored[name], table[name], err_msg=name)
+  np.testing.assert_allclose(rescored["memorization"], table["memorization"])
+  assert "ssft" in (run / "correlations.csv").read_text().splitlines()[0].split(",")
   try:
     merge_into_run(run, columns, dataset_fingerprint="other")
   except jaxmem.JaxmemError as e:

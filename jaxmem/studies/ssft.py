@@ -30,8 +30,8 @@ ssft, ssft_se``), ``ssft.json`` (settings, fit fractions, flipped-vs-clean means
 ``ssft_records.npz`` (the bit-packed correctness histories). A rerun with the same settings reuses
 ``ssft_scores.csv`` without training. Given a run directory (same dataset), ``fslt``/``ssft`` (and
 their ``_se``) are merged into its ``scores.csv`` and its ``correlations.csv`` is recomputed with
-them; ``jaxmem scores RUN`` recomputes ``scores.csv`` from the run's records only, so rerun the
-study (cheap: no training) to merge them again.
+them; ``jaxmem scores RUN`` recomputes ``scores.csv`` from the run's records and carries these
+columns over (``scoring.STUDY_COLUMNS``).
 """
 
 from __future__ import annotations
@@ -48,10 +48,10 @@ from jaxmem.data import Dataset, load_dataset
 from jaxmem.errors import JaxmemError
 from jaxmem.scores.correlations import correlation_table, summary_lines, write_correlations
 from jaxmem.scores.dynamics import forgotten_forever_epoch, learned_forever_epoch, masked_mean
-from jaxmem.scoring import SCORES_CSV, read_scores_csv, table_to_csv
+from jaxmem.scoring import SCORES_CSV, STUDY_COLUMNS, read_scores_csv, table_to_csv
 from jaxmem.store import RunDir, write_bytes_atomic, write_json_atomic, write_npz_atomic
 
-COLUMNS = ("fslt", "fslt_se", "ssft", "ssft_se")
+COLUMNS = STUDY_COLUMNS  # what merge_into_run adds to a run's scores.csv
 
 
 @dataclasses.dataclass
