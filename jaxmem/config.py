@@ -105,10 +105,9 @@ class RunConfig:
   def validate(self) -> "RunConfig":
     """Checks that need no dataset; raises a one-line :class:`JaxmemError`."""
     from jaxmem.masks import MASK_DESIGNS
-    from jaxmem.models import COMPUTE_DTYPES, MODELS
+    from jaxmem.models import MODELS, check_compute_dtype
     MODELS.get(self.model)
-    _check(self.compute_dtype in COMPUTE_DTYPES,
-           f"unknown compute_dtype {self.compute_dtype!r}; choose one of: {', '.join(COMPUTE_DTYPES)}")
+    check_compute_dtype(self.compute_dtype)
     MASK_DESIGNS.get(self.mask_design)
     _check(isinstance(self.num_models, int) and self.num_models >= 2,
            f"num_models must be an integer >= 2, got {self.num_models!r}")

@@ -125,14 +125,20 @@ def _cnn(num_classes: int, channels: Sequence[int] = (16, 32), conv: str = "auto
   return CNN(num_classes=num_classes, channels=tuple(channels), conv=conv, dtype=dtype)
 
 
+def check_compute_dtype(dtype: str) -> None:
+  """A one-line error for a computation dtype other than COMPUTE_DTYPES."""
+  from jaxmem.errors import JaxmemError
+  if dtype not in COMPUTE_DTYPES:
+    raise JaxmemError(f"unknown compute_dtype {dtype!r}; choose one of: {', '.join(COMPUTE_DTYPES)}")
+
+
 def build_model(name: str, num_classes: int, options: dict[str, Any] | None = None, *,
                 dtype: str = "float32") -> nn.Module:
   """Instantiate a registered model computing in ``dtype`` (one of COMPUTE_DTYPES; parameters are
   float32 either way); unknown names, options and dtypes give a one-line error."""
   from jaxmem.errors import JaxmemError
   factory = MODELS.get(name)
-  if dtype not in COMPUTE_DTYPES:
-    raise JaxmemError(f"unknown compute_dtype {dtype!r}; choose one of: {', '.join(COMPUTE_DTYPES)}")
+  check_compute_dtype(dtype)
   options = dict(options or {})
   if "dtype" in options:
     raise JaxmemError(f"bad options {options!r} for model {name!r}: the computation dtype is set by "

@@ -51,8 +51,6 @@ from jaxmem.scores.dynamics import forgotten_forever_epoch, learned_forever_epoc
 from jaxmem.scoring import SCORES_CSV, STUDY_COLUMNS, read_scores_csv, table_to_csv
 from jaxmem.store import RunDir, write_bytes_atomic, write_json_atomic, write_npz_atomic
 
-COLUMNS = STUDY_COLUMNS  # what merge_into_run adds to a run's scores.csv
-
 
 @dataclasses.dataclass
 class SsftResult:
@@ -186,11 +184,11 @@ def merge_into_run(run_dir: str | Path, columns: dict[str, np.ndarray], *, datas
   if not path.is_file():
     raise JaxmemError(f"run directory {str(run.path)!r} has no {SCORES_CSV} yet; run `jaxmem scores {run.path}` first")
   table = read_scores_csv(path)
-  table.update({name: columns[name] for name in COLUMNS})
+  table.update({name: columns[name] for name in STUDY_COLUMNS})
   write_bytes_atomic(path, table_to_csv(table))
   correlations = correlation_table(table, np.asarray(table["noisy"], dtype=bool))
   write_correlations(run.path / "correlations.csv", correlations)
-  return [f"merged {', '.join(COLUMNS)} into {path}; rewrote {run.path / 'correlations.csv'}",
+  return [f"merged {', '.join(STUDY_COLUMNS)} into {path}; rewrote {run.path / 'correlations.csv'}",
           *summary_lines(correlations)]
 
 
