@@ -86,6 +86,26 @@ def utc_now() -> str:
   return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
 
 
+#: Axis letters of each record (DESIGN.md: M models, N training examples, T test examples, E epochs,
+#: A augmented queries). Records not listed are per model over training examples when 2-D.
+RECORD_AXES = {
+    "keep": "MN", "train_correct": "MN", "train_margin": "MN", "test_correct": "MT", "test_margin": "MT",
+    "epoch_loss": "ME", "train_correct_epochs": "MEN", "train_margin_epochs": "MEN",
+    "train_el2n": "MN", "train_grand": "MN",
+}
+
+
+def record_axes(name: str, ndim: int) -> str:
+  """Axis letters of record ``name`` with ``ndim`` dimensions (``train_margin`` is ``MNA`` when it
+  holds augmented queries)."""
+  axes = RECORD_AXES.get(name)
+  if name == "train_margin" and ndim == 3:
+    return "MNA"
+  if axes is not None and len(axes) == ndim:
+    return axes
+  return {1: "M", 2: "MN", 3: "MNA"}.get(ndim, "M" + "?" * (ndim - 1))
+
+
 @dataclasses.dataclass
 class Records:
   """All finished models' records, rows sorted by model id.
@@ -118,6 +138,36 @@ class Records:
   @property
   def num_train(self) -> int:
     return int(self.keep.shape[1])
+
+  # -- the block-reading interface every consumer uses (a streaming store implements the same) --
+  def record_names(self) -> list[str]:
+    """Names of the per-model records this run holds (``keep`` not included)."""
+    return sorted(self.arrays)
+
+  def axes(self, name: str) -> str:
+    """Axis letters of a record (see :data:`RECORD_AXES`), e.g. ``"MN"`` or ``"MEN"``."""
+    return record_axes(name, np.ndim(self.arrays[name]) if name != "keep" else 2)
+
+  def read(self, name: str, *, examples: slice | None = None, models: Any = None) -> np.ndarray:
+    """One record, optionally restricted to a block of training examples (the ``N`` axis, where the
+    record has one; test records are returned whole) and to some models (rows, an index array or
+    slice). ``name`` may be ``"keep"``. Nothing else is read."""
+    value = self.keep if name == "keep" else self.arrays[name]
+    axes = "MN" if name == "keep" else self.axes(name)
+    if models is not None:
+      value = value[models]
+    if examples is not None and "N" in axes:
+      index = [slice(None)] * value.ndim
+      index[axes.index("N")] = examples
+      value = value[tuple(index)]
+    return value
+
+  def example_blocks(self, block_size: int) -> Iterator[slice]:
+    """Consecutive blocks of at most ``block_size`` training examples covering all N."""
+    if block_size <= 0:
+      raise ValueError(f"block_size must be positive, got {block_size}")
+    for start in range(0, self.num_train, block_size):
+      yield slice(start, min(start + block_size, self.num_train))
 
   def select_models(self, rows: np.ndarray) -> "Records":
     """The same records restricted to some models (e.g. one subset ratio, or half the models)."""
