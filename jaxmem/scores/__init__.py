@@ -13,7 +13,7 @@ from typing import Any, Callable
 import numpy as np
 
 from jaxmem.registry import Registry
-from jaxmem.scores._stats import InOutDifference, auroc, in_out_difference
+from jaxmem.scores._stats import InOutDifference, auroc, in_out_difference, ratio_name
 from jaxmem.scores.memorization import counterfactual_memorization, memorization
 
 
@@ -48,10 +48,14 @@ def register_estimator(name: str, *, requires: tuple[str, ...] = (), default: bo
 
 @register_estimator("memorization", requires=("train_correct",))
 def _memorization(records, **options) -> EstimatorResult:
-  result = memorization(records.keep, records["train_correct"])
-  return EstimatorResult(columns={
-      "memorization": result.estimate, "memorization_se": result.se,
-      "n_in": result.n_in, "n_out": result.n_out})
+  result = memorization(records.keep, records["train_correct"], records.subset_ratio)
+  columns = {"memorization": result.estimate, "memorization_se": result.se,
+             "n_in": result.n_in, "n_out": result.n_out}
+  if len(result.ratios) > 1:
+    for r, values, se in zip(result.ratios, result.per_ratio, result.per_ratio_se):
+      columns[f"memorization_at_{ratio_name(r)}"] = values
+      columns[f"memorization_at_{ratio_name(r)}_se"] = se
+  return EstimatorResult(columns=columns)
 
 
 __all__ = ["ESTIMATORS", "Estimator", "EstimatorResult", "InOutDifference", "auroc",

@@ -33,7 +33,7 @@ from typing import NamedTuple
 import numpy as np
 
 from jaxmem.scores import EstimatorResult, register_estimator
-from jaxmem.scores._stats import plus_two_se, spearman
+from jaxmem.scores._stats import in_out_stats, masked_mean, plus_two_se, ratio_name, ratio_strata, spearman, successes
 
 
 class CScore(NamedTuple):
@@ -45,11 +45,6 @@ class CScore(NamedTuple):
   n_out: np.ndarray                      # (R, N) held-out models per ratio
 
 
-def ratio_name(ratio: float) -> str:
-  """``0.3`` -> ``'0.3'`` (column ``cscore_at_0.3``); float32 ratios are rounded to 6 digits first."""
-  return f"{round(float(ratio), 6):g}"
-
-
 def cscore(keep_MxN: np.ndarray, correct_MxN: np.ndarray, ratio_M: np.ndarray) -> CScore:
   """Jiang et al.'s hold-out C-score for every training example, per ratio and averaged.
 
@@ -59,34 +54,29 @@ def cscore(keep_MxN: np.ndarray, correct_MxN: np.ndarray, ratio_M: np.ndarray) -
     ratio_M: subset ratio of every model.
   """
   keep_MxN, correct_MxN = np.asarray(keep_MxN, bool), np.asarray(correct_MxN, bool)
-  ratio_M = np.round(np.asarray(ratio_M, np.float64), 6)
+  ratio_M = np.asarray(ratio_M, np.float64)
   if keep_MxN.shape != correct_MxN.shape or ratio_M.shape != keep_MxN.shape[:1]:
     raise ValueError(f"keep {keep_MxN.shape}, correct {correct_MxN.shape} and ratio {ratio_M.shape} "
                      "must be (M, N), (M, N) and (M,)")
-  ratios = tuple(float(r) for r in np.unique(ratio_M))
-  held_out = ~keep_MxN
-  per, per_se, n_out = [], [], []
-  for r in ratios:
-    rows = ratio_M == r
-    out = held_out[rows]
-    n = out.sum(axis=0)
-    s = (out & correct_MxN[rows]).sum(axis=0)
-    per.append(np.where(n > 0, s / np.maximum(n, 1), np.nan))
-    per_se.append(plus_two_se(s, n))
-    n_out.append(n)
-  per, per_se, n_out = np.array(per).reshape(len(ratios), -1), np.array(per_se).reshape(len(ratios), -1), \
-      np.array(n_out, np.int64).reshape(len(ratios), -1)
+  n = keep_MxN.shape[1]
+  if not len(ratio_M):
+    empty = np.zeros((0, n))
+    return CScore(np.full(n, np.nan), np.full(n, np.nan), (), empty, empty, empty.astype(np.int64))
+  ratios, onehot_MxR = ratio_strata(ratio_M)
+  held_out = in_out_stats(keep_MxN, correct_MxN.astype(np.float32), onehot_MxR, with_m2=False).outside
+  n_out = np.asarray(held_out.n, np.float64)
+  s = successes(held_out)
+  per = np.where(n_out > 0, s / np.maximum(n_out, 1), np.nan)
+  per_se = plus_two_se(s, n_out)
   # a plain mean propagates NaN: a ratio without held-out models makes C_i unknown
-  estimate = per.mean(axis=0) if ratios else np.full(keep_MxN.shape[1], np.nan)
-  se = np.sqrt((per_se**2).sum(axis=0)) / max(len(ratios), 1) if ratios else np.full(keep_MxN.shape[1], np.nan)
-  return CScore(estimate, se, ratios, per, per_se, n_out)
+  estimate, se = per.mean(axis=0), np.sqrt((per_se**2).sum(axis=0)) / len(ratios)
+  return CScore(estimate, se, ratios, per, per_se, n_out.astype(np.int64))
 
 
 def learning_speed(keep_MxN: np.ndarray, correct_epochs_MxExN: np.ndarray) -> np.ndarray:
   """Jiang et al.'s learning-speed proxy: mean over epochs and over models that train on i of
   their correctness on i; NaN where no model trains on i. This is the same quantity as the
   dynamics estimator's ``cumulative_accuracy`` (one implementation serves both names)."""
-  from jaxmem.scores.dynamics import masked_mean
   keep_MxN = np.asarray(keep_MxN, bool)
   correct = np.asarray(correct_epochs_MxExN, bool)
   if correct.ndim != 3 or correct.shape[0] != keep_MxN.shape[0] or correct.shape[2] != keep_MxN.shape[1]:

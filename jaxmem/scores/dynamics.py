@@ -42,6 +42,7 @@ from typing import NamedTuple
 import numpy as np
 
 from jaxmem.scores import EstimatorResult, auroc, register_estimator
+from jaxmem.scores._stats import MaskedMean, masked_mean  # noqa: F401  (the studies' import path)
 
 
 def forgetting_counts(correct_MxExN: np.ndarray) -> np.ndarray:
@@ -63,26 +64,6 @@ def forgotten_forever_epoch(correct_MxExN: np.ndarray) -> np.ndarray:
   """Earliest 1-based epoch from which every evaluation is wrong; E + 1 if the last is correct
   (Maini et al.'s ``get_first_epoch_where_we_forget_forever``). (M, N) int."""
   return learned_forever_epoch(~np.asarray(correct_MxExN, dtype=bool))
-
-
-class MaskedMean(NamedTuple):
-  mean: np.ndarray  # NaN where n == 0
-  se: np.ndarray    # sample std / sqrt(n); NaN where n < 2
-  n: np.ndarray
-
-
-def masked_mean(values_MxN: np.ndarray, mask_MxN: np.ndarray) -> MaskedMean:
-  """Per-column mean and standard error over the rows where ``mask`` holds."""
-  values = np.asarray(values_MxN, dtype=np.float64)
-  mask = np.asarray(mask_MxN, dtype=bool)
-  n = mask.sum(axis=0)
-  with np.errstate(invalid="ignore", divide="ignore"):
-    mean = np.where(mask, values, 0.0).sum(axis=0) / n
-    mean = np.where(n > 0, mean, np.nan)
-    centered = np.where(mask, values - mean[None], 0.0)
-    var = (centered**2).sum(axis=0) / (n - 1)
-    se = np.where(n > 1, np.sqrt(var / n), np.nan)
-  return MaskedMean(mean, se, n)
 
 
 class DynamicsScores(NamedTuple):

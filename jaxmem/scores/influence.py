@@ -18,7 +18,9 @@ N×T, unless the full matrix is asked for (then it is streamed block by block in
 Standard error: Agresti & Caffo (2000), as for memorization (:mod:`jaxmem.scores.memorization`):
 each group gets one pseudo-success and one pseudo-failure, ``p̃ = (s + 1) / (n + 2)`` and
 ``se = sqrt(p̃_in (1 − p̃_in) / (n_in + 2) + p̃_out (1 − p̃_out) / (n_out + 2))``; the estimate itself
-is the plain difference. Pairs whose train example has no in- or no out-model are NaN.
+is the plain difference. Pairs whose train example has no in- or no out-model are NaN. With several
+subset ratios the difference is taken within each ratio and averaged with equal weight (pooling
+would report the accuracy gap between ratios as influence), SE ``sqrt(Σ_r se_r²) / R``.
 
 High-influence pairs (Feldman & Zhang 2020, Sec. 4 and the released CIFAR-100/ImageNet pair lists):
 pairs with infl(i → j) ≥ 0.15 whose training example has memorization ≥ 0.25; both thresholds
@@ -44,6 +46,7 @@ import numpy as np
 
 from jaxmem.errors import JaxmemError
 from jaxmem.scores import EstimatorResult, register_estimator
+from jaxmem.scores._stats import in_out_pair_sums, ratio_strata
 from jaxmem.scores.memorization import memorization
 
 #: Feldman & Zhang's (2020) thresholds for "high-influence pairs".
@@ -71,24 +74,30 @@ def _as_float(keep_MxN, correct_MxT):
   return keep_MxN, correct_MxT.astype(bool)
 
 
-def _block_influence(keep_MxB: jax.Array, correct_MxT: jax.Array, total_T: jax.Array):
-  """Influence and its Agresti-Caffo SE for a block of B training examples: (B, T) each."""
-  m = keep_MxB.shape[0]
-  sums_in_BxT = jnp.matmul(keep_MxB.T, correct_MxT, precision=_HIGHEST)
-  n_in_B = keep_MxB.sum(axis=0)
-  n_out_B = m - n_in_B
-  sums_out_BxT = total_T[None, :] - sums_in_BxT
-  n_in, n_out = n_in_B[:, None], n_out_B[:, None]
-  valid = (n_in > 0) & (n_out > 0)
-  infl = sums_in_BxT / jnp.maximum(n_in, 1) - sums_out_BxT / jnp.maximum(n_out, 1)
-  p_in, p_out = (sums_in_BxT + 1) / (n_in + 2), (sums_out_BxT + 1) / (n_out + 2)
-  se = jnp.sqrt(p_in * (1 - p_in) / (n_in + 2) + p_out * (1 - p_out) / (n_out + 2))
-  return jnp.where(valid, infl, jnp.nan), jnp.where(valid, se, jnp.nan)
+def _block_influence(keep_MxB: jax.Array, correct_MxT: jax.Array, onehot_MxR: jax.Array):
+  """Influence and its Agresti-Caffo SE for a block of B training examples: (B, T) each.
+
+  Per ratio, ``infl_r = (s_in·n_out − s_out·n_in) / (n_in·n_out)``: the numerator is a difference of
+  two products of integer counts, so where the two proportions agree it is exactly 0 and so is the
+  influence (``s_in/n_in − s_out/n_out`` is not: XLA's CPU division by a broadcast divisor rounds
+  61/61 to 0.99999994, and top-k lists would rank that float noise). The ratios' values are then
+  averaged with equal weight, SE ``sqrt(Σ_r se_r²) / R``."""
+  n_in_RxB, n_out_RxB, s_in_RxBxT, s_out_RxBxT = in_out_pair_sums(keep_MxB, correct_MxT, onehot_MxR)
+  n_in, n_out = n_in_RxB[..., None], n_out_RxB[..., None]
+  valid_BxT = jnp.all((n_in > 0) & (n_out > 0), axis=0)
+  numerator = s_in_RxBxT * n_out - s_out_RxBxT * n_in
+  infl_RxBxT = numerator / jnp.maximum(n_in * n_out, 1)
+  p_in, p_out = (s_in_RxBxT + 1) / (n_in + 2), (s_out_RxBxT + 1) / (n_out + 2)
+  var_RxBxT = p_in * (1 - p_in) / (n_in + 2) + p_out * (1 - p_out) / (n_out + 2)
+  r = onehot_MxR.shape[1]
+  infl = infl_RxBxT[0] if r == 1 else infl_RxBxT.mean(axis=0)
+  se = jnp.sqrt(var_RxBxT[0] if r == 1 else var_RxBxT.sum(axis=0) / r**2)
+  return jnp.where(valid_BxT, infl, jnp.nan), jnp.where(valid_BxT, se, jnp.nan)
 
 
 @jax.jit
-def _dense_block(keep_MxB, correct_MxT, total_T):
-  return _block_influence(keep_MxB, correct_MxT, total_T)
+def _dense_block(keep_MxB, correct_MxT, onehot_MxR):
+  return _block_influence(keep_MxB, correct_MxT, onehot_MxR)
 
 
 def _top_k(values, k):
@@ -97,11 +106,11 @@ def _top_k(values, k):
 
 
 @functools.partial(jax.jit, static_argnames=("k_test", "k_train"))
-def _topk_block(carry, keep_MxB, start, num_train, correct_MxT, total_T, *, k_test, k_train):
+def _topk_block(carry, keep_MxB, start, num_train, correct_MxT, onehot_MxR, *, k_test, k_train):
   """One block: its influence, the per-train top-k inside it, and the per-test running top-k
   merged with the block's candidates (earlier blocks first, so ties keep the lower index)."""
   best_val_TxK, best_se_TxK, best_idx_TxK = carry
-  infl_BxT, se_BxT = _block_influence(keep_MxB, correct_MxT, total_T)
+  infl_BxT, se_BxT = _block_influence(keep_MxB, correct_MxT, onehot_MxR)
   b = infl_BxT.shape[0]
   index_B = start + jnp.arange(b)
   # padding rows (past num_train) never win
@@ -133,10 +142,12 @@ class InfluenceComputation:
   Args:
     keep_MxN: bool, model m trained on training example i.
     test_correct_MxT: bool, model m classifies test example j correctly.
-    block_size: training examples per block (memory is O(block_size × T) on the device).
+    ratio_M: subset ratio of every model (None: one ratio); influence is taken within each ratio
+      and averaged over ratios, as memorization.
+    block_size: training examples per block (memory is O(block_size × R × T) on the device).
   """
 
-  def __init__(self, keep_MxN, test_correct_MxT, *, block_size: int = 1024):
+  def __init__(self, keep_MxN, test_correct_MxT, *, ratio_M=None, block_size: int = 1024):
     keep_MxN, correct_MxT = _as_float(keep_MxN, test_correct_MxT)
     if not isinstance(block_size, (int, np.integer)) or block_size < 1:
       raise JaxmemError(f"influence block size must be a positive integer, got {block_size!r}")
@@ -145,7 +156,10 @@ class InfluenceComputation:
     self.block_size = int(min(block_size, max(self.num_train, 1)))
     self._keep = keep_MxN
     self._correct = jnp.asarray(correct_MxT, jnp.float32)
-    self._total = self._correct.sum(axis=0)
+    self.ratios, onehot_MxR = ratio_strata(np.zeros(self.num_models) if ratio_M is None else ratio_M)
+    if onehot_MxR.shape[0] != self.num_models:
+      raise ValueError(f"subset ratios {onehot_MxR.shape[0]} do not match keep {keep_MxN.shape}")
+    self._onehot = jnp.asarray(onehot_MxR)
 
   def blocks(self):
     """Yields ``(start, keep_MxB)`` with the last block zero-padded to ``block_size`` (one
@@ -159,7 +173,7 @@ class InfluenceComputation:
   def dense_blocks(self):
     """Yields ``(start, influence_BxT, se_BxT)`` as numpy, unpadded."""
     for start, keep_MxB in self.blocks():
-      infl, se = _dense_block(keep_MxB, self._correct, self._total)
+      infl, se = _dense_block(keep_MxB, self._correct, self._onehot)
       stop = min(start + self.block_size, self.num_train)
       yield start, np.asarray(infl[: stop - start]), np.asarray(se[: stop - start])
 
@@ -184,7 +198,7 @@ class InfluenceComputation:
         eligible_N = np.nan_to_num(np.asarray(memorization_N, np.float64), nan=-np.inf) >= pair_memorization
     for start, keep_MxB in self.blocks():
       carry, (val, se, pos), infl_BxT, se_BxT = _topk_block(
-          carry, keep_MxB, start, self.num_train, self._correct, self._total, k_test=k_test, k_train=k_train)
+          carry, keep_MxB, start, self.num_train, self._correct, self._onehot, k_test=k_test, k_train=k_train)
       stop = min(start + self.block_size, self.num_train)
       per_train_val.append(np.asarray(val[: stop - start]))
       per_train_se.append(np.asarray(se[: stop - start]))
@@ -225,9 +239,9 @@ class InfluenceComputation:
     del out
 
 
-def influence(keep_MxN, test_correct_MxT, *, block_size: int = 1024) -> tuple[np.ndarray, np.ndarray]:
+def influence(keep_MxN, test_correct_MxT, *, ratio_M=None, block_size: int = 1024) -> tuple[np.ndarray, np.ndarray]:
   """The full (N, T) influence matrix and its standard errors (for small problems and tests)."""
-  comp = InfluenceComputation(keep_MxN, test_correct_MxT, block_size=block_size)
+  comp = InfluenceComputation(keep_MxN, test_correct_MxT, ratio_M=ratio_M, block_size=block_size)
   infl = np.full((comp.num_train, comp.num_test), np.nan, np.float32)
   se = np.full_like(infl, np.nan)
   for start, block, block_se in comp.dense_blocks():
@@ -236,9 +250,9 @@ def influence(keep_MxN, test_correct_MxT, *, block_size: int = 1024) -> tuple[np
   return infl, se
 
 
-def influence_topk(keep_MxN, test_correct_MxT, k: int = 10, *, block_size: int = 1024) -> InfluenceTopK:
+def influence_topk(keep_MxN, test_correct_MxT, k: int = 10, *, ratio_M=None, block_size: int = 1024) -> InfluenceTopK:
   """Top-k influence per test example and per training example without the N×T matrix."""
-  return InfluenceComputation(keep_MxN, test_correct_MxT, block_size=block_size).top_k(k)[0]
+  return InfluenceComputation(keep_MxN, test_correct_MxT, ratio_M=ratio_M, block_size=block_size).top_k(k)[0]
 
 
 TOPK_COLUMNS = ("test_index", "train_index", "influence", "influence_se", "memorization", "direction", "rank")
@@ -293,8 +307,9 @@ def _influence(records, *, context=None, topk: int = 10, full: bool = False, blo
   context = context or {}
   mem_N = context.get("memorization")
   if mem_N is None:
-    mem_N = memorization(records.keep, records["train_correct"]).estimate
-  comp = InfluenceComputation(records.keep, records["test_correct"], block_size=block_size)
+    mem_N = memorization(records.keep, records["train_correct"], records.subset_ratio).estimate
+  comp = InfluenceComputation(records.keep, records["test_correct"], ratio_M=records.subset_ratio,
+                              block_size=block_size)
   topk_result, pairs = comp.top_k(topk, memorization_N=mem_N, pair_influence=pair_influence,
                                   pair_memorization=pair_memorization)
   train_i, test_j, value, se = pairs

@@ -57,7 +57,7 @@ import numpy as np
 from scipy.special import log_ndtr
 
 from jaxmem.errors import JaxmemError
-from jaxmem.scores._stats import spearman
+from jaxmem.scores._stats import ratio_key, spearman
 from jaxmem.scores.attack_metrics import DEFAULT_FPRS, bootstrap_attack_metrics, per_example_auc, roc, tpr_key
 
 CENTERS = ("mean", "median")
@@ -449,11 +449,22 @@ def select_margins(records, queries: str = "auto") -> np.ndarray:
   return np.asarray(records["train_margin"])
 
 
+def check_single_ratio(ratio_M) -> None:
+  """LiRA's shadow Gaussians are fitted over all models; with several subset ratios those mix
+  models of different training-set sizes (the in-shadows mostly high-ratio ones), so the fit would
+  measure the ratio gap, not membership. Such runs are refused rather than pooled."""
+  ratios = sorted({ratio_key(r) for r in np.asarray(ratio_M).reshape(-1)})
+  if len(ratios) > 1:
+    raise JaxmemError(f"LiRA needs a run with one subset ratio (its shadow Gaussians would pool models of ratios "
+                      f"{', '.join(f'{r:g}' for r in ratios)}); score LiRA on a single-ratio run")
+
+
 def lira_report(records, *, memorization: np.ndarray | None = None, targets: int | str | Sequence[int] | None = None,
                 center: str = "mean", min_models: int = 2, num_bootstrap: int = 200, seed: int = 0,
                 queries: str = "auto", top: int = 10) -> tuple[dict[str, np.ndarray], dict[str, Any], list[str], LiraAttack]:
   """Everything ``jaxmem scores --estimators lira`` reports: per-example columns, the summary
   (written to ``lira.json``), printed lines, and the attack (for the ROC plot)."""
+  check_single_ratio(records.subset_ratio)
   margin = as_queries(select_margins(records, queries))
   keep = np.asarray(records.keep, bool)
   attack = lira_attack(margin, keep, targets=targets, center=center, min_models=min_models,

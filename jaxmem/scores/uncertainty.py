@@ -22,7 +22,6 @@ how many models a target standard error needs.
 
 from __future__ import annotations
 
-import functools
 import math
 from typing import Callable, NamedTuple, Sequence
 
@@ -32,10 +31,9 @@ import numpy as np
 
 from jaxmem.errors import JaxmemError
 from jaxmem.scores import EstimatorResult, register_estimator
-from jaxmem.scores._stats import spearman
+from jaxmem.scores._stats import in_out_stats, ratio_strata, spearman
 from jaxmem.scores.memorization import memorization
 
-_HIGHEST = jax.lax.Precision.HIGHEST
 _SPLIT_TAG = 0x5B117
 #: Median-SE targets shown when the user gives none.
 DEFAULT_TARGETS = (0.02, 0.01)
@@ -47,34 +45,33 @@ def bootstrap_counts(key: jax.Array, num_resamples: int, num_models: int) -> jax
   return jax.vmap(lambda idx: jnp.bincount(idx, length=num_models))(idx_BxM).astype(jnp.float32)
 
 
-@jax.jit
-def _resampled_difference(counts_BxM, keep_MxN, values_MxN):
-  inside = keep_MxN.astype(jnp.float32)
-  outside = 1.0 - inside
-  dot = functools.partial(jnp.matmul, precision=_HIGHEST)
-  n_in, n_out = dot(counts_BxM, inside), dot(counts_BxM, outside)
-  sum_in, sum_out = dot(counts_BxM, inside * values_MxN), dot(counts_BxM, outside * values_MxN)
-  diff = sum_in / jnp.maximum(n_in, 1) - sum_out / jnp.maximum(n_out, 1)
-  return jnp.where((n_in > 0) & (n_out > 0), diff, jnp.nan)
-
-
-def bootstrap_differences(keep_MxN, values_MxN, counts_BxM, *, block_size: int = 4096) -> np.ndarray:
+def bootstrap_differences(keep_MxN, values_MxN, counts_BxM, *, ratio_M=None, block_size: int = 4096) -> np.ndarray:
   """(B, N) in−out differences of ``values`` for each resample (rows of ``counts``); NaN where a
-  resample has no in- or no out-model for the example. Blocks of examples bound device memory."""
+  resample has no in- or no out-model for the example (at some ratio). A resample's weights are its
+  counts times the one-hot of each model's ratio, so the kernel gives every (resample, ratio) mean
+  in one pass; differences are taken within ratios and averaged with equal weight, as the estimate
+  itself. Blocks of examples bound device memory."""
   keep_MxN = np.asarray(keep_MxN, bool)
   values_MxN = np.asarray(values_MxN, np.float32)
   if keep_MxN.shape != values_MxN.shape:
     raise ValueError(f"keep {keep_MxN.shape} and values {values_MxN.shape} must have the same shape")
-  counts = jnp.asarray(counts_BxM, jnp.float32)
-  n = keep_MxN.shape[1]
+  m, n = keep_MxN.shape
+  _, onehot_MxR = ratio_strata(np.zeros(m) if ratio_M is None else ratio_M)
+  counts_BxM = np.asarray(counts_BxM, np.float32)
+  resamples, r = counts_BxM.shape[0], onehot_MxR.shape[1]
+  weights_MxBR = (counts_BxM.T[:, :, None] * onehot_MxR[:, None, :]).reshape(m, resamples * r)
   block = max(1, min(block_size, n))
-  out = np.empty((counts.shape[0], n), np.float32)
+  out = np.empty((resamples, n), np.float32)
   for start in range(0, n, block):
     k, v = keep_MxN[:, start: start + block], values_MxN[:, start: start + block]
     width = k.shape[1]
     if width < block:  # pad: one compilation for every block
       k, v = np.pad(k, ((0, 0), (0, block - width))), np.pad(v, ((0, 0), (0, block - width)))
-    out[:, start: start + width] = np.asarray(_resampled_difference(counts, k, v))[:, :width]
+    stats = in_out_stats(k, v, weights_MxBR, with_m2=False)
+    shape = (resamples, r, block)
+    n_in, n_out = stats.inside.n.reshape(shape), stats.outside.n.reshape(shape)
+    diff = np.where((n_in > 0) & (n_out > 0), stats.inside.mean.reshape(shape) - stats.outside.mean.reshape(shape), np.nan)
+    out[:, start: start + width] = diff.mean(axis=1)[:, :width]
   return out
 
 
@@ -85,7 +82,7 @@ class BootstrapInterval(NamedTuple):
 
 
 def bootstrap_interval(keep_MxN, values_MxN, *, key: jax.Array, num_resamples: int = 200,
-                       confidence: float = 0.95, block_size: int = 4096) -> BootstrapInterval:
+                       confidence: float = 0.95, ratio_M=None, block_size: int = 4096) -> BootstrapInterval:
   """Percentile bootstrap interval over models for each example's in−out difference."""
   if not isinstance(num_resamples, (int, np.integer)) or num_resamples < 2:
     raise JaxmemError(f"bootstrap resamples must be an integer >= 2, got {num_resamples!r}")
@@ -93,7 +90,7 @@ def bootstrap_interval(keep_MxN, values_MxN, *, key: jax.Array, num_resamples: i
     raise JaxmemError(f"confidence must be in (0, 1), got {confidence!r}")
   keep_MxN = np.asarray(keep_MxN, bool)
   counts = bootstrap_counts(key, int(num_resamples), keep_MxN.shape[0])
-  diffs_BxN = bootstrap_differences(keep_MxN, values_MxN, counts, block_size=block_size)
+  diffs_BxN = bootstrap_differences(keep_MxN, values_MxN, counts, ratio_M=ratio_M, block_size=block_size)
   alpha = 1.0 - confidence
   defined = np.isfinite(diffs_BxN).sum(axis=0)
   ok = defined >= 2
@@ -110,21 +107,26 @@ class SplitHalf(NamedTuple):
   per_split: tuple[float, ...]
 
 
-def split_half_reliability(keep_MxN, values_MxN, *, seed: int, num_splits: int = 5,
+def split_half_reliability(keep_MxN, values_MxN, *, seed: int, num_splits: int = 5, ratio_M=None,
                            estimate: Callable[[np.ndarray, np.ndarray], np.ndarray] | None = None) -> SplitHalf:
   """Spearman correlation between the estimates from two disjoint random halves of the models.
 
-  ``estimate(keep, values) -> (N,)`` defaults to Feldman & Zhang's memorization."""
+  ``estimate(keep, values) -> (N,)`` defaults to Feldman & Zhang's memorization (within the
+  ratios of ``ratio_M``; each half keeps its models' ratios)."""
   keep_MxN, values_MxN = np.asarray(keep_MxN, bool), np.asarray(values_MxN)
   m = keep_MxN.shape[0]
+  ratio_M = np.zeros(m) if ratio_M is None else np.asarray(ratio_M)
   if estimate is None:
-    estimate = lambda k, v: memorization(k, v).estimate
+    estimate = lambda k, v, rows: memorization(k, v, ratio_M[rows]).estimate
+  else:
+    given = estimate
+    estimate = lambda k, v, rows: given(k, v)
   rhos = []
   if m >= 4:
     for s in range(num_splits):
       order = np.random.default_rng([seed, _SPLIT_TAG, s]).permutation(m)
       a, b = np.sort(order[: m // 2]), np.sort(order[m // 2: 2 * (m // 2)])
-      rhos.append(spearman(estimate(keep_MxN[a], values_MxN[a]), estimate(keep_MxN[b], values_MxN[b])))
+      rhos.append(spearman(estimate(keep_MxN[a], values_MxN[a], a), estimate(keep_MxN[b], values_MxN[b], b)))
   finite = [r for r in rhos if np.isfinite(r)]
   rho = float(np.mean(finite)) if finite else float("nan")
   brown = 2 * rho / (1 + rho) if np.isfinite(rho) and rho > -1 else float("nan")
@@ -138,9 +140,9 @@ def models_needed(median_se: float, num_models: int, target_se: float) -> int | 
   return int(math.ceil(num_models * (median_se / target_se) ** 2))
 
 
-def median_memorization_se(keep_MxN, correct_MxN) -> float:
+def median_memorization_se(keep_MxN, correct_MxN, ratio_M=None) -> float:
   """Median Agresti–Caffo SE of memorization over examples (NaN if none is defined yet)."""
-  se = memorization(keep_MxN, correct_MxN).se
+  se = memorization(keep_MxN, correct_MxN, ratio_M).se
   return float(np.nanmedian(se)) if np.isfinite(se).any() else float("nan")
 
 
@@ -189,18 +191,18 @@ def _uncertainty(records, *, context=None, seed: int = 0, resamples: int = 200, 
   columns, summary, lines = {}, {}, []
   if resamples:
     interval = bootstrap_interval(keep, correct, key=jax.random.PRNGKey(seed), num_resamples=resamples,
-                                  confidence=confidence)
+                                  confidence=confidence, ratio_M=records.subset_ratio)
     columns = {"memorization_ci_low": interval.low, "memorization_ci_high": interval.high}
     width = interval.high - interval.low
     summary["bootstrap"] = {"resamples": int(resamples), "confidence": float(confidence), "seed": int(seed),
                             "median_width": float(np.nanmedian(width)) if np.isfinite(width).any() else None}
-  half = split_half_reliability(keep, correct, seed=seed, num_splits=splits)
+  half = split_half_reliability(keep, correct, seed=seed, num_splits=splits, ratio_M=records.subset_ratio)
   summary["split_half"] = {"spearman": half.spearman, "spearman_brown": half.spearman_brown,
                            "splits": list(half.per_split)}
   context = context or {}
   se = context.get("memorization_se")
   median_se = (float(np.nanmedian(se)) if se is not None and np.isfinite(se).any()
-               else median_memorization_se(keep, correct))
+               else median_memorization_se(keep, correct, records.subset_ratio))
   m = records.num_models
   needed = {f"{t:g}": models_needed(median_se, m, t) for t in _targets(target_se)}
   summary["models_needed"] = {"median_se": median_se, "num_models": m, "targets": needed}
