@@ -29,7 +29,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from jaxmem.errors import JaxmemError
-from jaxmem.scoring import SCORES_CSV, read_scores_csv
+from jaxmem.scoring import SCORES_CSV, read_index, read_scores_csv, stale_tables
 from jaxmem.store import RunDir, write_bytes_atomic
 
 REPORT_DIR = "report"
@@ -77,6 +77,13 @@ def write_report(run_dir: str | Path, *, dataset=None, data_dir: str | None = No
     raise JaxmemError(f"run directory {str(run.path)!r} has no {SCORES_CSV} yet; run `jaxmem scores "
                       f"{run.path}` first")
   scores = read_scores_csv(run.path / SCORES_CSV)
+  # A table computed from other records than the run holds now (or a file an earlier scoring left)
+  # is not shown: its columns are dropped here and its sections check ``ctx.stale``.
+  stale = stale_tables(run.path)
+  for name, reason in stale.items():
+    log(f"report: leaving out {name}: {reason}")
+    for column in read_index(run.path)["tables"].get(name, {}).get("columns", []):
+      scores.pop(column, None)
   summary = _read_json(run.path / "summary.json")
   out = run.path / REPORT_DIR
   out.mkdir(exist_ok=True)
@@ -90,7 +97,8 @@ def write_report(run_dir: str | Path, *, dataset=None, data_dir: str | None = No
     note = "the inputs are not images; examples are listed in tables"
   log(f"report: {note}" if note else "report: images from the reloaded dataset")
 
-  ctx = _Context(run.path, out, manifest, summary, scores, dataset if images_ok else None, top)
+  ctx = _Context(run.path, out, manifest, summary, scores, dataset if images_ok else None, top,
+                 stale=frozenset(stale))
   sections = [s for s in (
       _facts_section(ctx, note),
       _memorization_section(ctx),
@@ -138,6 +146,7 @@ class _Context:
   dataset: Any  # Dataset with images, or None
   top: int
   images: list[str] = dataclasses.field(default_factory=list)
+  stale: frozenset = frozenset()  # estimators whose tables and files no longer describe the records
 
   def has(self, column: str) -> bool:
     return column in self.scores and bool(np.isfinite(self.scores[column].astype(float)).any())
@@ -376,6 +385,8 @@ def _influence_section(ctx: _Context) -> _Section | None:
   # influence_pairs.csv holds Feldman & Zhang's high-influence pairs (high influence and high
   # memorization, their Fig. 4); influence_topk.csv the top pairs per example, listed once per
   # direction: fall back to it, deduplicated, when there are no high pairs.
+  if "influence" in ctx.stale:
+    return None
   table = None
   for name in ("influence_pairs.csv", "influence_topk.csv"):
     if (ctx.run_path / name).is_file():
@@ -465,6 +476,8 @@ def _flatten(obj, prefix: str = "") -> list[tuple[str, Any]]:
 
 
 def _lira_section(ctx: _Context) -> _Section | None:
+  if "lira" in ctx.stale:
+    return None
   lira_json, roc = ctx.run_path / "lira.json", ctx.run_path / "lira_roc.png"
   columns = [c for c in ("lira_online", "lira_offline") if ctx.has(c)]
   if not (lira_json.is_file() or roc.is_file() or columns):

@@ -23,7 +23,7 @@ from jaxmem.data import Dataset, load_dataset
 from jaxmem.errors import JaxmemError
 from jaxmem.masks import make_masks
 from jaxmem.scores import auroc
-from jaxmem.scoring import ScoreTable, score_records, study_columns, write_scores
+from jaxmem.scoring import ScoreTable, score_records, write_scores
 from jaxmem.store import FORMAT_VERSION, Records, RunDir, utc_now, write_json_atomic
 
 
@@ -285,7 +285,7 @@ def run(config: RunConfig, out: str | Path, *, overwrite: bool = False, progress
   options = {"uncertainty": {"target_se": config.target_se, "seed": config.seed}}
   for name, values in (score_options or {}).items():
     options[name] = {**options.get(name, {}), **values}
-  table = score_records(records, estimators, options, carried=study_columns(run_dir, records.num_train))
+  table = score_records(records, estimators, options)
   summary = summarize(records, table, dataset=dataset, seconds=time.perf_counter() - start,
                       trained=len(todo), skipped=len(skipped))
   summary["files"] = output_files(run_dir.path)

@@ -74,3 +74,10 @@ def test_masked_mean_matches_numpy():
     x = values[mask[:, i], i]
     assert result.mean[i] == pytest.approx(x.mean(), rel=1e-5)
     assert result.se[i] == pytest.approx(x.std(ddof=1) / np.sqrt(len(x)), rel=1e-4)
+
+
+def test_values_of_non_members_are_never_read():
+  values = np.array([[np.nan, 1.0], [2.0, np.nan], [4.0, 3.0]])
+  mask = np.array([[False, True], [True, False], [True, True]])
+  result = masked_mean(values, mask)
+  np.testing.assert_allclose(result.mean, [3.0, 2.0])

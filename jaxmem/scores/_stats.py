@@ -77,16 +77,17 @@ def _side(weights_MxG, member_MxNx1, values_MxNxA, with_m2: bool):
   w_MxNx1 = member_MxNx1.astype(jnp.float32)
   # Shift every example by its first model's value: sums of values far from 0 (a margin of 1e4
   # varying by 0.01) would lose the digits the variance lives in to float32 rounding of the mean.
-  shift_1xNxA = values_MxNxA[:1]
-  x_MxNxA = values_MxNxA - shift_1xNxA
+  # Values of non-members are never read (they may be NaN: a measure undefined for that model).
+  shift_1xNxA = jnp.where(jnp.isfinite(values_MxNxA[:1]), values_MxNxA[:1], 0.0)
+  x_MxNxA = jnp.where(member_MxNx1, values_MxNxA - shift_1xNxA, 0.0)
   n_GxNx1 = _einsum("mg,mnk->gnk", weights_MxG, w_MxNx1)
-  sum_GxNxA = _einsum("mg,mna->gna", weights_MxG, w_MxNx1 * x_MxNxA)
+  sum_GxNxA = _einsum("mg,mna->gna", weights_MxG, x_MxNxA)
   shifted_mean_GxNxA = jnp.where(n_GxNx1 > 0, sum_GxNxA / jnp.maximum(n_GxNx1, 1), 0.0)
   mean_GxNxA = jnp.where(n_GxNx1 > 0, shifted_mean_GxNxA + shift_1xNxA, 0.0)
   if not with_m2:
     return n_GxNx1[..., 0], mean_GxNxA, jnp.zeros_like(mean_GxNxA)
   own_mean_MxNxA = _einsum("mg,gna->mna", weights_MxG, shifted_mean_GxNxA)
-  m2_GxNxA = _einsum("mg,mna->gna", weights_MxG, w_MxNx1 * (x_MxNxA - own_mean_MxNxA) ** 2)
+  m2_GxNxA = _einsum("mg,mna->gna", weights_MxG, jnp.where(member_MxNx1, x_MxNxA - own_mean_MxNxA, 0.0) ** 2)
   return n_GxNx1[..., 0], mean_GxNxA, m2_GxNxA
 
 
@@ -188,7 +189,17 @@ def average_over_ratios(per_RxN: np.ndarray, se_RxN: np.ndarray) -> tuple[np.nda
   r = per_RxN.shape[0]
   if r == 1:
     return per_RxN[0], se_RxN[0]
-  return per_RxN.mean(axis=0), np.sqrt((se_RxN**2).sum(axis=0)) / r
+  return sum_over_ratios(per_RxN) / r, np.sqrt(sum_over_ratios(se_RxN**2)) / r
+
+
+def sum_over_ratios(x_RxN: np.ndarray) -> np.ndarray:
+  """Σ_r x_r added in ratio order for every example (numpy's reduction along an axis pairs terms
+  differently for a single column than for many, which would make results depend on the block
+  of examples they were computed in)."""
+  total = np.array(x_RxN[0], np.float64, copy=True)
+  for row in x_RxN[1:]:
+    total += row
+  return total
 
 
 class InOutDifference(NamedTuple):

@@ -24,8 +24,8 @@ import jax
 import numpy as np
 
 from jaxmem.errors import JaxmemError
-from jaxmem.scores import EstimatorResult, register_estimator
-from jaxmem.scores._stats import InOutDifference, in_out_difference
+from jaxmem.scores._result import EstimatorResult
+from jaxmem.scores._stats import InOutDifference, in_out_difference, nanmedian
 
 METRICS = ("margin", "logprob", "loss")
 
@@ -67,15 +67,17 @@ def parse_metrics(metrics) -> tuple[str, ...]:
   return tuple(dict.fromkeys(out))
 
 
-@register_estimator("counterfactual", requires=("train_margin",))
-def _counterfactual(records, *, context=None, metrics=()) -> EstimatorResult:
+def counterfactual_columns(records, *, context=None, metrics=()) -> EstimatorResult:
   """Adapter: columns ``memorization_<metric>`` and ``memorization_<metric>_se`` for the metrics
   asked (none by default, so a default run's table stays narrow)."""
-  columns, summary = {}, {}
+  columns = {}
   for metric in parse_metrics(metrics):
     result = counterfactual_from_margin(records.keep, records["train_margin"], metric, records.subset_ratio)
     columns[f"memorization_{metric}"] = result.estimate
     columns[f"memorization_{metric}_se"] = result.se
-    summary[metric] = {"median": float(np.nanmedian(result.estimate)) if np.isfinite(result.estimate).any() else None,
-                       "median_se": float(np.nanmedian(result.se)) if np.isfinite(result.se).any() else None}
-  return EstimatorResult(columns=columns, summary=summary)
+  return EstimatorResult(columns=columns)
+
+
+def counterfactual_summary(columns, records, **options) -> dict:
+  return {name[len("memorization_"):]: {"median": nanmedian(columns[name]), "median_se": nanmedian(columns[f"{name}_se"])}
+          for name in columns if not name.endswith("_se")}

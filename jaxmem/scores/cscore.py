@@ -32,8 +32,9 @@ from typing import NamedTuple
 
 import numpy as np
 
-from jaxmem.scores import EstimatorResult, register_estimator
-from jaxmem.scores._stats import in_out_stats, masked_mean, plus_two_se, ratio_name, ratio_strata, spearman, successes
+from jaxmem.scores._result import EstimatorResult
+from jaxmem.scores._stats import (in_out_stats, masked_mean, nanmedian, plus_two_se, ratio_name, ratio_strata, spearman,
+                                  successes, sum_over_ratios)
 
 
 class CScore(NamedTuple):
@@ -69,7 +70,7 @@ def cscore(keep_MxN: np.ndarray, correct_MxN: np.ndarray, ratio_M: np.ndarray) -
   per = np.where(n_out > 0, s / np.maximum(n_out, 1), np.nan)
   per_se = plus_two_se(s, n_out)
   # a plain mean propagates NaN: a ratio without held-out models makes C_i unknown
-  estimate, se = per.mean(axis=0), np.sqrt((per_se**2).sum(axis=0)) / len(ratios)
+  estimate, se = sum_over_ratios(per) / len(ratios), np.sqrt(sum_over_ratios(per_se**2)) / len(ratios)
   return CScore(estimate, se, ratios, per, per_se, n_out.astype(np.int64))
 
 
@@ -84,37 +85,37 @@ def learning_speed(keep_MxN: np.ndarray, correct_epochs_MxExN: np.ndarray) -> np
   return masked_mean(correct.mean(axis=1), keep_MxN).mean
 
 
-def _nanmedian(x) -> float:
-  x = np.asarray(x, np.float64)
-  return float(np.nanmedian(x)) if np.isfinite(x).any() else float("nan")
-
-
-@register_estimator("cscore", requires=("train_correct",))
-def _cscore(records, *, context=None) -> EstimatorResult:
+def cscore_columns(records, *, context=None) -> EstimatorResult:
+  """Adapter: ``cscore``, ``cscore_se`` and ``cscore_at_<r>`` per ratio."""
   result = cscore(records.keep, records["train_correct"], records.subset_ratio)
   columns = {"cscore": result.estimate, "cscore_se": result.se}
   for r, values in zip(result.ratios, result.per_ratio):
     columns[f"cscore_at_{ratio_name(r)}"] = values
+  return EstimatorResult(columns=columns)
+
+
+def cscore_summary(columns, records, **options) -> dict:
   ratio_M = np.round(np.asarray(records.subset_ratio, np.float64), 6)
-  models = {ratio_name(r): int((ratio_M == r).sum()) for r in result.ratios}
-  summary = {"ratios": [float(r) for r in result.ratios], "models_per_ratio": models,
-             "median": _nanmedian(result.estimate), "median_se": _nanmedian(result.se),
-             "undefined": int(np.isnan(result.estimate).sum())}
-  lines = [f"C-score: ratios {', '.join(f'{k} ({v} models)' for k, v in models.items())}; "
-           f"median {summary['median']:.3f}, median standard error {summary['median_se']:.3f}"
-           + (f"; {summary['undefined']} examples undefined (a ratio without held-out models)"
-              if summary["undefined"] else "")]
-  return EstimatorResult(columns=columns, summary=summary, lines=lines)
+  ratios = [float(r) for r in np.unique(ratio_M)]
+  return {"ratios": ratios, "models_per_ratio": {ratio_name(r): int((ratio_M == r).sum()) for r in ratios},
+          "median": nanmedian(columns["cscore"]), "median_se": nanmedian(columns["cscore_se"]),
+          "undefined": int(np.isnan(columns["cscore"]).sum())}
 
 
-@register_estimator("learning_speed", requires=("train_correct", "train_correct_epochs"))
-def _learning_speed(records, *, context=None) -> EstimatorResult:
-  speed = learning_speed(records.keep, records["train_correct_epochs"])
-  context = context or {}
-  c = context.get("cscore")
-  if c is None:
-    c = cscore(records.keep, records["train_correct"], records.subset_ratio).estimate
-  rho = spearman(speed, c)
-  return EstimatorResult(columns={"learning_speed": speed},
-                         summary={"spearman_with_cscore": rho, "median": _nanmedian(speed)},
-                         lines=[f"learning-speed proxy: Spearman {rho:.3f} with the C-score"])
+def several_ratios(records) -> bool:
+  """The C-score is a default estimator only with several subset ratios: with one ratio it is that
+  ratio's held-out accuracy, which memorization already contrasts (and a summary line would just
+  report their -1 correlation)."""
+  return len({round(float(r), 6) for r in np.asarray(records.subset_ratio).reshape(-1)}) > 1
+
+
+def learning_speed_columns(records, *, context=None) -> EstimatorResult:
+  """Adapter: ``learning_speed``, and the C-score it is compared with as the hidden column
+  ``_cscore`` (the driver drops columns starting with ``_`` from the score table)."""
+  return EstimatorResult(columns={"learning_speed": learning_speed(records.keep, records["train_correct_epochs"]),
+                                  "_cscore": cscore(records.keep, records["train_correct"], records.subset_ratio).estimate})
+
+
+def learning_speed_summary(columns, records, **options) -> dict:
+  return {"spearman_with_cscore": spearman(columns["learning_speed"], columns["_cscore"]),
+          "median": nanmedian(columns["learning_speed"])}

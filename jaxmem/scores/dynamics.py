@@ -41,8 +41,8 @@ from typing import NamedTuple
 
 import numpy as np
 
-from jaxmem.scores import EstimatorResult, auroc, register_estimator
-from jaxmem.scores._stats import MaskedMean, masked_mean  # noqa: F401  (the studies' import path)
+from jaxmem.scores._result import EstimatorResult
+from jaxmem.scores._stats import MaskedMean, auroc, masked_mean  # noqa: F401  (MaskedMean: the studies' import path)
 
 
 def forgetting_counts(correct_MxExN: np.ndarray) -> np.ndarray:
@@ -99,45 +99,45 @@ def split_learning_times(correct_first_MxExN: np.ndarray, correct_second_MxFxN: 
   return learned_forever_epoch(correct_first_MxExN), forgotten_forever_epoch(correct_second_MxFxN)
 
 
-def _noisy_lines(name: str, values: np.ndarray, noisy: np.ndarray, fmt: str = "{:.2f}") -> tuple[dict, list[str]]:
+def _noisy_summary(name: str, values: np.ndarray, noisy: np.ndarray) -> dict:
   """Mean of a score on flipped vs clean labels, and its AUROC for finding the flipped ones."""
   if not noisy.any() or noisy.all():
-    return {}, []
-  flipped, clean = np.nanmean(values[noisy]), np.nanmean(values[~noisy])
-  area = auroc(values, noisy)
-  summary = {f"{name}_flipped_mean": float(flipped), f"{name}_clean_mean": float(clean), f"{name}_auroc": area}
-  line = (f"{name}: flipped labels {fmt.format(flipped)}, clean {fmt.format(clean)} "
-          f"(AUROC for finding flipped labels {area:.3f})")
-  return summary, [line]
+    return {}
+  return {f"{name}_flipped_mean": float(np.nanmean(values[noisy])), f"{name}_clean_mean": float(np.nanmean(values[~noisy])),
+          f"{name}_auroc": auroc(values, noisy)}
 
 
-@register_estimator("dynamics", requires=("train_correct_epochs",))
-def _dynamics(records, *, context=None, **options) -> EstimatorResult:
-  scores = dynamics_scores(records.keep, records["train_correct_epochs"])
+def dynamics_columns(records, *, context=None) -> EstimatorResult:
+  correct_MxExN = records["train_correct_epochs"]
+  scores = dynamics_scores(records.keep, correct_MxExN)
   columns = {name: getattr(scores, name) for name in DynamicsScores._fields if name != "n_models"}
-  num_epochs = int(records["train_correct_epochs"].shape[1])
-  summary = {"epochs_recorded": num_epochs,
-             "never_learned_by_any_model": int(np.sum(scores.never_learned_fraction == 1.0)),
-             "unforgettable": int(np.sum(scores.forgetting_events == 0))}
-  lines = [f"forgetting events over {num_epochs} recorded epochs: mean {np.nanmean(scores.forgetting_events):.2f}, "
-           f"{summary['unforgettable']} unforgettable examples, "
-           f"{summary['never_learned_by_any_model']} never learned by any model"]
+  columns["_epochs"] = np.full(correct_MxExN.shape[2], correct_MxExN.shape[1])  # hidden: for the summary
+  return EstimatorResult(columns=columns)
+
+
+def dynamics_summary(columns, records, **options) -> dict:
+  summary = {"epochs_recorded": int(columns["_epochs"][0]) if len(columns["_epochs"]) else 0,
+             "never_learned_by_any_model": int(np.sum(columns["never_learned_fraction"] == 1.0)),
+             "unforgettable": int(np.sum(columns["forgetting_events"] == 0)),
+             "mean_forgetting_events": float(np.nanmean(columns["forgetting_events"]))
+             if np.isfinite(columns["forgetting_events"]).any() else float("nan")}
   noisy = np.asarray(records.noisy, dtype=bool)
   for name in ("forgetting_events", "first_learned_epoch"):
-    more, more_lines = _noisy_lines(name, getattr(scores, name), noisy)
-    summary.update(more)
-    lines.extend(more_lines)
-  return EstimatorResult(columns=columns, summary=summary, lines=lines)
+    summary.update(_noisy_summary(name, columns[name], noisy))
+  return summary
 
 
-@register_estimator("el2n_grand", requires=("train_el2n", "train_grand"))
-def _el2n_grand(records, *, context=None, **options) -> EstimatorResult:
-  columns, summary, lines = {}, {}, []
-  noisy = np.asarray(records.noisy, dtype=bool)
+def el2n_grand_columns(records, *, context=None) -> EstimatorResult:
+  columns = {}
   for name in ("el2n", "grand"):
     result = masked_mean(records[f"train_{name}"], records.keep)
     columns[name], columns[f"{name}_se"] = result.mean, result.se
-    more, more_lines = _noisy_lines(name, result.mean, noisy, "{:.3f}")
-    summary.update(more)
-    lines.extend(more_lines)
-  return EstimatorResult(columns=columns, summary=summary, lines=lines)
+  return EstimatorResult(columns=columns)
+
+
+def el2n_grand_summary(columns, records, **options) -> dict:
+  noisy = np.asarray(records.noisy, dtype=bool)
+  summary = {}
+  for name in ("el2n", "grand"):
+    summary.update(_noisy_summary(name, columns[name], noisy))
+  return summary

@@ -35,9 +35,7 @@ full matrix as train × test (N, T), i.e. ``infl[i, j]``, the transpose of its `
 
 from __future__ import annotations
 
-import csv
 import functools
-from pathlib import Path
 from typing import NamedTuple
 
 import jax
@@ -45,7 +43,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxmem.errors import JaxmemError
-from jaxmem.scores import EstimatorResult, register_estimator
+from jaxmem.scores._result import EstimatorResult
 from jaxmem.scores._stats import in_out_pair_sums, ratio_strata
 from jaxmem.scores.memorization import memorization
 
@@ -230,13 +228,9 @@ class InfluenceComputation:
       pair_arrays = (np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.float32), np.zeros(0, np.float32))
     return topk, pair_arrays
 
-  def write_full(self, path: str | Path) -> None:
-    """Writes the full (N, T) float32 influence matrix to ``.npy`` block by block (memory-mapped)."""
-    out = np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=(self.num_train, self.num_test))
-    for start, infl, _ in self.dense_blocks():
-      out[start: start + infl.shape[0]] = infl
-    out.flush()
-    del out
+  @property
+  def shape(self) -> tuple[int, int]:
+    return (self.num_train, self.num_test)
 
 
 def influence(keep_MxN, test_correct_MxT, *, ratio_M=None, block_size: int = 1024) -> tuple[np.ndarray, np.ndarray]:
@@ -255,55 +249,30 @@ def influence_topk(keep_MxN, test_correct_MxT, k: int = 10, *, ratio_M=None, blo
   return InfluenceComputation(keep_MxN, test_correct_MxT, ratio_M=ratio_M, block_size=block_size).top_k(k)[0]
 
 
-TOPK_COLUMNS = ("test_index", "train_index", "influence", "influence_se", "memorization", "direction", "rank")
-PAIR_COLUMNS = ("test_index", "train_index", "influence", "influence_se", "memorization", "test_label", "train_label")
-
-
-def _fmt(value) -> str:
-  value = float(value)
-  return "" if np.isnan(value) else f"{value:.6g}"
-
-
-def topk_rows(topk: InfluenceTopK, memorization_N: np.ndarray):
-  """Rows of ``influence_topk.csv``: direction ``test`` lists the top train examples for each test
-  example, direction ``train`` the top test examples for each train example; rank 1 is the largest."""
+def topk_table(topk: InfluenceTopK, memorization_N: np.ndarray) -> dict[str, np.ndarray]:
+  """Columns of ``influence_topk.csv``: direction ``test`` lists the top train examples for each
+  test example, then direction ``train`` the top test examples for each train example; rank 1 is
+  the largest; unused slots are left out."""
   mem = np.asarray(memorization_N, np.float64)
-  for j in range(topk.train_for_test_TxK.shape[0]):
-    for r in range(topk.train_for_test_TxK.shape[1]):
-      i = int(topk.train_for_test_TxK[j, r])
-      if i >= 0:
-        yield (j, i, _fmt(topk.influence_for_test_TxK[j, r]), _fmt(topk.se_for_test_TxK[j, r]), _fmt(mem[i]), "test", r + 1)
-  for i in range(topk.test_for_train_NxK.shape[0]):
-    for r in range(topk.test_for_train_NxK.shape[1]):
-      j = int(topk.test_for_train_NxK[i, r])
-      if j >= 0:
-        yield (j, i, _fmt(topk.influence_for_train_NxK[i, r]), _fmt(topk.se_for_train_NxK[i, r]), _fmt(mem[i]), "train", r + 1)
+  parts = []
+  for direction, idx, val, se, own_is_test in (
+      ("test", topk.train_for_test_TxK, topk.influence_for_test_TxK, topk.se_for_test_TxK, True),
+      ("train", topk.test_for_train_NxK, topk.influence_for_train_NxK, topk.se_for_train_NxK, False)):
+    own, rank = np.nonzero(idx >= 0)
+    other = idx[own, rank].astype(np.int64)
+    test_j, train_i = (own, other) if own_is_test else (other, own)
+    parts.append({"test_index": test_j, "train_index": train_i,
+                  "influence": val[own, rank].astype(np.float64), "influence_se": se[own, rank].astype(np.float64),
+                  "memorization": mem[train_i], "direction": np.full(len(own), direction, object),
+                  "rank": rank.astype(np.int64) + 1})
+  return {name: np.concatenate([p[name] for p in parts]) for name in parts[0]}
 
 
-def _csv_writer(header, rows_fn):
-  def write(path):
-    from jaxmem.store import atomic_path
-    with atomic_path(Path(path)) as tmp:
-      with open(tmp, "w", newline="") as f:
-        writer = csv.writer(f, lineterminator="\n")
-        writer.writerow(header)
-        writer.writerows(rows_fn())
-  return write
-
-
-def _full_writer(comp: InfluenceComputation):
-  def write(path):
-    from jaxmem.store import atomic_path
-    with atomic_path(Path(path)) as tmp:
-      comp.write_full(tmp)
-  return write
-
-
-@register_estimator("influence", requires=("test_correct",))
-def _influence(records, *, context=None, topk: int = 10, full: bool = False, block_size: int = 1024,
-               pair_influence: float = HIGH_INFLUENCE,
-               pair_memorization: float = HIGH_MEMORIZATION) -> EstimatorResult:
-  """Adapter: ``influence_topk.csv``, ``influence_pairs.csv`` and, with ``full``, ``influence.npy``."""
+def influence_estimator(records, *, context=None, topk: int = 10, full: bool = False, block_size: int = 1024,
+                        pair_influence: float = HIGH_INFLUENCE,
+                        pair_memorization: float = HIGH_MEMORIZATION) -> EstimatorResult:
+  """Adapter: tables ``influence_topk`` and ``influence_pairs`` and, with ``full``, the matrix
+  ``influence`` (N, T), produced block by block."""
   context = context or {}
   mem_N = context.get("memorization")
   if mem_N is None:
@@ -313,19 +282,19 @@ def _influence(records, *, context=None, topk: int = 10, full: bool = False, blo
   topk_result, pairs = comp.top_k(topk, memorization_N=mem_N, pair_influence=pair_influence,
                                   pair_memorization=pair_memorization)
   train_i, test_j, value, se = pairs
-  test_labels, train_labels = records.test_labels, records.train_labels
-  pair_rows = lambda: ((int(j), int(i), _fmt(v), _fmt(s), _fmt(mem_N[i]), int(test_labels[j]), int(train_labels[i]))
-                       for i, j, v, s in zip(train_i, test_j, value, se))
-  files = {"influence_topk.csv": _csv_writer(TOPK_COLUMNS, lambda: topk_rows(topk_result, mem_N)),
-           "influence_pairs.csv": _csv_writer(PAIR_COLUMNS, pair_rows)}
-  if full:
-    files["influence.npy"] = _full_writer(comp)
+  pair_table = {"test_index": test_j.astype(np.int64), "train_index": train_i.astype(np.int64),
+                "influence": value.astype(np.float64), "influence_se": se.astype(np.float64),
+                "memorization": np.asarray(mem_N, np.float64)[train_i],
+                "test_label": np.asarray(records.test_labels)[test_j].astype(np.int64),
+                "train_label": np.asarray(records.train_labels)[train_i].astype(np.int64)}
   best = topk_result.influence_for_test_TxK[:, 0]
   summary = {"topk": int(topk), "high_influence_pairs": int(len(value)),
              "pair_influence_threshold": float(pair_influence), "pair_memorization_threshold": float(pair_memorization),
              "train_examples_in_pairs": int(len(np.unique(train_i))), "test_examples_in_pairs": int(len(np.unique(test_j))),
-             "median_max_influence_per_test": float(np.nanmedian(best)) if np.isfinite(best).any() else float("nan")}
-  lines = [f"influence: {len(value)} high-influence pairs (influence >= {pair_influence:g}, memorization >= "
-           f"{pair_memorization:g}) over {summary['train_examples_in_pairs']} training and "
-           f"{summary['test_examples_in_pairs']} test examples; top-{topk} per example in influence_topk.csv"]
-  return EstimatorResult(summary=summary, lines=lines, files=files)
+             "median_max_influence_per_test": float(np.nanmedian(best)) if np.isfinite(best).any() else float("nan"),
+             "num_models": int(comp.num_models),
+             "median_pair_se": float(np.nanmedian(se)) if np.isfinite(se).any() else float("nan"),
+             "pairs_within_two_se": int(np.sum(value < 2 * se))}
+  return EstimatorResult(summary=summary,
+                         tables={"influence_topk": topk_table(topk_result, mem_N), "influence_pairs": pair_table},
+                         matrices={"influence": comp} if full else {})

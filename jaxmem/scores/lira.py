@@ -57,8 +57,9 @@ import numpy as np
 from scipy.special import log_ndtr
 
 from jaxmem.errors import JaxmemError
+from jaxmem.scores._result import EstimatorResult
 from jaxmem.scores._stats import ratio_key, spearman
-from jaxmem.scores.attack_metrics import DEFAULT_FPRS, bootstrap_attack_metrics, per_example_auc, roc, tpr_key
+from jaxmem.scores.attack_metrics import DEFAULT_FPRS, bootstrap_attack_metrics, per_example_auc, roc
 
 CENTERS = ("mean", "median")
 VARIANTS = ("online", "online_fixed_variance", "offline", "offline_fixed_variance", "offline_pdf",
@@ -382,61 +383,6 @@ def per_example_risk(margin_MxNxA: np.ndarray, keep_MxN: np.ndarray, *, center: 
   return out
 
 
-def format_attack_lines(attack: LiraAttack, fprs: Sequence[float] = DEFAULT_FPRS) -> list[str]:
-  """Human summary of the pooled attack metrics with intervals."""
-  pairs = int(attack.evaluated.sum())
-  lines = [f"LiRA attack: {len(attack.targets)} target models, each attacked with the other models as "
-           f"shadows; {pairs} (target, example) pairs ({int(attack.members[attack.evaluated].mean() * 100)}% members), "
-           "95% bootstrap intervals over examples"]
-  header = f"  {'attack':<36} {'AUC':>22}"
-  for alpha in fprs:
-    header += f" {'TPR@' + f'{100 * alpha:g}' + '%FPR':>22}"
-  header += f" {'balanced acc':>22}"
-  lines.append(header)
-  fmt = lambda m: f"{m['value']:.3f} [{m['low']:.3f}, {m['high']:.3f}]"
-  for name, metrics in attack.metrics.items():
-    row = f"  {VARIANT_LABELS.get(name, name):<36} {fmt(metrics['auc']):>22}"
-    for alpha in fprs:
-      row += f" {fmt(metrics[tpr_key(alpha)]):>22}"
-    row += f" {fmt(metrics['balanced_accuracy']):>22}"
-    lines.append(row)
-  if attack.unscored_examples:
-    lines.append(f"  warning: {attack.unscored_examples} examples lack enough in or out shadow models for "
-                 "some target and were left out of these metrics")
-  return lines
-
-
-def plot_roc(attack: LiraAttack, path, *, title: str = "LiRA on jaxmem subset models") -> None:
-  """Log-log ROC curves of every variant (PNG, matplotlib Agg backend)."""
-  import matplotlib
-  matplotlib.use("Agg", force=False)
-  from matplotlib.figure import Figure
-  from matplotlib.backends.backend_agg import FigureCanvasAgg
-
-  fig = Figure(figsize=(5.5, 4.5))
-  FigureCanvasAgg(fig)
-  ax = fig.add_subplot(1, 1, 1)
-  negatives = int((~attack.members[attack.evaluated]).sum())
-  floor = 1.0 / max(negatives, 1)
-  styles = {"global_threshold": dict(color="gray", ls="--"), "offline_pdf": dict(color="C4", ls=":")}
-  for name, (fpr, tpr) in attack.curves.items():
-    auc = attack.metrics[name]["auc"]["value"]
-    low = attack.metrics[name][tpr_key(0.01)]["value"] if tpr_key(0.01) in attack.metrics[name] else float("nan")
-    ax.plot(np.maximum(fpr, floor / 2), np.maximum(tpr, floor / 2),
-            label=f"{VARIANT_LABELS.get(name, name)} (AUC {auc:.3f}, TPR@1% {low:.3f})", **styles.get(name, {}))
-  ax.plot([floor / 2, 1], [floor / 2, 1], color="black", lw=0.5)
-  ax.set_xscale("log")
-  ax.set_yscale("log")
-  ax.set_xlim(floor / 2, 1)
-  ax.set_ylim(floor / 2, 1)
-  ax.set_xlabel("false positive rate")
-  ax.set_ylabel("true positive rate")
-  ax.set_title(title, fontsize=9)
-  ax.legend(fontsize=6, loc="lower right")
-  fig.tight_layout()
-  fig.savefig(path, dpi=120, format="png")  # path may be a temporary name
-
-
 def select_margins(records, queries: str = "auto") -> np.ndarray:
   """The training-set margins LiRA uses: ``train_margin_aug`` (M,N,A) when recorded and
   ``queries`` is "auto" or "aug", else ``train_margin`` (M,N)."""
@@ -461,9 +407,9 @@ def check_single_ratio(ratio_M) -> None:
 
 def lira_report(records, *, memorization: np.ndarray | None = None, targets: int | str | Sequence[int] | None = None,
                 center: str = "mean", min_models: int = 2, num_bootstrap: int = 200, seed: int = 0,
-                queries: str = "auto", top: int = 10) -> tuple[dict[str, np.ndarray], dict[str, Any], list[str], LiraAttack]:
+                queries: str = "auto", top: int = 10) -> tuple[dict[str, np.ndarray], dict[str, Any], LiraAttack]:
   """Everything ``jaxmem scores --estimators lira`` reports: per-example columns, the summary
-  (written to ``lira.json``), printed lines, and the attack (for the ROC plot)."""
+  (written to ``lira.json``) and the attack (for the ROC curves)."""
   check_single_ratio(records.subset_ratio)
   margin = as_queries(select_margins(records, queries))
   keep = np.asarray(records.keep, bool)
@@ -479,10 +425,8 @@ def lira_report(records, *, memorization: np.ndarray | None = None, targets: int
       "pairs_evaluated": int(attack.evaluated.sum()), "num_bootstrap": num_bootstrap, "seed": seed,
       "attack": attack.metrics, "unscored_examples": unscored,
       "per_example_definition": "per-example AUC of the attack score over all models as targets (leave-one-out)"}
-  lines = format_attack_lines(attack)
-  if unscored:
-    lines.append(f"  warning: {unscored} examples have fewer than {min_models} in or out shadow models; "
-                 "their lira_online is empty")
+  summary["member_percent"] = int(attack.members[attack.evaluated].mean() * 100) if attack.evaluated.any() else 0
+  summary["unscored_attack_examples"] = int(attack.unscored_examples)
   # Most exposed first; ties (many examples reach AUC 1) broken by the mean log-ratio gap.
   order = np.lexsort((-np.nan_to_num(gap, nan=-np.inf), -np.nan_to_num(online, nan=-np.inf)))[:top]
   summary["fully_exposed_examples"] = int(np.sum(online == 1.0))
@@ -494,40 +438,32 @@ def lira_report(records, *, memorization: np.ndarray | None = None, targets: int
       row["memorization"] = float(memorization[i])
     exposed.append(row)
   summary["most_exposed"] = exposed
-  lines.append(f"most exposed training examples (lira_online = per-example attack AUC over {margin.shape[0]} target models; "
-               f"{summary['fully_exposed_examples']} examples at 1.0):")
-  lines.append("  index  label  noisy  lira_online  lira_offline" + ("  memorization" if memorization is not None else ""))
-  for row in exposed:
-    text = (f"  {row['index']:5d}  {row['label']:5d}  {'yes' if row['noisy'] else 'no':>5}  "
-            f"{row['lira_online']:11.3f}  {row['lira_offline']:12.3f}")
-    if memorization is not None:
-      text += f"  {row['memorization']:12.3f}"
-    lines.append(text)
   if memorization is not None:
     valid = ~np.isnan(online) & ~np.isnan(memorization)
-    rho = spearman(online, memorization)
-    summary["spearman_lira_online_memorization"] = rho
-    lines.append(f"Spearman rank correlation of lira_online with memorization: {rho:.3f} ({int(valid.sum())} examples)")
-  return columns, summary, lines, attack
+    summary["spearman_lira_online_memorization"] = spearman(online, memorization)
+    summary["spearman_examples"] = int(valid.sum())
+  return columns, summary, attack
 
 
-from jaxmem.scores import EstimatorResult, register_estimator  # noqa: E402  (registry defined before this module loads)
+def roc_table(attack: LiraAttack) -> dict[str, np.ndarray]:
+  """The ROC curve of every variant on the common (target, example) pairs, as one long table."""
+  names, fpr, tpr = [], [], []
+  for name, (f, t) in attack.curves.items():
+    names.append(np.full(len(f), name, object))
+    fpr.append(np.asarray(f, np.float64))
+    tpr.append(np.asarray(t, np.float64))
+  if not names:
+    return {"variant": np.zeros(0, object), "fpr": np.zeros(0), "tpr": np.zeros(0)}
+  return {"variant": np.concatenate(names), "fpr": np.concatenate(fpr), "tpr": np.concatenate(tpr)}
 
 
-@register_estimator("lira", requires=("train_margin",), default=False)
-def _lira_estimator(records, *, context=None, targets=None, center: str = "mean", min_models: int = 2,
-                    num_bootstrap: int = 200, seed: int = 0, queries: str = "auto", top: int = 10) -> EstimatorResult:
-  """``lira`` columns, ``lira.json`` and ``lira_roc.png``; opt-in (``--estimators ...,lira``) because
-  the leave-one-out attack over all models and the bootstrap take seconds, not milliseconds."""
-  from jaxmem.store import atomic_path, write_json_atomic
+def lira_estimator(records, *, context=None, targets=None, center: str = "mean", min_models: int = 2,
+                   num_bootstrap: int = 200, seed: int = 0, queries: str = "auto", top: int = 10) -> EstimatorResult:
+  """Adapter: ``lira_online``/``lira_offline`` columns, the attack summary and the ROC table; opt-in
+  (``--estimators ...,lira``) because the leave-one-out attack over all models and the bootstrap
+  take seconds, not milliseconds."""
   memorization = None if context is None else context.get("memorization")
-  columns, summary, lines, attack = lira_report(
+  columns, summary, attack = lira_report(
       records, memorization=memorization, targets=targets, center=center, min_models=min_models,
       num_bootstrap=num_bootstrap, seed=seed, queries=queries, top=top)
-
-  def write_png(path):
-    with atomic_path(path) as tmp:
-      plot_roc(attack, tmp)
-
-  return EstimatorResult(columns=columns, summary=summary, lines=lines,
-                         files={"lira.json": lambda path: write_json_atomic(path, summary), "lira_roc.png": write_png})
+  return EstimatorResult(columns=columns, summary=summary, tables={"lira_roc": roc_table(attack)})

@@ -27,7 +27,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from jaxmem.scores._stats import InOutDifference, stratified_difference
+from jaxmem.scores._result import EstimatorResult
+from jaxmem.scores._stats import InOutDifference, nanmedian, ratio_name, stratified_difference
 
 
 def memorization(keep_MxN: np.ndarray, correct_MxN: np.ndarray, ratio_M: np.ndarray | None = None) -> InOutDifference:
@@ -52,3 +53,22 @@ def counterfactual_memorization(keep_MxN: np.ndarray, values_MxN: np.ndarray,
   if keep_MxN.shape != np.shape(values_MxN):
     raise ValueError(f"keep {keep_MxN.shape} and values {np.shape(values_MxN)} must have the same shape")
   return stratified_difference(keep_MxN, values_MxN, ratio_M)
+
+
+def memorization_columns(records, *, context=None) -> EstimatorResult:
+  """Adapter: ``memorization``, ``memorization_se``, ``n_in``, ``n_out`` and, with several subset
+  ratios, ``memorization_at_<r>`` and ``memorization_at_<r>_se`` per ratio."""
+  result = memorization(records.keep, records["train_correct"], records.subset_ratio)
+  columns = {"memorization": result.estimate, "memorization_se": result.se,
+             "n_in": result.n_in, "n_out": result.n_out}
+  if len(result.ratios) > 1:
+    for r, values, se in zip(result.ratios, result.per_ratio, result.per_ratio_se):
+      columns[f"memorization_at_{ratio_name(r)}"] = values
+      columns[f"memorization_at_{ratio_name(r)}_se"] = se
+  return EstimatorResult(columns=columns)
+
+
+def memorization_summary(columns, records, **options) -> dict:
+  ratios = sorted({round(float(r), 6) for r in np.asarray(records.subset_ratio).reshape(-1)})
+  return {"median": nanmedian(columns["memorization"]), "median_se": nanmedian(columns["memorization_se"]),
+          "undefined": int(np.isnan(columns["memorization"]).sum()), "ratios": ratios}

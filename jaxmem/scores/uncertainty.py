@@ -8,9 +8,12 @@ how many models a target standard error needs.
   matmuls ``w @ (keep·values)``, ``w @ keep`` etc. (B×N), computed on the device in blocks of
   examples. Seeded with an explicit ``jax.random`` key. Resamples where an example has no in- or no
   out-model are dropped for that example. The interval is the (α/2, 1 − α/2) percentile of the
-  resampled estimates. Known weakness: an example on which every model agrees gives a zero-width
-  interval (the bootstrap cannot see variance it did not observe); the Agresti–Caffo SE
-  (``memorization_se``) does not have this problem.
+  resampled estimates. The percentile interval alone is degenerate where every model agrees (the
+  bootstrap cannot see variance it did not observe: [1, 1] for an example with 7 in-models all
+  right and 1 out-model wrong, whose Agresti–Caffo SE is 0.29); wherever it is narrower than half
+  the SE-based interval ``estimate ± z·se``, that interval is reported instead (a deviation from
+  the plain percentile method; coverage in ``benchmarks/bootstrap_coverage.md``). With several
+  subset ratios each resample's difference is taken within ratios, as the estimate.
 - **Split-half reliability** (Spearman 1910; Brown 1910): split the models at random into two
   disjoint halves, estimate memorization on each half, and take the Spearman rank correlation over
   examples; averaged over a few seeded splits. ``2ρ / (1 + ρ)`` (Spearman–Brown) predicts the
@@ -28,10 +31,11 @@ from typing import Callable, NamedTuple, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from scipy.special import ndtri
 
 from jaxmem.errors import JaxmemError
-from jaxmem.scores import EstimatorResult, register_estimator
-from jaxmem.scores._stats import in_out_stats, ratio_strata, spearman
+from jaxmem.scores._result import EstimatorResult
+from jaxmem.scores._stats import in_out_stats, nanmedian, ratio_strata, spearman, stratified_difference
 from jaxmem.scores.memorization import memorization
 
 _SPLIT_TAG = 0x5B117
@@ -71,7 +75,10 @@ def bootstrap_differences(keep_MxN, values_MxN, counts_BxM, *, ratio_M=None, blo
     shape = (resamples, r, block)
     n_in, n_out = stats.inside.n.reshape(shape), stats.outside.n.reshape(shape)
     diff = np.where((n_in > 0) & (n_out > 0), stats.inside.mean.reshape(shape) - stats.outside.mean.reshape(shape), np.nan)
-    out[:, start: start + width] = diff.mean(axis=1)[:, :width]
+    total = diff[:, 0].copy()
+    for k in range(1, r):  # in ratio order for every example, whatever the block (see sum_over_ratios)
+      total += diff[:, k]
+    out[:, start: start + width] = (total / r)[:, :width]
   return out
 
 
@@ -79,26 +86,43 @@ class BootstrapInterval(NamedTuple):
   low: np.ndarray
   high: np.ndarray
   resamples: np.ndarray  # (N,) resamples that defined the estimate
+  fallback: np.ndarray | None = None  # (N,) bool: the SE-based interval replaced a degenerate bootstrap one
 
 
 def bootstrap_interval(keep_MxN, values_MxN, *, key: jax.Array, num_resamples: int = 200,
                        confidence: float = 0.95, ratio_M=None, block_size: int = 4096) -> BootstrapInterval:
-  """Percentile bootstrap interval over models for each example's in−out difference."""
+  """Percentile bootstrap interval over models for each example's in−out difference, never
+  narrower than half the SE-based interval ``estimate ± z·se`` (Agresti-Caffo SE for a 0/1 measure,
+  Welch's otherwise): where the percentile interval is (the bootstrap cannot see variance that no
+  resampled model showed: with every model agreeing, all resamples give the same difference and the
+  interval is [x, x] while the SE is ~0.1 with 32 models), the SE-based interval is used instead,
+  clipped to the measure's range for proportions. An interval never claims more certainty than
+  its own estimate's SE allows."""
   if not isinstance(num_resamples, (int, np.integer)) or num_resamples < 2:
     raise JaxmemError(f"bootstrap resamples must be an integer >= 2, got {num_resamples!r}")
   if not 0 < confidence < 1:
     raise JaxmemError(f"confidence must be in (0, 1), got {confidence!r}")
   keep_MxN = np.asarray(keep_MxN, bool)
+  values_MxN = np.asarray(values_MxN, np.float32)
   counts = bootstrap_counts(key, int(num_resamples), keep_MxN.shape[0])
   diffs_BxN = bootstrap_differences(keep_MxN, values_MxN, counts, ratio_M=ratio_M, block_size=block_size)
   alpha = 1.0 - confidence
   defined = np.isfinite(diffs_BxN).sum(axis=0)
   ok = defined >= 2
-  low, high = np.full(keep_MxN.shape[1], np.nan), np.full(keep_MxN.shape[1], np.nan)
+  n = keep_MxN.shape[1]
+  low, high = np.full(n, np.nan), np.full(n, np.nan)
   if ok.any():
     q = np.nanquantile(diffs_BxN[:, ok], [alpha / 2, 1 - alpha / 2], axis=0)
     low[ok], high[ok] = q[0], q[1]
-  return BootstrapInterval(low, high, defined)
+  binary = bool(np.all((values_MxN == 0) | (values_MxN == 1)))
+  point = stratified_difference(keep_MxN, values_MxN, ratio_M, binary=binary)
+  z = float(ndtri(1 - alpha / 2))
+  se_low, se_high = point.estimate - z * point.se, point.estimate + z * point.se
+  if binary:
+    se_low, se_high = np.maximum(se_low, -1.0), np.minimum(se_high, 1.0)
+  narrow = np.isfinite(se_low) & ~((high - low) >= 0.5 * (se_high - se_low))  # NaN bootstrap counts as narrow
+  low, high = np.where(narrow, se_low, low), np.where(narrow, se_high, high)
+  return BootstrapInterval(low, high, defined, narrow)
 
 
 class SplitHalf(NamedTuple):
@@ -121,12 +145,8 @@ def split_half_reliability(keep_MxN, values_MxN, *, seed: int, num_splits: int =
   else:
     given = estimate
     estimate = lambda k, v, rows: given(k, v)
-  rhos = []
-  if m >= 4:
-    for s in range(num_splits):
-      order = np.random.default_rng([seed, _SPLIT_TAG, s]).permutation(m)
-      a, b = np.sort(order[: m // 2]), np.sort(order[m // 2: 2 * (m // 2)])
-      rhos.append(spearman(estimate(keep_MxN[a], values_MxN[a], a), estimate(keep_MxN[b], values_MxN[b], b)))
+  rhos = [spearman(estimate(keep_MxN[a], values_MxN[a], a), estimate(keep_MxN[b], values_MxN[b], b))
+          for a, b in split_halves(m, seed=seed, num_splits=num_splits)]
   finite = [r for r in rhos if np.isfinite(r)]
   rho = float(np.mean(finite)) if finite else float("nan")
   brown = 2 * rho / (1 + rho) if np.isfinite(rho) and rho > -1 else float("nan")
@@ -183,34 +203,50 @@ def _targets(target_se) -> Sequence[float]:
   return tuple(float(t) for t in target_se)
 
 
-@register_estimator("uncertainty", requires=("train_correct",))
-def _uncertainty(records, *, context=None, seed: int = 0, resamples: int = 200, confidence: float = 0.95,
-                 splits: int = 5, target_se=None) -> EstimatorResult:
-  """Adapter: ``memorization_ci_low/high`` (bootstrap), split-half reliability and models needed."""
+def split_halves(num_models: int, *, seed: int, num_splits: int) -> list[tuple[np.ndarray, np.ndarray]]:
+  """The seeded random halves of the models :func:`split_half_reliability` compares (none with
+  fewer than 4 models: a half needs an in- and an out-model for most examples)."""
+  halves = []
+  if num_models >= 4:
+    for s in range(num_splits):
+      order = np.random.default_rng([seed, _SPLIT_TAG, s]).permutation(num_models)
+      halves.append((np.sort(order[: num_models // 2]), np.sort(order[num_models // 2: 2 * (num_models // 2)])))
+  return halves
+
+
+def uncertainty_columns(records, *, context=None, seed: int = 0, resamples: int = 200, confidence: float = 0.95,
+                        splits: int = 5, target_se=None) -> EstimatorResult:
+  """Adapter: ``memorization_ci_low/high`` (bootstrap), and per split the two halves' estimates as
+  hidden columns ``_half_<s>_a/b`` (the driver drops them; the summary correlates them), so that
+  the estimator runs block by block over examples."""
   keep, correct = records.keep, records["train_correct"].astype(np.float32)
-  columns, summary, lines = {}, {}, []
+  columns = {}
   if resamples:
     interval = bootstrap_interval(keep, correct, key=jax.random.PRNGKey(seed), num_resamples=resamples,
                                   confidence=confidence, ratio_M=records.subset_ratio)
     columns = {"memorization_ci_low": interval.low, "memorization_ci_high": interval.high}
-    width = interval.high - interval.low
+  ratio_M = np.asarray(records.subset_ratio)
+  for s, (a, b) in enumerate(split_halves(keep.shape[0], seed=seed, num_splits=splits)):
+    columns[f"_half_{s}_a"] = memorization(keep[a], correct[a], ratio_M[a]).estimate
+    columns[f"_half_{s}_b"] = memorization(keep[b], correct[b], ratio_M[b]).estimate
+  columns["_se"] = memorization(keep, correct, ratio_M).se
+  return EstimatorResult(columns=columns)
+
+
+def uncertainty_summary(columns, records, *, seed: int = 0, resamples: int = 200, confidence: float = 0.95,
+                        splits: int = 5, target_se=None) -> dict:
+  summary = {}
+  m = records.num_models
+  if "memorization_ci_low" in columns:
+    width = columns["memorization_ci_high"] - columns["memorization_ci_low"]
     summary["bootstrap"] = {"resamples": int(resamples), "confidence": float(confidence), "seed": int(seed),
                             "median_width": float(np.nanmedian(width)) if np.isfinite(width).any() else None}
-  half = split_half_reliability(keep, correct, seed=seed, num_splits=splits, ratio_M=records.subset_ratio)
-  summary["split_half"] = {"spearman": half.spearman, "spearman_brown": half.spearman_brown,
-                           "splits": list(half.per_split)}
-  context = context or {}
-  se = context.get("memorization_se")
-  median_se = (float(np.nanmedian(se)) if se is not None and np.isfinite(se).any()
-               else median_memorization_se(keep, correct, records.subset_ratio))
-  m = records.num_models
-  needed = {f"{t:g}": models_needed(median_se, m, t) for t in _targets(target_se)}
-  summary["models_needed"] = {"median_se": median_se, "num_models": m, "targets": needed}
-  lines.append(f"memorization reliability: split-half Spearman {half.spearman:.3f} ({m // 2} vs {m // 2} models, "
-               f"{len(half.per_split)} splits); {half.spearman_brown:.3f} predicted for all {m} models (Spearman-Brown)")
-  if "bootstrap" in summary and summary["bootstrap"]["median_width"] is not None:
-    lines.append(f"memorization {confidence:.0%} bootstrap intervals over models ({resamples} resamples): "
-                 f"median width {summary['bootstrap']['median_width']:.3f}")
-  estimates = ", ".join(f"<= {t}: ~{n:,} models" if n is not None else f"<= {t}: unknown" for t, n in needed.items())
-  lines.append(f"models needed for median memorization SE {estimates} (now {m} models, median SE {median_se:.3f})")
-  return EstimatorResult(columns=columns, summary=summary, lines=lines)
+  rhos = [spearman(columns[f"_half_{s}_a"], columns[f"_half_{s}_b"]) for s in range(splits) if f"_half_{s}_a" in columns]
+  finite = [r for r in rhos if np.isfinite(r)]
+  rho = float(np.mean(finite)) if finite else float("nan")
+  brown = 2 * rho / (1 + rho) if np.isfinite(rho) and rho > -1 else float("nan")
+  summary["split_half"] = {"spearman": rho, "spearman_brown": brown, "splits": rhos, "half_models": m // 2}
+  median_se = nanmedian(columns["_se"])
+  summary["models_needed"] = {"median_se": median_se, "num_models": m,
+                              "targets": {f"{t:g}": models_needed(median_se, m, t) for t in _targets(target_se)}}
+  return summary
