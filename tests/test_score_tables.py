@@ -97,3 +97,42 @@ def test_estimator_modules_do_no_io_plotting_or_formatting():
       assert node.col_offset == 0, f"{path.name}:{node.lineno}: import inside a function"
       for name in names:
         assert not any(name == f or name.startswith(f + ".") for f in forbidden), f"{path.name} imports {name}"
+
+
+class CountingRecords:
+  """Records that count what is read: every read of a training-set record must be a block."""
+
+  def __init__(self, records):
+    self._records, self.whole_reads = records, []
+
+  def __getattr__(self, name):
+    return getattr(self._records, name)
+
+  def __contains__(self, name):
+    return name in self._records
+
+  def __getitem__(self, name):
+    self.whole_reads.append(name)
+    return self._records[name]
+
+  @property
+  def keep(self):
+    self.whole_reads.append("keep")
+    return self._records.keep
+
+  def read(self, name, *, examples=None, models=None):
+    if examples is None and "N" in (self._records.axes(name) if name != "keep" else "MN"):
+      self.whole_reads.append(name)
+    return self._records.read(name, examples=examples, models=models)
+
+
+def test_streaming_estimators_read_training_records_only_by_blocks():
+  keep, ratio, arrays = ratio_only_records(models_per_ratio=6, n=40)
+  records = CountingRecords(make_records(keep, ratio, arrays))
+  names = ["memorization", "counterfactual", "cscore", "uncertainty", "influence"]
+  options = {"counterfactual": {"metrics": "margin"}, "uncertainty": {"resamples": 10}, "influence": {"block_size": 16}}
+  streamed = score_records(records, names, options, block_size=16)
+  assert records.whole_reads == []
+  whole = score_records(make_records(keep, ratio, arrays), names, options, block_size=40)
+  for name, values in whole.columns.items():
+    np.testing.assert_array_equal(streamed.columns[name], values, err_msg=name)

@@ -138,32 +138,42 @@ class InfluenceComputation:
   """Blocked influence over training examples; each method streams the blocks once.
 
   Args:
-    keep_MxN: bool, model m trained on training example i.
+    keep_MxN: bool, model m trained on training example i; or a callable ``read_keep(block) ->
+      keep_MxB`` for a slice of training examples (records read block by block, never whole), with
+      ``num_train`` given.
     test_correct_MxT: bool, model m classifies test example j correctly.
     ratio_M: subset ratio of every model (None: one ratio); influence is taken within each ratio
       and averaged over ratios, as memorization.
     block_size: training examples per block (memory is O(block_size × R × T) on the device).
   """
 
-  def __init__(self, keep_MxN, test_correct_MxT, *, ratio_M=None, block_size: int = 1024):
-    keep_MxN, correct_MxT = _as_float(keep_MxN, test_correct_MxT)
+  def __init__(self, keep_MxN, test_correct_MxT, *, ratio_M=None, block_size: int = 1024,
+               num_train: int | None = None):
+    if callable(keep_MxN):
+      correct_MxT = np.asarray(test_correct_MxT).astype(bool)
+      if num_train is None or correct_MxT.ndim != 2:
+        raise ValueError("reading keep by blocks needs num_train and a (M, T) test correctness")
+      self._read_keep = keep_MxN
+      self.num_models, self.num_train = correct_MxT.shape[0], int(num_train)
+    else:
+      keep_MxN, correct_MxT = _as_float(keep_MxN, test_correct_MxT)
+      self._read_keep = lambda block: keep_MxN[:, block]
+      self.num_models, self.num_train = keep_MxN.shape
     if not isinstance(block_size, (int, np.integer)) or block_size < 1:
       raise JaxmemError(f"influence block size must be a positive integer, got {block_size!r}")
-    self.num_models, self.num_train = keep_MxN.shape
     self.num_test = correct_MxT.shape[1]
     self.block_size = int(min(block_size, max(self.num_train, 1)))
-    self._keep = keep_MxN
     self._correct = jnp.asarray(correct_MxT, jnp.float32)
     self.ratios, onehot_MxR = ratio_strata(np.zeros(self.num_models) if ratio_M is None else ratio_M)
     if onehot_MxR.shape[0] != self.num_models:
-      raise ValueError(f"subset ratios {onehot_MxR.shape[0]} do not match keep {keep_MxN.shape}")
+      raise ValueError(f"subset ratios {onehot_MxR.shape[0]} do not match {self.num_models} models")
     self._onehot = jnp.asarray(onehot_MxR)
 
   def blocks(self):
     """Yields ``(start, keep_MxB)`` with the last block zero-padded to ``block_size`` (one
     compilation for all blocks; padded columns are masked out)."""
     for start in range(0, self.num_train, self.block_size):
-      block = self._keep[:, start: start + self.block_size]
+      block = np.asarray(self._read_keep(slice(start, min(start + self.block_size, self.num_train))), bool)
       if block.shape[1] < self.block_size:
         block = np.pad(block, ((0, 0), (0, self.block_size - block.shape[1])))
       yield start, jnp.asarray(block, jnp.float32)
@@ -275,10 +285,13 @@ def influence_estimator(records, *, context=None, topk: int = 10, full: bool = F
   ``influence`` (N, T), produced block by block."""
   context = context or {}
   mem_N = context.get("memorization")
-  if mem_N is None:
-    mem_N = memorization(records.keep, records["train_correct"], records.subset_ratio).estimate
-  comp = InfluenceComputation(records.keep, records["test_correct"], ratio_M=records.subset_ratio,
-                              block_size=block_size)
+  if mem_N is None:  # not computed in this scoring run: by blocks of training examples, as the influence
+    mem_N = np.concatenate([
+        memorization(records.read("keep", examples=b), records.read("train_correct", examples=b),
+                     records.subset_ratio).estimate for b in records.example_blocks(block_size)])
+  # keep is read one block of training examples at a time: only (M, T) test records are whole
+  comp = InfluenceComputation(lambda block: records.read("keep", examples=block), records.read("test_correct"),
+                              ratio_M=records.subset_ratio, block_size=block_size, num_train=records.num_train)
   topk_result, pairs = comp.top_k(topk, memorization_N=mem_N, pair_influence=pair_influence,
                                   pair_memorization=pair_memorization)
   train_i, test_j, value, se = pairs
