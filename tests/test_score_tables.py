@@ -136,3 +136,26 @@ def test_streaming_estimators_read_training_records_only_by_blocks():
   whole = score_records(make_records(keep, ratio, arrays), names, options, block_size=40)
   for name, values in whole.columns.items():
     np.testing.assert_array_equal(streamed.columns[name], values, err_msg=name)
+
+
+def test_lira_by_blocks_of_examples_equals_one_pass():
+  """Two passes over blocks (pooled residuals for the fixed variances, then scores): per-example
+  columns and attack metrics equal the one-block result to float64 summation order (the pooled
+  variance is a sum over examples, added block by block)."""
+  from jaxmem.scores.lira import lira_report
+  rng = np.random.default_rng(4)
+  m, n = 24, 37
+  keep = rng.random((m, n)) < 0.5
+  margin = (rng.normal(size=(m, n, 2)) + 1.5 * keep[..., None]).astype(np.float32)
+  records = make_records(keep, np.full(m, 0.5), {"train_margin": margin[..., 0], "train_margin_aug": margin,
+                                                  "train_correct": margin[..., 0] > 0})
+  whole_columns, whole, _ = lira_report(records, targets=6, num_bootstrap=20)
+  for block_size in (5, 16):
+    columns, summary, _ = lira_report(records, targets=6, num_bootstrap=20, block_size=block_size)
+    for name in whole_columns:
+      np.testing.assert_allclose(columns[name], whole_columns[name], rtol=1e-12, err_msg=name)
+    for variant, metrics in whole["attack"].items():
+      for metric, value in metrics.items():
+        for key in ("value", "low", "high"):
+          np.testing.assert_allclose(summary["attack"][variant][metric][key], value[key], rtol=1e-9,
+                                     err_msg=f"{variant} {metric} {key}")

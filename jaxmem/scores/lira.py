@@ -90,6 +90,10 @@ class GaussianFits:
   n_out: np.ndarray
   fixed_std_in: np.ndarray
   fixed_std_out: np.ndarray
+  # Σ squared residuals and degrees of freedom behind fixed_std_* (leading axes), over the examples
+  # of this fit: sums over blocks of examples give the pooled variance of all of them.
+  pooled_in: tuple[np.ndarray, np.ndarray] | None = None
+  pooled_out: tuple[np.ndarray, np.ndarray] | None = None
 
 
 def as_queries(margin: np.ndarray) -> np.ndarray:
@@ -146,8 +150,10 @@ def _gather(sorted_MxNxA: np.ndarray, index_TxNxA: np.ndarray) -> np.ndarray:
 
 
 def _group_fit(x_MxNxA: np.ndarray, mask_MxN: np.ndarray, targets_T: np.ndarray | None, center: str,
-               min_models: int):
-  """Mean/median, std, count and pooled std of one group (in or out), leaving each target out."""
+               min_models: int, pooled: tuple[np.ndarray, np.ndarray] | None = None):
+  """Mean/median, std, count and pooled std of one group (in or out), leaving each target out.
+  ``pooled``: (Σ squared residuals, degrees of freedom) to take the fixed std from instead of this
+  fit's own examples (the totals over every block of examples)."""
   weight = mask_MxN[..., None].astype(np.float64)
   # Shift by the all-model mean of each (example, query) first: sums of squares of centred values
   # do not cancel catastrophically when a target's term is subtracted.
@@ -170,6 +176,9 @@ def _group_fit(x_MxNxA: np.ndarray, mask_MxN: np.ndarray, targets_T: np.ndarray 
   # Pooled within-example variance of this group over the examples with enough models.
   pooled_ss = np.where(enough & (n >= 2), ss, 0.0).sum(axis=(1, 2))
   pooled_df = np.where(enough & (n >= 2), np.broadcast_to(n - 1, ss.shape), 0.0).sum(axis=(1, 2))
+  own = (pooled_ss, pooled_df)
+  if pooled is not None:
+    pooled_ss, pooled_df = (np.asarray(v, np.float64).reshape(pooled_ss.shape) for v in pooled)
   fixed_std = np.where(pooled_df > 0, np.sqrt(pooled_ss / np.maximum(pooled_df, 1)), np.nan)
   if center == "median":
     targets = np.zeros(1, int) if targets_T is None else targets_T
@@ -179,12 +188,12 @@ def _group_fit(x_MxNxA: np.ndarray, mask_MxN: np.ndarray, targets_T: np.ndarray 
   center_value = np.where(enough, center_value, np.nan)
   count = n[..., 0].astype(np.int64)
   if targets_T is None:
-    return center_value[0], std[0], count[0], fixed_std[0]
-  return center_value, std, count, fixed_std
+    return center_value[0], std[0], count[0], fixed_std[0], (own[0][0], own[1][0])
+  return center_value, std, count, fixed_std, own
 
 
 def fit_gaussians(margin_MxNxA: np.ndarray, keep_MxN: np.ndarray, *, targets: np.ndarray | None = None,
-                  center: str = "mean", min_models: int = 2) -> GaussianFits:
+                  center: str = "mean", min_models: int = 2, pooled_in=None, pooled_out=None) -> GaussianFits:
   """In and out Gaussians of every example from the shadow models.
 
   Args:
@@ -194,6 +203,8 @@ def fit_gaussians(margin_MxNxA: np.ndarray, keep_MxN: np.ndarray, *, targets: np
       model out (leading axis T), computed from totals minus the target's contribution.
     center: "mean" or "median" of the shadow margins.
     min_models: fewer in (or out) shadows than this gives NaN for that group.
+    pooled_in, pooled_out: (Σ squared residuals, degrees of freedom) per leading axis for the fixed
+      variances, when the examples here are one block of more (default: these examples' own).
   """
   _check_center(center)
   if min_models < 2:
@@ -203,9 +214,9 @@ def fit_gaussians(margin_MxNxA: np.ndarray, keep_MxN: np.ndarray, *, targets: np
   if keep.shape != x.shape[:2]:
     raise ValueError(f"keep {keep.shape} does not match margins {x.shape}")
   targets = None if targets is None else np.asarray(targets, np.int64)
-  mean_in, std_in, n_in, fixed_in = _group_fit(x, keep, targets, center, min_models)
-  mean_out, std_out, n_out, fixed_out = _group_fit(x, ~keep, targets, center, min_models)
-  return GaussianFits(mean_in, std_in, n_in, mean_out, std_out, n_out, fixed_in, fixed_out)
+  mean_in, std_in, n_in, fixed_in, sums_in = _group_fit(x, keep, targets, center, min_models, pooled_in)
+  mean_out, std_out, n_out, fixed_out, sums_out = _group_fit(x, ~keep, targets, center, min_models, pooled_out)
+  return GaussianFits(mean_in, std_in, n_in, mean_out, std_out, n_out, fixed_in, fixed_out, sums_in, sums_out)
 
 
 def _log_normal_pdf(x, mean, std):
@@ -270,12 +281,13 @@ def global_threshold(target_NxA) -> np.ndarray:
 
 def leave_one_out_scores(margin_MxNxA: np.ndarray, keep_MxN: np.ndarray, targets: Sequence[int], *,
                          center: str = "mean", min_models: int = 2, variants: Sequence[str] = VARIANTS,
-                         block_values: int = 8_000_000) -> dict[str, np.ndarray]:
+                         block_values: int = 8_000_000, pooled=None) -> dict[str, np.ndarray]:
   """Each target model attacked with all other models as shadows: ``{variant: (T,N)}``.
 
   Equivalent to calling :func:`lira_scores` with :func:`fit_gaussians` on the margins without row t,
   for every t; computed in blocks of targets (vectorized within a block) so memory stays bounded
-  by ``block_values`` float64 values per intermediate array.
+  by ``block_values`` float64 values per intermediate array. ``pooled``: ``{"pooled_in": (ss_T,
+  df_T), "pooled_out": ...}`` over all examples when these margins are one block of examples.
   """
   x = as_queries(margin_MxNxA)
   keep = np.asarray(keep_MxN, bool)
@@ -284,7 +296,10 @@ def leave_one_out_scores(margin_MxNxA: np.ndarray, keep_MxN: np.ndarray, targets
   parts: dict[str, list[np.ndarray]] = {v: [] for v in variants}
   for start in range(0, len(targets), per_target):
     block = targets[start: start + per_target]
-    fits = fit_gaussians(x, keep, targets=block, center=center, min_models=min_models)
+    rows = slice(start, start + per_target)
+    fixed = {} if pooled is None else {name: tuple(np.asarray(v)[rows] for v in pooled[name])
+                                       for name in ("pooled_in", "pooled_out")}
+    fits = fit_gaussians(x, keep, targets=block, center=center, min_models=min_models, **fixed)
     for name, value in lira_scores(x[block], fits, variants=variants).items():
       parts[name].append(value)
   n = x.shape[1]
@@ -339,7 +354,12 @@ def lira_attack(margin_MxNxA: np.ndarray, keep_MxN: np.ndarray, *, targets: int 
     raise JaxmemError(f"a LiRA attack needs at least 3 models (a target and two shadows), got {x.shape[0]}")
   chosen = choose_targets(x.shape[0], targets, seed)
   scores = leave_one_out_scores(x, keep, chosen, center=center, min_models=min_models, variants=variants)
-  members = keep[chosen]
+  return evaluate_attack(chosen, scores, keep[chosen], num_bootstrap=num_bootstrap, seed=seed, fprs=fprs)
+
+
+def evaluate_attack(chosen: np.ndarray, scores: dict[str, np.ndarray], members: np.ndarray, *,
+                    num_bootstrap: int = 200, seed: int = 0, fprs: Sequence[float] = DEFAULT_FPRS) -> LiraAttack:
+  """Pooled metrics with bootstrap intervals and ROC curves of the targets' scores ``(T, N)``."""
   evaluated = np.all([~np.isnan(s) for s in scores.values()], axis=0)
   metrics, curves = {}, {}
   for name, s in scores.items():
@@ -384,15 +404,8 @@ def per_example_risk(margin_MxNxA: np.ndarray, keep_MxN: np.ndarray, *, center: 
 
 
 def select_margins(records, queries: str = "auto") -> np.ndarray:
-  """The training-set margins LiRA uses: ``train_margin_aug`` (M,N,A) when recorded and
-  ``queries`` is "auto" or "aug", else ``train_margin`` (M,N)."""
-  if queries not in ("auto", "aug", "plain"):
-    raise JaxmemError(f"LiRA queries must be auto, aug or plain, got {queries!r}")
-  if queries in ("auto", "aug") and "train_margin_aug" in records:
-    return np.asarray(records["train_margin_aug"])
-  if queries == "aug":
-    raise JaxmemError("this run recorded no augmented queries (train_margin_aug); rerun with --queries 2 or 18")
-  return np.asarray(records["train_margin"])
+  """The training-set margins LiRA uses, whole (see :func:`margin_record`)."""
+  return np.asarray(records[margin_record(records, queries)])
 
 
 def check_single_ratio(ratio_M) -> None:
@@ -405,22 +418,71 @@ def check_single_ratio(ratio_M) -> None:
                       f"{', '.join(f'{r:g}' for r in ratios)}); score LiRA on a single-ratio run")
 
 
+def margin_record(records, queries: str = "auto") -> str:
+  """The record LiRA uses: ``train_margin_aug`` (M,N,A) when recorded and ``queries`` is "auto" or
+  "aug", else ``train_margin`` (M,N)."""
+  if queries not in ("auto", "aug", "plain"):
+    raise JaxmemError(f"LiRA queries must be auto, aug or plain, got {queries!r}")
+  if queries in ("auto", "aug") and "train_margin_aug" in records:
+    return "train_margin_aug"
+  if queries == "aug":
+    raise JaxmemError("this run recorded no augmented queries (train_margin_aug); rerun with --queries 2 or 18")
+  return "train_margin"
+
+
 def lira_report(records, *, memorization: np.ndarray | None = None, targets: int | str | Sequence[int] | None = None,
                 center: str = "mean", min_models: int = 2, num_bootstrap: int = 200, seed: int = 0,
-                queries: str = "auto", top: int = 10) -> tuple[dict[str, np.ndarray], dict[str, Any], LiraAttack]:
+                queries: str = "auto", top: int = 10, block_size: int | None = None,
+                ) -> tuple[dict[str, np.ndarray], dict[str, Any], LiraAttack]:
   """Everything ``jaxmem scores --estimators lira`` reports: per-example columns, the summary
-  (written to ``lira.json``) and the attack (for the ROC curves)."""
+  (written to ``lira.json``) and the attack (for the ROC curves).
+
+  The margins are read in blocks of ``block_size`` training examples (default: all), in two passes:
+  the first sums each target's pooled residuals for the fixed-variance variants (a sum over all
+  examples), the second scores every block with them. Per-example columns and per-pair scores do
+  not depend on the block size; the fixed variances only through float64 summation order."""
   check_single_ratio(records.subset_ratio)
-  margin = as_queries(select_margins(records, queries))
-  keep = np.asarray(records.keep, bool)
-  attack = lira_attack(margin, keep, targets=targets, center=center, min_models=min_models,
-                       num_bootstrap=num_bootstrap, seed=seed)
-  columns = per_example_risk(margin, keep, center=center, min_models=min_models, with_gap=True)
+  name = margin_record(records, queries)
+  num_models, num_train = records.num_models, records.num_train
+  if num_models < 3:
+    raise JaxmemError(f"a LiRA attack needs at least 3 models (a target and two shadows), got {num_models}")
+  _check_center(center)
+  chosen = choose_targets(num_models, targets, seed)
+  blocks = list(records.example_blocks(block_size or max(num_train, 1)))
+
+  def block_arrays(block):
+    return as_queries(records.read(name, examples=block)), np.asarray(records.read("keep", examples=block), bool)
+
+  pooled = None
+  if len(blocks) > 1:
+    sums = {"pooled_in": (0.0, 0.0), "pooled_out": (0.0, 0.0)}
+    for block in blocks:
+      x, keep = block_arrays(block)
+      fits = fit_gaussians(x, keep, targets=chosen, center="mean", min_models=min_models)
+      for key, (ss, df) in (("pooled_in", fits.pooled_in), ("pooled_out", fits.pooled_out)):
+        sums[key] = (sums[key][0] + ss, sums[key][1] + df)
+    pooled = sums
+  parts: dict[str, list[np.ndarray]] = {}
+  members, risk = [], {"lira_online": [], "lira_offline": [], "online_gap": []}
+  queries_seen = 1
+  for block in blocks:
+    x, keep = block_arrays(block)
+    queries_seen = x.shape[2]
+    for variant, value in leave_one_out_scores(x, keep, chosen, center=center, min_models=min_models,
+                                               pooled=pooled).items():
+      parts.setdefault(variant, []).append(value)
+    members.append(keep[chosen])
+    for key, value in per_example_risk(x, keep, center=center, min_models=min_models, with_gap=True).items():
+      risk[key].append(value)
+  scores = {variant: np.concatenate(v, axis=1) for variant, v in parts.items()}
+  attack = evaluate_attack(chosen, scores, np.concatenate(members, axis=1), num_bootstrap=num_bootstrap, seed=seed)
+  columns = {key: np.concatenate(v) for key, v in risk.items()}
   gap = columns.pop("online_gap")
   online = columns["lira_online"]
   unscored = int(np.isnan(online).sum())
+  margin_shape = (num_models, num_train, queries_seen)
   summary: dict[str, Any] = {
-      "models": int(margin.shape[0]), "examples": int(margin.shape[1]), "queries": int(margin.shape[2]),
+      "models": int(margin_shape[0]), "examples": int(margin_shape[1]), "queries": int(margin_shape[2]),
       "center": center, "min_models": min_models, "targets": attack.targets.tolist(),
       "pairs_evaluated": int(attack.evaluated.sum()), "num_bootstrap": num_bootstrap, "seed": seed,
       "attack": attack.metrics, "unscored_examples": unscored,
@@ -458,12 +520,16 @@ def roc_table(attack: LiraAttack) -> dict[str, np.ndarray]:
 
 
 def lira_estimator(records, *, context=None, targets=None, center: str = "mean", min_models: int = 2,
-                   num_bootstrap: int = 200, seed: int = 0, queries: str = "auto", top: int = 10) -> EstimatorResult:
+                   num_bootstrap: int = 200, seed: int = 0, queries: str = "auto", top: int = 10,
+                   block_values: int = 8_000_000) -> EstimatorResult:
   """Adapter: ``lira_online``/``lira_offline`` columns, the attack summary and the ROC table; opt-in
   (``--estimators ...,lira``) because the leave-one-out attack over all models and the bootstrap
-  take seconds, not milliseconds."""
+  take seconds, not milliseconds. Margins are read in blocks of about ``block_values`` values."""
   memorization = None if context is None else context.get("memorization")
+  name = margin_record(records, queries)
+  per_example = records.num_models * max(1, int(np.prod(np.shape(records.read(name, examples=slice(0, 1)))[2:])))
   columns, summary, attack = lira_report(
       records, memorization=memorization, targets=targets, center=center, min_models=min_models,
-      num_bootstrap=num_bootstrap, seed=seed, queries=queries, top=top)
+      num_bootstrap=num_bootstrap, seed=seed, queries=queries, top=top,
+      block_size=max(1, block_values // max(per_example, 1)))
   return EstimatorResult(columns=columns, summary=summary, tables={"lira_roc": roc_table(attack)})
