@@ -476,6 +476,8 @@ def write_scores(run: RunDir, table: ScoreTable) -> list[Path]:
   tables = run.path / TABLES
   tables.mkdir(exist_ok=True)
   index = read_index(run.path)
+  if not index["tables"]:
+    index["tables"].update(_adopt_study_columns(run, table.columns["index"]))
   base = {name: table.columns[name] for name in BASE_COLUMNS}
   write_bytes_atomic(tables / f"{BASE_TABLE}.csv", table_to_csv(base))
   written = [tables / f"{BASE_TABLE}.csv"]
@@ -506,6 +508,29 @@ def write_scores(run: RunDir, table: ScoreTable) -> list[Path]:
       table.lines.extend(correlation_lines(correlations))
   write_json_atomic(run.path / "scores_summary.json", summary)
   return written + [run.path / SCORES_CSV, run.path / "scores_summary.json"]
+
+
+#: Columns the SSFT study merged into ``scores.csv`` before studies had their own tables.
+_OLD_STUDY_COLUMNS = {"ssft": ("fslt", "fslt_se", "ssft", "ssft_se")}
+
+
+def _adopt_study_columns(run: RunDir, index_N: np.ndarray) -> dict[str, dict[str, Any]]:
+  """For a run scored before score tables existed: the study columns of its ``scores.csv`` become
+  study tables, so the first rescoring does not drop them (only when its rows are this run's)."""
+  path = run.path / SCORES_CSV
+  try:
+    old = read_scores_csv(path) if path.is_file() else {}
+  except (OSError, UnicodeDecodeError, csv.Error):
+    return {}
+  if "index" not in old or not np.array_equal(old["index"], index_N):
+    return {}
+  adopted = {}
+  for name, columns in _OLD_STUDY_COLUMNS.items():
+    present = [c for c in columns if c in old and old[c].dtype.kind == "f"]
+    if present:
+      write_bytes_atomic(run.path / TABLES / f"{name}.csv", table_to_csv({"index": index_N, **{c: old[c] for c in present}}))
+      adopted[name] = {"kind": "study", "columns": present, "info": {"adopted_from": SCORES_CSV}, "written": utc_now()}
+  return adopted
 
 
 def write_study_table(run_dir: str | Path, name: str, columns: dict[str, np.ndarray], *,

@@ -159,3 +159,16 @@ def test_lira_by_blocks_of_examples_equals_one_pass():
         for key in ("value", "low", "high"):
           np.testing.assert_allclose(summary["attack"][variant][metric][key], value[key], rtol=1e-9,
                                      err_msg=f"{variant} {metric} {key}")
+
+
+def test_an_old_run_keeps_its_merged_study_columns_through_the_first_rescore(run):
+  """Runs scored before score tables existed had fslt/ssft merged into scores.csv itself."""
+  shutil.rmtree(run / "scores")
+  table = read_scores_csv(run / "scores.csv")
+  n = len(table["index"])
+  table["ssft"] = np.linspace(1, 5, n)
+  from jaxmem.scoring import table_to_csv
+  (run / "scores.csv").write_bytes(table_to_csv(table))
+  score_run(run, ["memorization"])
+  np.testing.assert_allclose(read_scores_csv(run / "scores.csv")["ssft"], table["ssft"], rtol=1e-5)
+  assert (run / "scores" / "ssft.csv").is_file()
