@@ -22,6 +22,11 @@ and averages them with equal weight over ratios (:func:`average_over_ratios`).
 For influence the "example" is a (train i, test j) pair: in/out is decided by ``keep[:, i]`` and the
 measure is test correctness ``c[:, j]``; :func:`in_out_pair_sums` gives n and Σ per pair as one
 matmul (a 0/1 measure needs no M2: Σx² = Σx).
+
+One exception: LiRA's Gaussian fits (:mod:`jaxmem.scores.lira`) keep their own float64 sums on the
+host, because its leave-one-out fits subtract one target from the totals and its one-sided log Φ
+of members several σ above the out-mean rounds to ties in float32, exactly where the low-FPR metrics
+live; it refuses multi-ratio runs instead of stratifying.
 """
 
 from __future__ import annotations
