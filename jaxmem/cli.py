@@ -64,6 +64,10 @@ def _add_score_arguments(p: argparse.ArgumentParser) -> None:
   p.add_argument("--bootstrap", type=int, default=None,
                  help="bootstrap resamples over models for memorization_ci_low/high (default 200; 0: off)")
   p.add_argument("--bootstrap-seed", type=int, default=None, help="seed of the bootstrap and split-half draws")
+  p.add_argument("--rmia-gamma", type=float, default=None, help="RMIA: LR(x, z) >= gamma counts (default 1)")
+  p.add_argument("--rmia-a", type=float, default=None, help="RMIA: the a of P_IN ~ a*P_OUT + 1 - a, in (0, 1] "
+                 "(default: tuned on a model that is not a target)")
+  p.add_argument("--delta", type=float, default=None, help="delta of the attacks' epsilon lower bounds (default 1e-5)")
 
 
 def score_options_from_args(args: argparse.Namespace) -> dict:
@@ -75,6 +79,10 @@ def score_options_from_args(args: argparse.Namespace) -> dict:
                                ("bootstrap_seed", "uncertainty", "seed"), ("target_se", "uncertainty", "target_se")):
     if getattr(args, flag, None) is not None:
       options[estimator][key] = getattr(args, flag)
+  for flag, estimator, key in (("rmia_gamma", "rmia", "gamma"), ("rmia_a", "rmia", "a"), ("delta", "rmia", "delta"),
+                               ("delta", "lira", "delta")):
+    if getattr(args, flag, None) is not None:
+      options.setdefault(estimator, {})[key] = getattr(args, flag)
   if getattr(args, "influence_full", False):
     options["influence"]["full"] = True
   if "metrics" in options["counterfactual"]:
