@@ -216,7 +216,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(flag, dest=field, type=kind, default=None, help=help_text)
   p.add_argument("--config", default=None, help="config file (.py or .json) for the recipe")
   p.set_defaults(handler=_cmd_study_ssft)
+
+  p = studies.add_parser("attack-refs", help="LiRA and RMIA attack power against the number of reference models "
+                         "(AUC, TPR at low FPR, eps lower bound)")
+  p.add_argument("run_dir")
+  p.add_argument("--refs", default="1,2,4,8,16,64,all", help="comma-separated reference counts or all (default 1,2,4,8,16,64,all)")
+  p.add_argument("--targets", type=int, default=None, help="target models (default 16)")
+  p.add_argument("--seed", type=int, default=0, help="seed of the targets, reference orders and bootstrap")
+  p.add_argument("--bootstrap", type=int, default=200, help="bootstrap resamples over examples (default 200)")
+  p.add_argument("--rmia-gamma", type=float, default=1.0, help="RMIA's gamma (default 1)")
+  p.add_argument("--delta", type=float, default=1e-5, help="delta of the eps lower bounds (default 1e-5)")
+  p.add_argument("--out", default=None, help="study directory (default: RUN_DIR/attack_refs)")
+  p.set_defaults(handler=_cmd_study_attack_refs)
   return parser
+
+
+def _cmd_study_attack_refs(args) -> int:
+  from jaxmem.studies.attack_refs import attack_refs_study, format_rows
+  result = attack_refs_study(args.run_dir, args.out, refs=args.refs, targets=args.targets, seed=args.seed,
+                             num_bootstrap=args.bootstrap, gamma=args.rmia_gamma, delta=args.delta,
+                             log=lambda m: print(m, file=sys.stderr))
+  print("\n".join(format_rows(result.rows)))
+  print(f"wrote {result.table}, {result.plot}")
+  return 0
 
 
 def _cmd_study_ssft(args) -> int:
