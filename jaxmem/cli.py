@@ -68,6 +68,8 @@ def _add_score_arguments(p: argparse.ArgumentParser) -> None:
   p.add_argument("--rmia-a", type=float, default=None, help="RMIA: the a of P_IN ~ a*P_OUT + 1 - a, in (0, 1] "
                  "(default: tuned on a model that is not a target)")
   p.add_argument("--delta", type=float, default=None, help="delta of the attacks' epsilon lower bounds (default 1e-5)")
+  p.add_argument("--attribution", default=None,
+                 help="lds: also score this (training examples, test examples) attribution matrix (.npy)")
 
 
 def score_options_from_args(args: argparse.Namespace) -> dict:
@@ -83,12 +85,27 @@ def score_options_from_args(args: argparse.Namespace) -> dict:
                                ("delta", "lira", "delta")):
     if getattr(args, flag, None) is not None:
       options.setdefault(estimator, {})[key] = getattr(args, flag)
+  if getattr(args, "attribution", None) is not None:
+    options.setdefault("lds", {})["attribution"] = _load_attribution(args.attribution)
   if getattr(args, "influence_full", False):
     options["influence"]["full"] = True
   if "metrics" in options["counterfactual"]:
     from jaxmem.scores.counterfactual import parse_metrics
     options["counterfactual"]["metrics"] = parse_metrics(options["counterfactual"]["metrics"])
   return {k: v for k, v in options.items() if v}
+
+
+def _load_attribution(path: str):
+  """An (N, T) float matrix from a .npy file, or one line saying what is wrong with it."""
+  import numpy as np
+  try:
+    value = np.load(path, allow_pickle=False)
+  except (OSError, ValueError) as e:
+    raise JaxmemError(f"--attribution {path}: not a readable .npy array ({e})") from None
+  if value.ndim != 2 or value.dtype.kind not in "fiub":
+    raise JaxmemError(f"--attribution {path}: expected a 2-D numeric (training examples, test examples) array, "
+                      f"got shape {value.shape} of {value.dtype}")
+  return value
 
 
 def _add_run_arguments(p: argparse.ArgumentParser) -> None:
