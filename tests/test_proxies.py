@@ -1,0 +1,95 @@
+"""Memorization proxies: curvature vs finite differences, CSL and learning time vs naive loops."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxmem.errors import JaxmemError
+from jaxmem.scores.proxies import (
+    cumulative_sample_loss, curvature_with_directions, input_curvature, learning_time, rademacher)
+
+
+def tiny_apply(params, x_BxD):
+  return jnp.tanh(x_BxD @ params["w1"] + params["b1"]) @ params["w2"] + params["b2"]
+
+
+def tiny_params(seed, d=4, hidden=5, classes=3):
+  rng = np.random.default_rng(seed)
+  return {"w1": rng.normal(0, 1, (d, hidden)).astype(np.float32), "b1": rng.normal(0, 0.5, hidden).astype(np.float32),
+          "w2": rng.normal(0, 1, (hidden, classes)).astype(np.float32), "b2": np.zeros(classes, np.float32)}
+
+
+def numpy_loss(params, x_D, y):
+  p = {k: v.astype(np.float64) for k, v in params.items()}
+  logits = np.tanh(x_D @ p["w1"] + p["b1"]) @ p["w2"] + p["b2"]
+  return np.logaddexp.reduce(logits) - logits[y]
+
+
+def fd_gradient(params, x_D, y, step=1e-5):
+  grad = np.zeros_like(x_D)
+  for k in range(x_D.size):
+    e = np.zeros_like(x_D)
+    e[k] = step
+    grad[k] = (numpy_loss(params, x_D + e, y) - numpy_loss(params, x_D - e, y)) / (2 * step)
+  return grad
+
+
+def test_curvature_equals_finite_difference_reference():
+  params = tiny_params(0)
+  rng = np.random.default_rng(1)
+  x = rng.normal(size=(6, 4))
+  y = rng.integers(0, 3, 6)
+  h = 0.05
+  v = np.asarray(rademacher(jax.random.key(3), 7, x.shape))
+  assert set(np.unique(v)) == {-1.0, 1.0}
+  ours = np.asarray(curvature_with_directions(tiny_apply, jax.tree.map(jnp.asarray, params), jnp.asarray(x, jnp.float32),
+                                              jnp.asarray(y), jnp.asarray(v), h))
+  expected = [np.mean([np.linalg.norm(fd_gradient(params, x[i] + h * v[r, i], y[i]) - fd_gradient(params, x[i], y[i]))
+                       for r in range(7)]) for i in range(6)]
+  np.testing.assert_allclose(ours, expected, rtol=2e-3)
+  assert np.ptp(expected) > 0.01
+
+
+def test_input_curvature_batches_and_padding():
+  params = jax.tree.map(jnp.asarray, tiny_params(2))
+  rng = np.random.default_rng(4)
+  x, y = rng.normal(size=(10, 4)).astype(np.float32), rng.integers(0, 3, 10)
+  key = jax.random.key(0)
+  out = input_curvature(tiny_apply, params, x, y, key, h=0.05, num_draws=3, batch=4)
+  for b, start in enumerate(range(0, 10, 4)):
+    xb = np.concatenate([x[start: start + 4], np.zeros((max(0, start + 4 - 10), 4), np.float32)])
+    yb = np.concatenate([y[start: start + 4], np.zeros(max(0, start + 4 - 10), y.dtype)])
+    v = rademacher(jax.random.fold_in(key, b), 3, xb.shape)
+    direct = jax.jit(curvature_with_directions, static_argnames=("apply_fn", "h"))(
+        tiny_apply, params, jnp.asarray(xb), jnp.asarray(yb), v, 0.05)   # the same compiled computation
+    np.testing.assert_array_equal(out[start: start + 4], np.asarray(direct, np.float64)[: len(x[start: start + 4])])
+  with pytest.raises(JaxmemError, match="h must be positive"):
+    input_curvature(tiny_apply, params, x, y, key, h=0.0)
+
+
+def test_csl_and_learning_time_equal_naive_loops():
+  rng = np.random.default_rng(5)
+  m, e, n = 6, 4, 7
+  keep = rng.random((m, n)) < 0.6
+  keep[:, 0] = False
+  margin = rng.normal(0, 3, (m, e, n))
+  correct = margin > 0
+  csl = cumulative_sample_loss(keep, margin)
+  times = learning_time(keep, correct)
+  assert np.isnan(csl[0]) and np.isnan(times["first_learned_epoch"][0])
+  for i in range(1, n):
+    rows = [k for k in range(m) if keep[k, i]]
+    if not rows:
+      continue
+    # cross-entropy from the margin: −log p_y with p_y = sigmoid(margin)
+    losses = [sum(-np.log(1 / (1 + np.exp(-margin[k, t, i]))) for t in range(e)) for k in rows]
+    assert csl[i] == pytest.approx(np.mean(losses), rel=1e-10)
+    first = []
+    for k in rows:
+      wrong = [t for t in range(e) if not correct[k, t, i]]
+      first.append(wrong[-1] + 2 if wrong else 1)
+    assert times["first_learned_epoch"][i] == pytest.approx(np.mean(first))
+    assert times["cumulative_error"][i] == pytest.approx(np.mean([1 - correct[k, :, i].mean() for k in rows]))
+  with pytest.raises(JaxmemError, match="models, epochs, examples"):
+    cumulative_sample_loss(keep, margin[:, :, :3])
