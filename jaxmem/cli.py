@@ -245,7 +245,30 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--delta", type=float, default=1e-5, help="delta of the eps lower bounds (default 1e-5)")
   p.add_argument("--out", default=None, help="study directory (default: RUN_DIR/attack_refs)")
   p.set_defaults(handler=_cmd_study_attack_refs)
+
+  p = studies.add_parser("proxies", help="cheap memorization proxies (cumulative sample loss, input-loss curvature, "
+                         "learning time) from a few models vs the run's memorization, with cost")
+  p.add_argument("run_dir")
+  p.add_argument("--models", dest="ks", type=_ints, default=(1, 4, 16), help="comma-separated model counts (default 1,4,16)")
+  p.add_argument("--h", type=float, default=1e-3, help="curvature: finite-difference step in standardized input units (default 1e-3)")
+  p.add_argument("--draws", type=int, default=10, help="curvature: Rademacher directions per example (default 10)")
+  p.add_argument("--seed", type=int, default=0, help="seed of the model choice, directions and bootstrap")
+  p.add_argument("--bootstrap", type=int, default=200, help="bootstrap resamples over examples (default 200)")
+  p.add_argument("--data-dir", default=None, help="TFDS data directory (default: the run's)")
+  p.add_argument("--out", default=None, help="study directory (default: RUN_DIR/proxies)")
+  p.set_defaults(handler=_cmd_study_proxies)
   return parser
+
+
+def _cmd_study_proxies(args) -> int:
+  from jaxmem.studies.proxies import format_rows, proxies_study
+  result = proxies_study(args.run_dir, args.out, ks=args.ks, h=args.h, draws=args.draws, seed=args.seed,
+                         num_bootstrap=args.bootstrap, data_dir=args.data_dir, log=lambda m: print(m, file=sys.stderr))
+  print("\n".join(format_rows(result.rows)))
+  for note in result.notes:
+    print(f"note: {note}")
+  print(f"wrote {result.table}")
+  return 0
 
 
 def _cmd_study_attack_refs(args) -> int:

@@ -93,3 +93,55 @@ def test_csl_and_learning_time_equal_naive_loops():
     assert times["cumulative_error"][i] == pytest.approx(np.mean([1 - correct[k, :, i].mean() for k in rows]))
   with pytest.raises(JaxmemError, match="models, epochs, examples"):
     cumulative_sample_loss(keep, margin[:, :, :3])
+
+
+def test_agreement_matches_scipy_and_drops_missing():
+  from scipy.stats import pearsonr, spearmanr
+  from jaxmem.scores import auroc
+  from jaxmem.studies.proxies import agreement
+  rng = np.random.default_rng(6)
+  mem = rng.random(80)
+  proxy = mem + rng.normal(0, 0.3, 80)
+  proxy[:5] = np.nan
+  noisy = rng.random(80) < 0.2
+  out = agreement(proxy, mem, noisy, num_bootstrap=50)
+  ok = ~np.isnan(proxy)
+  assert out["examples_used"] == 75
+  assert out["spearman"] == pytest.approx(spearmanr(proxy[ok], mem[ok]).statistic)
+  assert out["pearson"] == pytest.approx(pearsonr(proxy[ok], mem[ok]).statistic)
+  assert out["auroc_flipped"] == pytest.approx(auroc(proxy[ok], noisy[ok]))
+  assert out["spearman_low"] < out["spearman"] < out["spearman_high"]
+
+
+@pytest.mark.slow   # trains its own 8-model run with per-epoch records and kept parameters
+def test_study_on_a_run_with_kept_parameters(tiny_config, tmp_path):
+  import csv
+  import jaxmem
+  from jaxmem.data import load_run_dataset
+  from jaxmem.engine.trainer import standardize
+  from jaxmem.models import build_model
+  from jaxmem.studies.proxies import COLUMNS, model_apply, model_order, proxies_study
+  from jaxmem.store import RunDir, load_model_params
+  config = tiny_config.replace(record_epochs=True, record_epoch_margin=True, keep_params="2")
+  run = jaxmem.run(config, tmp_path / "run", progress=False, log=lambda m: None)
+  result = proxies_study(run.run_dir, ks=(1, 4), draws=2, h=0.01, num_bootstrap=20)
+  with open(result.table) as f:
+    rows = list(csv.DictReader(f))
+  assert tuple(rows[0]) == COLUMNS
+  by = {(int(r["models"]), r["proxy"]): r for r in rows}
+  assert int(by[(4, "curvature")]["models_used"]) == 2 and int(by[(4, "cumulative_sample_loss")]["models_used"]) == 4
+  assert float(by[(4, "cumulative_sample_loss")]["cost_ratio"]) == pytest.approx(4 / 8)
+  # k = 1: the first model of the order is a kept one; its curvature on its own training examples
+  first = int(model_order(8, [0, 1], 0)[0])
+  assert first in (0, 1)
+  manifest = RunDir.open(run.run_dir).manifest()
+  dataset = load_run_dataset(manifest)
+  model = build_model(config.model, dataset.num_classes, config.model_options)
+  x, _ = standardize(dataset)
+  labels = np.asarray(run.records.train_labels)
+  direct = input_curvature(model_apply(model), load_model_params(run.run_dir, int(run.records.model_ids[first])), x,
+                           labels, jax.random.fold_in(jax.random.key(0), int(run.records.model_ids[first])), h=0.01,
+                           num_draws=2)
+  keep = run.records.keep[first]
+  np.testing.assert_allclose(result.proxies[1]["curvature"][keep], direct[keep], rtol=1e-6)
+  assert np.isnan(result.proxies[1]["curvature"][~keep]).all()
