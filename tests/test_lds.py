@@ -7,7 +7,6 @@ import numpy as np
 import pytest
 from scipy.stats import spearmanr
 
-from conftest import jaxmem_cli
 from jaxmem.errors import JaxmemError
 from jaxmem.scores.influence import InfluenceComputation
 from jaxmem.scores.lds import datamodels, influence_attribution, lds_per_test, split_models, summarize_lds
@@ -37,7 +36,7 @@ def test_lds_equals_naive_spearman_loop():
 
 def test_planted_datamodel_is_recovered():
   rng = np.random.default_rng(1)
-  m, n, t = 800, 30, 4
+  m, n, t = 200, 12, 4
   keep = rng.random((m, n)) < 0.7
   theta = rng.normal(size=(n, t))
   outputs = 3.0 + keep @ theta + 0.05 * rng.normal(size=(m, t))
@@ -46,11 +45,12 @@ def test_planted_datamodel_is_recovered():
   assert info["lambda"] <= 1.0          # little noise: the leave-one-out error wants little shrinkage
 
 
-def test_ridge_leave_one_out_error_equals_refitting():
+@pytest.mark.parametrize("m,n", [(24, 40), (40, 12)])
+def test_ridge_leave_one_out_error_equals_refitting(m, n):
   # The closed-form leave-one-out error (hat-matrix identity, intercept unpenalized) equals refitting
-  # ridge without each model in turn; with fewer models than examples (the dual form's regime).
+  # ridge without each model in turn, with fewer models than examples (a run's regime) and more.
   rng = np.random.default_rng(5)
-  m, n, t = 24, 40, 3
+  t = 3
   keep = rng.random((m, n)) < 0.7
   outputs = keep @ rng.normal(size=(n, t)) * 0.2 + rng.normal(size=(m, t))
   weights, info = datamodels(keep, outputs, lambdas=(0.5, 5.0, 50.0))
@@ -91,16 +91,23 @@ def test_split_and_bad_shapes():
     lds_per_test(np.zeros((2, 5)), np.ones((4, 5), bool), np.zeros((4, 2)))
 
 
-def test_cli_writes_lds_json_with_external_attribution(tiny_run, tmp_path):
+def test_cli_writes_lds_json_with_external_attribution(tiny_run, tmp_path, capsys):
+  from jaxmem.cli import main   # in-process: the console script's function, same parsing and exit codes
   run = tmp_path / "run"
   shutil.copytree(tiny_run.run_dir, run)
   n, t = tiny_run.records.num_train, tiny_run.records["test_margin"].shape[1]
   np.save(tmp_path / "attr.npy", np.random.default_rng(0).normal(size=(n, t)))
-  done = jaxmem_cli("scores", str(run), "--estimators", "memorization,lds", "--attribution", str(tmp_path / "attr.npy"))
-  assert done.returncode == 0, done.stderr
+  assert main(["scores", str(run), "--estimators", "memorization,lds", "--attribution", str(tmp_path / "attr.npy")]) == 0
   summary = json.loads((run / "lds.json").read_text())
   for method in ("influence_correctness", "influence_margin", "datamodels", "random", "external"):
     assert {"lds", "lds_low", "lds_high", "test_examples_used"} <= set(summary[method])
+  capsys.readouterr()
   np.save(tmp_path / "bad.npy", np.zeros((3, 2)))
-  bad = jaxmem_cli("scores", str(run), "--estimators", "lds", "--attribution", str(tmp_path / "bad.npy"))
-  assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "(3, 2)" in bad.stderr
+  before = (run / "lds.json").read_bytes()
+  assert main(["scores", str(run), "--estimators", "lds", "--attribution", str(tmp_path / "bad.npy")]) == 2
+  err = capsys.readouterr().err
+  assert err.count("\n") == 1 and err.startswith("jaxmem: error: ") and "(3, 2)" in err
+  assert (run / "lds.json").read_bytes() == before      # nothing half-written
+  (tmp_path / "junk.npy").write_text("not numpy")
+  assert main(["scores", str(run), "--estimators", "lds", "--attribution", str(tmp_path / "junk.npy")]) == 2
+  assert "not a readable .npy" in capsys.readouterr().err

@@ -88,29 +88,31 @@ def influence_attribution(keep_MxN: np.ndarray, values_MxT: np.ndarray) -> np.nd
 
 @jax.jit
 def _ridge_path(keep_MxN, outputs_MxT, lambdas_L):
-  """Ridge solutions (with an intercept) and exact leave-one-out errors for every λ, via the M×M
-  Gram matrix.
+  """Ridge solutions (with an unpenalized intercept) and exact leave-one-out errors for every λ,
+  via the M×M Gram matrix.
 
   With centred masks X (M, N) and centred outputs Y (M, T), W(λ) = Xᵀ (X Xᵀ + λ I)⁻¹ Y (the dual
-  form: M ≪ N here). X Xᵀ = U diag(s) Uᵀ gives every λ from one eigendecomposition. The hat
-  matrix of ridge with an unpenalized intercept is 11ᵀ/M + U diag(s / (s + λ)) Uᵀ; since the
-  centred Gram matrix has 1 in its null space, the residual and 1 − H_mm are sums over the
-  non-null eigenvectors of λ/(s + λ) terms, computed as such (no 1 − (1 − ε) cancellation in
-  float32), and the leave-one-out residual is (y − ŷ)_m / (1 − H_mm).
+  form: M ≪ N in a run). X Xᵀ = U diag(s) Uᵀ gives every λ from one eigendecomposition. The hat
+  matrix is H = 11ᵀ/M + U diag(s/(s + λ)) Uᵀ (the first term: the intercept), so with
+  w_k = λ/(s_k + λ) (1 on the null space of X Xᵀ, which holds the 1 direction):
+  y − ŷ = U diag(w) Uᵀ Y and 1 − H_mm = Σ_k U_mk² w_k − 1/M. Both are computed from w, not as
+  1 − (something close to 1), which float32 would round away at small λ; the leave-one-out
+  residual is (y − ŷ)_m / (1 − H_mm).
   """
+  m = keep_MxN.shape[0]
   x = keep_MxN.astype(jnp.float32)
   x = x - x.mean(0, keepdims=True)
   y = outputs_MxT - outputs_MxT.mean(0, keepdims=True)
   s, u = jnp.linalg.eigh(jnp.matmul(x, x.T, precision=_HIGHEST))
-  live = s > 1e-5 * jnp.max(s)                    # drop the null space (the 1 direction and rank deficiency)
-  s = jnp.where(live, s, 1.0)
-  uty = jnp.where(live[:, None], jnp.matmul(u.T, y, precision=_HIGHEST), 0.0)
+  live = s > 1e-5 * jnp.max(s)                    # the rest is the null space (rounding noise around 0)
+  s = jnp.where(live, s, 0.0)
+  uty = jnp.matmul(u.T, y, precision=_HIGHEST)
 
   def one(lam):
-    alpha = jnp.matmul(u, uty / (s + lam)[:, None], precision=_HIGHEST)          # (M, T)
-    keep_out = jnp.where(live, lam / (s + lam), 0.0)                             # 1 − s/(s+λ) per direction
-    residual = jnp.matmul(u, keep_out[:, None] * uty, precision=_HIGHEST)
-    one_minus_hat = jnp.sum(u * u * keep_out[None, :], axis=1)
+    w = jnp.where(live, lam / (s + lam), 1.0)
+    alpha = jnp.matmul(u, jnp.where(live, 1.0 / (s + lam), 0.0)[:, None] * uty, precision=_HIGHEST)  # (M, T)
+    residual = jnp.matmul(u, w[:, None] * uty, precision=_HIGHEST)
+    one_minus_hat = jnp.sum(u * u * w[None, :], axis=1) - 1.0 / m
     loo = residual / one_minus_hat[:, None]
     return jnp.matmul(x.T, alpha, precision=_HIGHEST), jnp.mean(loo ** 2)
 
