@@ -63,11 +63,21 @@ def test_fixed_variance_means_need_one_reference_per_group():
   assert np.array_equal(~np.isnan(scores["lira_online_fixed_variance"]), both)
 
 
-def test_study_writes_table_and_plot(tiny_run, tmp_path):
-  result = study.attack_refs_study(tiny_run.run_dir, tmp_path / "refs", refs="1,2,all", targets=2, num_bootstrap=5)
+def test_study_writes_table_and_plot_and_the_report_shows_them(tiny_run, tmp_path):
+  import shutil
+  from jaxmem.report import write_report
+  from jaxmem.scoring import score_run
+  run = tmp_path / "run"
+  shutil.copytree(tiny_run.run_dir, run)
+  result = study.attack_refs_study(run, refs="1,2,all", targets=2, num_bootstrap=5)
   with open(result.table) as f:
     rows = list(csv.DictReader(f))
   assert list(rows[0])[:8] == ["refs", "attack", "auc", "auc_low", "auc_high", "tpr_at_0.1pct_fpr",
                                "tpr_at_1pct_fpr", "eps_lower_bound"]
   assert len(rows) == 3 * len(study.ATTACKS) and rows[-1]["refs"] == "6"
-  assert result.plot.stat().st_size > 0 and (tmp_path / "refs" / "attack_refs.json").is_file()
+  assert result.plot.stat().st_size > 0 and (run / "attack_refs" / "attack_refs.json").is_file()
+  score_run(run, ["memorization", "rmia", "lds"], {"rmia": {"num_bootstrap": 5}, "lds": {"num_bootstrap": 20}})
+  report = write_report(run, log=lambda m: None)
+  assert {"rmia", "attack_refs", "lds"} <= set(report.sections)
+  page = report.path.read_text()
+  assert "rmia_online" in page and "influence_margin" in page and "attack_refs.png" in page

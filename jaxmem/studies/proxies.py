@@ -107,7 +107,7 @@ def proxies_from_records(records, ks: Sequence[int], *, epochs: int, curvature_f
   num_models = keep.shape[0]
   for k in ks:
     if not 1 <= k <= num_models:
-      raise JaxmemError(f"--models {k}: the run has {num_models} models")
+      raise JaxmemError(f"--models {k}: choose 1 to {num_models} (the run's models)")
   if "train_correct" not in records:
     raise JaxmemError("the proxies study needs train_correct records")
   reference = memorization(keep, records.read("train_correct")).estimate
