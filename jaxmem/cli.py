@@ -252,6 +252,9 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--models", dest="ks", type=_ints, default=(1, 4, 16), help="comma-separated model counts (default 1,4,16)")
   p.add_argument("--h", type=float, default=1e-3, help="curvature: finite-difference step in standardized input units (default 1e-3)")
   p.add_argument("--draws", type=int, default=10, help="curvature: Rademacher directions per example (default 10)")
+  p.add_argument("--curvature-epochs", type=_ints, default=None,
+                 help="curvature: train the models again and average over these epochs, e.g. 10,20,30 "
+                      "(default: the kept final parameters)")
   p.add_argument("--seed", type=int, default=0, help="seed of the model choice, directions and bootstrap")
   p.add_argument("--bootstrap", type=int, default=200, help="bootstrap resamples over examples (default 200)")
   p.add_argument("--data-dir", default=None, help="TFDS data directory (default: the run's)")
@@ -262,7 +265,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _cmd_study_proxies(args) -> int:
   from jaxmem.studies.proxies import format_rows, proxies_study
-  result = proxies_study(args.run_dir, args.out, ks=args.ks, h=args.h, draws=args.draws, seed=args.seed,
+  result = proxies_study(args.run_dir, args.out, ks=args.ks, h=args.h, draws=args.draws,
+                         curvature_epochs=args.curvature_epochs, seed=args.seed,
                          num_bootstrap=args.bootstrap, data_dir=args.data_dir, log=lambda m: print(m, file=sys.stderr))
   print("\n".join(format_rows(result.rows)))
   for note in result.notes:

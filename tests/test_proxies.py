@@ -140,8 +140,31 @@ def test_study_on_a_run_with_kept_parameters(tiny_config, tmp_path):
   x, _ = standardize(dataset)
   labels = np.asarray(run.records.train_labels)
   direct = input_curvature(model_apply(model), load_model_params(run.run_dir, int(run.records.model_ids[first])), x,
-                           labels, jax.random.fold_in(jax.random.key(0), int(run.records.model_ids[first])), h=0.01,
-                           num_draws=2)
+                           labels, jax.random.fold_in(jax.random.fold_in(jax.random.key(0), int(run.records.model_ids[first])),
+                                                      config.epochs), h=0.01, num_draws=2)
   keep = run.records.keep[first]
   np.testing.assert_allclose(result.proxies[1]["curvature"][keep], direct[keep], rtol=1e-6)
   assert np.isnan(result.proxies[1]["curvature"][~keep]).all()
+
+
+@pytest.mark.slow   # trains an 8-model run, then 2 of its models again
+def test_retraining_reproduces_the_kept_models_and_captures_epochs(tiny_config, tmp_path):
+  import jaxmem
+  from jaxmem.config import RunConfig
+  from jaxmem.data import load_run_dataset
+  from jaxmem.store import RunDir, load_model_params
+  from jaxmem.studies.proxies import retrained_params
+  config = tiny_config.replace(keep_params="2")
+  run = jaxmem.run(config, tmp_path / "run", progress=False, log=lambda m: None)
+  manifest = RunDir.open(run.run_dir).manifest()
+  ids = run.records.model_ids[:2]
+  trained = retrained_params(load_run_dataset(manifest), RunConfig.from_dict(manifest["config"]), ids,
+                             run.records.keep[:2], [1, config.epochs])
+  assert sorted(trained) == [1, config.epochs] and len(trained[1]) == 2
+  for i, model_id in enumerate(ids):
+    kept = load_model_params(run.run_dir, int(model_id))
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), trained[config.epochs][i], kept)
+    changed = jax.tree.map(lambda a, b: float(np.abs(a - b).max()), trained[1][i], kept)
+    assert max(jax.tree.leaves(changed)) > 1e-3      # after one epoch the parameters are not the final ones
+  with pytest.raises(JaxmemError, match="between 1 and the run's 3 epochs"):
+    retrained_params(load_run_dataset(manifest), RunConfig.from_dict(manifest["config"]), ids, run.records.keep[:2], [4])

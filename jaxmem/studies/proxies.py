@@ -17,9 +17,13 @@ has no IN or no OUT model among them) is reported beside the proxies as the base
 the same. Caveat: the k models are also part of the M behind the reference memorization, so
 correlations at small k are slightly optimistic for every row alike.
 
-Curvature uses the final parameters of the kept models (``--keep-params``); Garg et al. average
-over checkpoints of training, which a run does not keep. With fewer kept models than k, it uses
-the kept ones among the k, and ``models_used`` says how many.
+Curvature needs parameters. By default it uses the final parameters of the models the run kept
+(``--keep-params``), averaged over the kept ones among the k (``models_used`` says how many). With
+``curvature_epochs`` (``--curvature-epochs 10,20,30``), or when the run kept none, the k models are
+trained again with the run's recipe — the same model ids, masks and keys, so the same models — and
+curvature is taken after each of those epochs and averaged, as Garg et al. average over training
+checkpoints (:class:`EpochParams` captures the parameters through the engine's checkpoint hooks,
+without writing anything).
 """
 
 from __future__ import annotations
@@ -36,7 +40,7 @@ from scipy.stats import pearsonr, rankdata
 
 from jaxmem.config import RunConfig
 from jaxmem.data import load_run_dataset
-from jaxmem.engine.trainer import standardize
+from jaxmem.engine.trainer import Engine, standardize
 from jaxmem.errors import JaxmemError
 from jaxmem.models import build_model
 from jaxmem.scores._stats import auroc
@@ -48,6 +52,42 @@ COLUMNS = ("models", "proxy", "models_used", "examples_used", "spearman", "spear
            "pearson", "pearson_low", "pearson_high", "auroc_flipped", "auroc_flipped_low", "auroc_flipped_high",
            "cost_model_epochs", "full_cost_model_epochs", "cost_ratio")
 ORDER_TAG = 0x9C5
+
+
+class EpochParams:
+  """Collects the parameters of a chunk in training after chosen epochs, through the hooks
+  :meth:`jaxmem.engine.trainer.Engine.train_chunk` calls on a checkpoint (``restore``, ``due``,
+  ``save``): nothing is restored and nothing is written; ``params[epoch]`` is a host pytree with
+  the chunk's (padded) model axis first."""
+
+  def __init__(self, epochs: Sequence[int]):
+    self.epochs = set(int(e) for e in epochs)
+    self.params: dict[int, Any] = {}
+
+  def restore(self, state_like):
+    return None
+
+  def due(self, epochs_done: int) -> bool:
+    return epochs_done in self.epochs
+
+  def save(self, epochs_done: int, state, history, *, wait: bool = False) -> None:
+    self.params[int(epochs_done)] = jax.device_get(state.params)
+
+
+def retrained_params(dataset, config: RunConfig, model_ids: Sequence[int], keep_KxN: np.ndarray,
+                     epochs: Sequence[int], *, log: Callable[[str], None] = lambda m: None) -> dict[int, list[Any]]:
+  """The run's recipe trained again for these models (same ids and masks: the same models):
+  ``{epoch: [params of model k]}`` after each epoch in ``epochs`` (1..E)."""
+  wanted = sorted(set(int(e) for e in epochs))
+  if not wanted or wanted[0] < 1 or wanted[-1] > config.epochs:
+    raise JaxmemError(f"curvature epochs must be between 1 and the run's {config.epochs} epochs, got {list(epochs)}")
+  engine = Engine(dataset, config.replace(record_epochs=False, record_epoch_margin=False, score_epoch=None,
+                                          queries=1, keep_params="none"), log=log)
+  capture = EpochParams([e for e in wanted if e < config.epochs])
+  engine.train_chunk(np.asarray(model_ids), np.asarray(keep_KxN, bool), epochs_per_call=1, checkpoint=capture)
+  capture.params[config.epochs] = jax.device_get(engine.last_state.params)
+  k = len(model_ids)
+  return {e: [jax.tree.map(lambda leaf, i=i: np.asarray(leaf[i]), capture.params[e]) for i in range(k)] for e in wanted}
 
 
 def model_order(num_models: int, kept_rows: Sequence[int], seed: int) -> np.ndarray:
@@ -167,10 +207,13 @@ def rows_csv(rows: Sequence[dict[str, Any]]) -> str:
 
 
 def proxies_study(run_dir: str | Path, out: str | Path | None = None, *, ks: Sequence[int] = (1, 4, 16),
-                  h: float = DEFAULT_H, draws: int = DEFAULT_DRAWS, seed: int = 0, num_bootstrap: int = 200,
-                  data_dir: str | None = None, log: Callable[[str], None] = lambda m: None) -> ProxiesResult:
-  """Runs :func:`proxies_from_records` on a run (curvature from its kept parameters, on the
-  device) and writes ``proxies.csv`` and ``proxies.json`` into ``out`` (default RUN_DIR/proxies)."""
+                  h: float = DEFAULT_H, draws: int = DEFAULT_DRAWS, curvature_epochs: Sequence[int] | None = None,
+                  seed: int = 0, num_bootstrap: int = 200, data_dir: str | None = None,
+                  log: Callable[[str], None] = lambda m: None) -> ProxiesResult:
+  """Runs :func:`proxies_from_records` on a run and writes ``proxies.csv`` and ``proxies.json``
+  into ``out`` (default RUN_DIR/proxies). Curvature, on the device: from the kept final
+  parameters, or (``curvature_epochs``, or no kept parameters) from the max(ks) models trained
+  again, averaged over those epochs."""
   run = RunDir.open(run_dir)
   records = run.load_records()
   manifest = run.manifest()
@@ -178,20 +221,31 @@ def proxies_study(run_dir: str | Path, out: str | Path | None = None, *, ks: Seq
   kept_ids = kept_param_models(run)
   row_of_id = {int(m): r for r, m in enumerate(records.model_ids)}
   kept_rows = sorted(row_of_id[m] for m in kept_ids if m in row_of_id)
-  curvature_fn = None
-  if kept_rows:
-    dataset = load_run_dataset(manifest, data_dir=data_dir)
-    x_train, _ = standardize(dataset)
-    model = build_model(config.model, dataset.num_classes, config.model_options, dtype=config.compute_dtype)
-    apply_fn = model_apply(model)
-    labels = np.asarray(records.train_labels)
-    base_key = jax.random.key(seed)
+  for k in ks:
+    if not 1 <= k <= records.num_models:
+      raise JaxmemError(f"--models {k}: choose 1 to {records.num_models} (the run's models)")
+  retrain = curvature_epochs is not None or not kept_rows
+  if retrain:   # the models to train again: the first max(ks) of the study's order
+    kept_rows = sorted(model_order(records.num_models, (), seed)[: max(ks)].tolist())
+  dataset = load_run_dataset(manifest, data_dir=data_dir)
+  x_train, _ = standardize(dataset)
+  model = build_model(config.model, dataset.num_classes, config.model_options, dtype=config.compute_dtype)
+  apply_fn = model_apply(model)
+  labels = np.asarray(records.train_labels)
+  base_key = jax.random.key(seed)
+  epochs_used = sorted(set(curvature_epochs or (config.epochs,)))
+  params_by_row: dict[int, list[Any]] = {}
+  if retrain:
+    log(f"proxies: training {len(kept_rows)} models again for curvature after epochs {epochs_used}")
+    trained = retrained_params(dataset, config, records.model_ids[kept_rows], records.keep[kept_rows], epochs_used, log=log)
+    params_by_row = {row: [trained[e][i] for e in epochs_used] for i, row in enumerate(kept_rows)}
 
-    def curvature_fn(row: int) -> np.ndarray:
-      model_id = int(records.model_ids[row])
-      params = load_model_params(run.path, model_id)
-      return input_curvature(apply_fn, params, x_train, labels, jax.random.fold_in(base_key, model_id), h=h,
-                             num_draws=draws)
+  def curvature_fn(row: int) -> np.ndarray:
+    model_id = int(records.model_ids[row])
+    checkpoints = params_by_row.get(row) or [load_model_params(run.path, model_id)]
+    key = jax.random.fold_in(base_key, model_id)
+    return np.mean([input_curvature(apply_fn, params, x_train, labels, jax.random.fold_in(key, e), h=h, num_draws=draws)
+                    for e, params in zip(epochs_used, checkpoints)], axis=0)
 
   result = proxies_from_records(records, ks, epochs=config.epochs, curvature_fn=curvature_fn, kept_rows=kept_rows,
                                 seed=seed, num_bootstrap=num_bootstrap, log=log)
@@ -201,7 +255,8 @@ def proxies_study(run_dir: str | Path, out: str | Path | None = None, *, ks: Seq
   write_bytes_atomic(result.table, rows_csv(result.rows).encode())
   write_json_atomic(out / "proxies.json", {
       "run": str(run.path), "models": records.num_models, "epochs": config.epochs, "ks": list(ks), "seed": seed,
-      "curvature": {"h": h, "draws": draws, "kept_models": len(kept_rows), "parameters": "final"},
+      "curvature": {"h": h, "draws": draws, "models": len(kept_rows), "epochs": epochs_used,
+                    "parameters": "retrained" if retrain else "kept (final)"},
       "reference": "memorization from all models", "notes": result.notes, "rows": result.rows})
   return result
 
