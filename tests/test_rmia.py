@@ -118,4 +118,5 @@ def test_scores_cli_writes_rmia_json(tiny_run, tmp_path):
   assert set(summary["attack"]) == {"rmia_online", "rmia_offline"}
   assert {"auc", "tpr_at_0.1%_fpr", "tpr_at_1%_fpr"} <= set(summary["attack"]["rmia_online"])
   assert summary["eps_lower_bound"]["rmia_offline"]["delta"] == 1e-5
+  assert summary["targets"] and set(summary["lira_same_targets"]) == {"online", "online_fixed_variance", "offline"}
   assert (run / "rmia_roc.png").stat().st_size > 0

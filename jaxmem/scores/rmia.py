@@ -64,7 +64,7 @@ from jaxmem.errors import JaxmemError
 from jaxmem.scores import EstimatorResult, register_estimator
 from jaxmem.scores._stats import spearman
 from jaxmem.scores.attack_metrics import DEFAULT_FPRS, attack_metrics, bootstrap_attack_metrics, per_example_auc, roc, tpr_key
-from jaxmem.scores.lira import choose_targets, plot_roc
+from jaxmem.scores.lira import choose_targets, lira_attack, plot_roc
 from jaxmem.scores.privacy_bounds import DEFAULT_CONFIDENCE, DEFAULT_DELTA, POOLED_CAVEAT, eps_lower_bound
 from jaxmem.store import atomic_path, write_json_atomic
 
@@ -237,6 +237,7 @@ class RmiaAttack:
   a_aucs: dict[float, float]
   tuner: int
   gamma: float
+  comparison: Any = None                # LiraAttack on the same targets, if computed
 
 
 def pick_tuner(num_models: int, targets_T: np.ndarray, seed: int) -> int:
@@ -290,9 +291,11 @@ def per_example_risk(margin_MxN, keep_MxN, test_margin_MxZ, *, a: float, gamma: 
 
 def rmia_report(records, *, memorization=None, targets=None, gamma: float = DEFAULT_GAMMA, a: float | None = None,
                 num_bootstrap: int = 200, seed: int = 0, delta: float = DEFAULT_DELTA,
-                confidence: float = DEFAULT_CONFIDENCE) -> tuple[dict[str, np.ndarray], dict[str, Any], list[str], RmiaAttack]:
+                confidence: float = DEFAULT_CONFIDENCE, compare_lira: bool = True) -> tuple[dict[str, np.ndarray], dict[str, Any], list[str], RmiaAttack]:
   """Everything ``jaxmem scores --estimators rmia`` reports: columns, the ``rmia.json`` summary
-  (the layout of ``lira.json``), printed lines and the attack (for the ROC plot)."""
+  (the layout of ``lira.json``), printed lines and the attack (for the ROC plot). With
+  ``compare_lira``, LiRA online, online fixed-variance and offline on the same targets join the
+  lines, ``rmia.json`` (``lira_same_targets``) and the plot."""
   margin = np.asarray(records["train_margin"], np.float64)
   if margin.ndim == 3:  # augmented queries: RMIA takes one probability per example, the plain query
     margin = margin[..., 0]
@@ -314,12 +317,21 @@ def rmia_report(records, *, memorization=None, targets=None, gamma: float = DEFA
            f"gamma = {attack.gamma:g}; 95% bootstrap intervals over examples"]
   fmt = lambda m: f"{m['value']:.3f} [{m['low']:.3f}, {m['high']:.3f}]"
   for name, metric in attack.metrics.items():
-    row = f"  {name:<14} AUC {fmt(metric['auc'])}"
+    row = f"  {name:<28} AUC {fmt(metric['auc'])}"
     for alpha in DEFAULT_FPRS:
       row += f"  TPR@{100 * alpha:g}%FPR {fmt(metric[tpr_key(alpha)])}"
     row += f"  eps >= {attack.eps[name]['eps']:.2f} (delta {delta:g}, {100 * confidence:g}% one-sided)"
     lines.append(row)
   lines.append(f"  ({POOLED_CAVEAT})")
+  if compare_lira:
+    # LiRA on the same targets, shadows and pairs, for the comparison the RMIA paper makes.
+    lira = lira_attack(margin, keep, targets=attack.targets, num_bootstrap=num_bootstrap, seed=seed,
+                       variants=("online", "online_fixed_variance", "offline"))
+    summary["lira_same_targets"] = lira.metrics
+    for name, metric in lira.metrics.items():
+      lines.append(f"  {'lira_' + name:<28} AUC {fmt(metric['auc'])}  TPR@0.1%FPR {fmt(metric[tpr_key(0.001)])}  "
+                   f"TPR@1%FPR {fmt(metric[tpr_key(0.01)])}  (same targets)")
+    attack.comparison = lira
   if memorization is not None:
     rho = spearman(columns["rmia_online"], memorization)
     summary["spearman_rmia_online_memorization"] = rho
@@ -338,8 +350,12 @@ def _rmia_estimator(records, *, context=None, targets=None, gamma: float = DEFAU
       seed=seed, delta=delta, confidence=confidence)
 
   def write_png(path):
+    shown = attack
+    if attack.comparison is not None:   # one plot: RMIA and LiRA on the same pairs
+      shown = dataclasses.replace(attack, curves={**attack.comparison.curves, **attack.curves},
+                                  metrics={**attack.comparison.metrics, **attack.metrics})
     with atomic_path(path) as tmp:
-      plot_roc(attack, tmp, title="RMIA on jaxmem subset models")
+      plot_roc(shown, tmp, title="RMIA and LiRA on the same jaxmem targets")
 
   return EstimatorResult(columns=columns, summary=summary, lines=lines,
                          files={"rmia.json": lambda path: write_json_atomic(path, summary), "rmia_roc.png": write_png})
