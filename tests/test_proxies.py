@@ -168,3 +168,20 @@ def test_retraining_reproduces_the_kept_models_and_captures_epochs(tiny_config, 
     assert max(jax.tree.leaves(changed)) > 1e-3      # after one epoch the parameters are not the final ones
   with pytest.raises(JaxmemError, match="between 1 and the run's 3 epochs"):
     retrained_params(load_run_dataset(manifest), RunConfig.from_dict(manifest["config"]), ids, run.records.keep[:2], [4])
+
+
+def test_csl_estimator_column():
+  from jaxmem.scoring import score_records
+  from jaxmem.store import Records
+  rng = np.random.default_rng(8)
+  m, e, n = 10, 3, 12
+  keep = rng.random((m, n)) < 0.7
+  margin = rng.normal(0, 2, (m, e, n)).astype(np.float32)
+  noisy = np.arange(n) < 3
+  records = Records(keep=keep, model_ids=np.arange(m), subset_ratio=np.full(m, 0.7, np.float32),
+                    train_labels=np.zeros(n, np.int64), clean_train_labels=np.zeros(n, np.int64),
+                    test_labels=np.zeros(2, np.int64), noisy=noisy,
+                    arrays={"train_margin_epochs": margin, "train_correct": margin[:, -1] > 0}, num_models_planned=m)
+  table = score_records(records, ["memorization", "csl"])
+  np.testing.assert_allclose(table.columns["cumulative_sample_loss"], cumulative_sample_loss(keep, margin))
+  assert 0 <= table.summary["csl"]["auroc_flipped"] <= 1

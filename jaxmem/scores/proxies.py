@@ -35,6 +35,8 @@ import numpy as np
 import optax
 
 from jaxmem.errors import JaxmemError
+from jaxmem.scores import EstimatorResult, auroc, register_estimator
+from jaxmem.scores._stats import spearman
 from jaxmem.scores.dynamics import learned_forever_epoch, masked_mean
 
 DEFAULT_H = 1e-3
@@ -116,3 +118,20 @@ def input_curvature(apply_fn: Callable, params, x_NxD: np.ndarray, y_N: np.ndarr
 
 # Compiled once per (apply_fn, h, shapes): pass the same apply_fn object for every model.
 _curvature_jit = jax.jit(curvature_with_directions, static_argnames=("apply_fn", "h"))
+
+
+@register_estimator("csl", requires=("train_margin_epochs",), default=False)
+def _csl_estimator(records, *, context=None) -> EstimatorResult:
+  """``cumulative_sample_loss`` column from all models (opt-in: a proxy, reported with its agreement)."""
+  csl = cumulative_sample_loss(records.read("keep"), records.read("train_margin_epochs"))
+  summary: dict[str, float] = {}
+  lines = []
+  memorization = None if context is None else context.get("memorization")
+  if memorization is not None:
+    summary["spearman_with_memorization"] = spearman(csl, memorization)
+  noisy = np.asarray(records.noisy, bool)
+  if noisy.any() and not noisy.all():
+    summary["auroc_flipped"] = auroc(csl, noisy)
+  if summary:
+    lines.append("cumulative sample loss (a proxy): " + ", ".join(f"{k} {v:.3f}" for k, v in summary.items()))
+  return EstimatorResult(columns={"cumulative_sample_loss": csl}, summary=summary, lines=lines)
