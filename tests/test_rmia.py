@@ -107,6 +107,13 @@ def test_bad_inputs():
     rmia_attack(margin, keep, test_margin[:3])
 
 
+def test_several_subset_ratios_are_refused():
+  from jaxmem.scores.rmia import check_single_ratio
+  check_single_ratio(np.full(4, 0.7, np.float32), "RMIA")
+  with pytest.raises(JaxmemError, match="one subset ratio; this run has 0.3, 0.7"):
+    check_single_ratio(np.array([0.3, 0.7, 0.7], np.float32), "RMIA")
+
+
 def test_scores_cli_writes_rmia_json(tiny_run, tmp_path):
   import shutil
   from jaxmem.scoring import score_run

@@ -240,6 +240,15 @@ class RmiaAttack:
   comparison: Any = None                # LiraAttack on the same targets, if computed
 
 
+def check_single_ratio(subset_ratio_M, what: str) -> None:
+  """Reference means over models of different subset ratios would mix training-set sizes (the
+  in/out statistics are never pooled across ratios), so these attacks need a one-ratio run."""
+  ratios = np.unique(np.asarray(subset_ratio_M, np.float64))
+  if ratios.size > 1:
+    raise JaxmemError(f"{what} needs models of one subset ratio; this run has {', '.join(f'{r:g}' for r in ratios)} "
+                      "(run it on a run with a single --subset-ratio)")
+
+
 def pick_tuner(num_models: int, targets_T: np.ndarray, seed: int) -> int:
   """A model that is not a target (if any), drawn with ``seed``."""
   free = np.setdiff1d(np.arange(num_models), targets_T)
@@ -296,6 +305,7 @@ def rmia_report(records, *, memorization=None, targets=None, gamma: float = DEFA
   (the layout of ``lira.json``), printed lines and the attack (for the ROC plot). With
   ``compare_lira``, LiRA online, online fixed-variance and offline on the same targets join the
   lines, ``rmia.json`` (``lira_same_targets``) and the plot."""
+  check_single_ratio(records.subset_ratio, "RMIA")
   margin = np.asarray(records["train_margin"], np.float64)
   if margin.ndim == 3:  # augmented queries: RMIA takes one probability per example, the plain query
     margin = margin[..., 0]

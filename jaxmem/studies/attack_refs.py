@@ -42,7 +42,7 @@ from jaxmem.errors import JaxmemError
 from jaxmem.scores.attack_metrics import bootstrap_attack_metrics, tpr_key
 from jaxmem.scores.lira import GaussianFits, choose_targets, fit_gaussians, lira_scores
 from jaxmem.scores.privacy_bounds import DEFAULT_DELTA, POOLED_CAVEAT, eps_lower_bound
-from jaxmem.scores.rmia import DEFAULT_GAMMA, attack_with_references, pick_tuner, tune_offline_a
+from jaxmem.scores.rmia import DEFAULT_GAMMA, attack_with_references, check_single_ratio, pick_tuner, tune_offline_a
 from jaxmem.store import RunDir, atomic_path, write_bytes_atomic, write_json_atomic
 
 ATTACKS = ("lira_online", "lira_online_fixed_variance", "lira_offline", "lira_offline_fixed_variance",
@@ -210,6 +210,7 @@ def attack_refs_study(run_dir: str | Path, out: str | Path | None = None, *, ref
   ``attack_refs.png`` and ``attack_refs.json`` into ``out`` (default RUN_DIR/attack_refs)."""
   run = RunDir.open(run_dir)
   records = run.load_records()
+  check_single_ratio(records.subset_ratio, "attack-refs")
   for name in ("train_margin", "test_margin"):
     if name not in records:
       raise JaxmemError(f"attack-refs needs the record {name}, which {run_dir} did not record")
