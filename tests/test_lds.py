@@ -101,6 +101,9 @@ def test_cli_writes_lds_json_with_external_attribution(tiny_run, tmp_path, capsy
   summary = json.loads((run / "lds.json").read_text())
   for method in ("influence_correctness", "influence_margin", "datamodels", "random", "external"):
     assert {"lds", "lds_low", "lds_high", "test_examples_used"} <= set(summary[method])
+  per_test = (run / "lds_per_test.csv").read_text().splitlines()
+  assert per_test[0] == "test_index,test_label,influence_correctness,influence_margin,datamodels,random,external"
+  assert len(per_test) == t + 1
   capsys.readouterr()
   np.save(tmp_path / "bad.npy", np.zeros((3, 2)))
   before = (run / "lds.json").read_bytes()

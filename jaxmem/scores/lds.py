@@ -40,6 +40,8 @@ comparable across methods on one run but not directly with TRAK's tables.
 
 from __future__ import annotations
 
+import csv
+import io
 from typing import Any
 
 import jax
@@ -49,7 +51,7 @@ from scipy.stats import rankdata
 
 from jaxmem.errors import JaxmemError
 from jaxmem.scores import EstimatorResult, register_estimator
-from jaxmem.store import write_json_atomic
+from jaxmem.store import write_bytes_atomic, write_json_atomic
 
 METHODS = ("influence_correctness", "influence_margin", "datamodels", "random")
 RIDGE_GRID: tuple[float, ...] = tuple(10.0 ** k for k in range(-2, 5))
@@ -179,10 +181,10 @@ def summarize_lds(per_test_T: np.ndarray, *, num_bootstrap: int = 1000, seed: in
 
 
 def lds_report(keep_MxN, test_correct_MxT, test_margin_MxT, *, attribution_NxT=None, seed: int = 0,
-               num_bootstrap: int = 1000, methods=METHODS) -> dict[str, Any]:
-  """Every method's LDS on the evaluation half, attributions from the estimation half:
+               num_bootstrap: int = 1000, methods=METHODS) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+  """Every method's LDS on the evaluation half, attributions from the estimation half: the summary
   ``{method: {lds, lds_low, lds_high, test_examples_used, test_examples, ...}, "settings": {...}}``
-  (``external`` for ``attribution_NxT``)."""
+  (``external`` for ``attribution_NxT``) and each method's LDS per test example (T,)."""
   keep_MxN = np.asarray(keep_MxN, bool)
   test_margin_MxT = np.asarray(test_margin_MxT, np.float64)
   estimate, evaluate = split_models(keep_MxN.shape[0], seed)
@@ -203,21 +205,36 @@ def lds_report(keep_MxN, test_correct_MxT, test_margin_MxT, *, attribution_NxT=N
     attributions["external"] = np.asarray(attribution_NxT, np.float64)
   out: dict[str, Any] = {"settings": {"estimation_models": int(estimate.size), "evaluation_models": int(evaluate.size),
                                       "seed": seed, "output": "test margin", "num_bootstrap": num_bootstrap}}
+  per_test: dict[str, np.ndarray] = {}
   for method, attribution in attributions.items():
-    per_test = lds_per_test(attribution, keep_MxN[evaluate], test_margin_MxT[evaluate])
-    out[method] = {**summarize_lds(per_test, num_bootstrap=num_bootstrap, seed=seed), **details.get(method, {})}
-  return out
+    per_test[method] = lds_per_test(attribution, keep_MxN[evaluate], test_margin_MxT[evaluate])
+    out[method] = {**summarize_lds(per_test[method], num_bootstrap=num_bootstrap, seed=seed), **details.get(method, {})}
+  return out, per_test
+
+
+def per_test_csv(per_test: dict[str, np.ndarray], test_labels_T: np.ndarray) -> bytes:
+  """``test_index, test_label`` and one LDS column per method; undefined values are empty cells."""
+  out = io.StringIO()
+  writer = csv.writer(out, lineterminator="\n")
+  writer.writerow(["test_index", "test_label", *per_test])
+  for j, label in enumerate(np.asarray(test_labels_T)):
+    writer.writerow([j, int(label), *("" if np.isnan(v[j]) else f"{v[j]:.6g}" for v in per_test.values())])
+  return out.getvalue().encode()
 
 
 @register_estimator("lds", requires=("test_correct", "test_margin"), default=False)
 def _lds_estimator(records, *, context=None, attribution=None, seed: int = 0, num_bootstrap: int = 1000) -> EstimatorResult:
-  """``lds.json``: LDS of the built-in attributions (and of ``attribution``, an (N, T) array)."""
-  summary = lds_report(records.read("keep"), records.read("test_correct"), records.read("test_margin"),
-                       attribution_NxT=attribution, seed=seed, num_bootstrap=num_bootstrap)
+  """``lds.json`` (averages with intervals) and ``lds_per_test.csv`` (LDS of every test example) of
+  the built-in attributions and of ``attribution``, an (N, T) array."""
+  summary, per_test = lds_report(records.read("keep"), records.read("test_correct"), records.read("test_margin"),
+                                 attribution_NxT=attribution, seed=seed, num_bootstrap=num_bootstrap)
   settings = summary["settings"]
   lines = [f"LDS (Spearman over {settings['evaluation_models']} held-out models of the summed attribution vs the test "
            f"margin; attributions from the other {settings['estimation_models']}; 95% bootstrap over test examples):"]
   for method, entry in ((k, v) for k, v in summary.items() if k != "settings"):
     lines.append(f"  {method:<22} {entry['lds']:.3f} [{entry['lds_low']:.3f}, {entry['lds_high']:.3f}]  "
                  f"({entry['test_examples_used']} of {entry['test_examples']} test examples)")
-  return EstimatorResult(summary=summary, lines=lines, files={"lds.json": lambda path: write_json_atomic(path, summary)})
+  table = per_test_csv(per_test, records.test_labels)
+  return EstimatorResult(summary=summary, lines=lines, files={
+      "lds.json": lambda path: write_json_atomic(path, summary),
+      "lds_per_test.csv": lambda path: write_bytes_atomic(path, table)})
