@@ -21,6 +21,10 @@ pooled σ needs some example with 2), RMIA fills a missing group from its a-rela
 evaluated on the (target, example) pairs it can score, and ``coverage`` says which fraction that
 is, so a number at small K is never silently about a different set of examples.
 
+All attacks use the plain query's margin (a run with ``--queries 2|18`` also records augmented
+copies; LiRA's own estimator averages over them, this comparison does not, since RMIA takes one
+probability per example).
+
 Metrics: AUC and TPR at 0.1% and 1% FPR with 95% bootstrap intervals over examples
 (:func:`jaxmem.scores.attack_metrics.bootstrap_attack_metrics`) and the ε lower bound
 (:mod:`jaxmem.scores.privacy_bounds`, δ = 1e-5 by default).
