@@ -64,6 +64,12 @@ def _add_score_arguments(p: argparse.ArgumentParser) -> None:
   p.add_argument("--bootstrap", type=int, default=None,
                  help="bootstrap resamples over models for memorization_ci_low/high (default 200; 0: off)")
   p.add_argument("--bootstrap-seed", type=int, default=None, help="seed of the bootstrap and split-half draws")
+  p.add_argument("--rmia-gamma", type=float, default=None, help="RMIA: LR(x, z) >= gamma counts (default 1)")
+  p.add_argument("--rmia-a", type=float, default=None, help="RMIA: the a of P_IN ~ a*P_OUT + 1 - a, in (0, 1] "
+                 "(default: tuned on a model that is not a target)")
+  p.add_argument("--delta", type=float, default=None, help="delta of the attacks' epsilon lower bounds (default 1e-5)")
+  p.add_argument("--attribution", default=None,
+                 help="lds: also score this (training examples, test examples) attribution matrix (.npy)")
 
 
 def score_options_from_args(args: argparse.Namespace) -> dict:
@@ -75,12 +81,31 @@ def score_options_from_args(args: argparse.Namespace) -> dict:
                                ("bootstrap_seed", "uncertainty", "seed"), ("target_se", "uncertainty", "target_se")):
     if getattr(args, flag, None) is not None:
       options[estimator][key] = getattr(args, flag)
+  for flag, estimator, key in (("rmia_gamma", "rmia", "gamma"), ("rmia_a", "rmia", "a"), ("delta", "rmia", "delta"),
+                               ("delta", "lira", "delta")):
+    if getattr(args, flag, None) is not None:
+      options.setdefault(estimator, {})[key] = getattr(args, flag)
+  if getattr(args, "attribution", None) is not None:
+    options.setdefault("lds", {})["attribution"] = _load_attribution(args.attribution)
   if getattr(args, "influence_full", False):
     options["influence"]["full"] = True
   if "metrics" in options["counterfactual"]:
     from jaxmem.scores.counterfactual import parse_metrics
     options["counterfactual"]["metrics"] = parse_metrics(options["counterfactual"]["metrics"])
   return {k: v for k, v in options.items() if v}
+
+
+def _load_attribution(path: str):
+  """An (N, T) float matrix from a .npy file, or one line saying what is wrong with it."""
+  import numpy as np
+  try:
+    value = np.load(path, allow_pickle=False)
+  except (OSError, ValueError) as e:
+    raise JaxmemError(f"--attribution {path}: not a readable .npy array ({e})") from None
+  if value.ndim != 2 or value.dtype.kind not in "fiub":
+    raise JaxmemError(f"--attribution {path}: expected a 2-D numeric (training examples, test examples) array, "
+                      f"got shape {value.shape} of {value.dtype}")
+  return value
 
 
 def _add_run_arguments(p: argparse.ArgumentParser) -> None:
@@ -208,7 +233,56 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(flag, dest=field, type=kind, default=None, help=help_text)
   p.add_argument("--config", default=None, help="config file (.py or .json) for the recipe")
   p.set_defaults(handler=_cmd_study_ssft)
+
+  p = studies.add_parser("attack-refs", help="LiRA and RMIA attack power against the number of reference models "
+                         "(AUC, TPR at low FPR, eps lower bound)")
+  p.add_argument("run_dir")
+  p.add_argument("--refs", default="1,2,4,8,16,64,all", help="comma-separated reference counts or all (default 1,2,4,8,16,64,all)")
+  p.add_argument("--targets", type=int, default=None, help="target models (default 16)")
+  p.add_argument("--seed", type=int, default=0, help="seed of the targets, reference orders and bootstrap")
+  p.add_argument("--bootstrap", type=int, default=200, help="bootstrap resamples over examples (default 200)")
+  p.add_argument("--rmia-gamma", type=float, default=1.0, help="RMIA's gamma (default 1)")
+  p.add_argument("--delta", type=float, default=1e-5, help="delta of the eps lower bounds (default 1e-5)")
+  p.add_argument("--out", default=None, help="study directory (default: RUN_DIR/attack_refs)")
+  p.set_defaults(handler=_cmd_study_attack_refs)
+
+  p = studies.add_parser("proxies", help="cheap memorization proxies (cumulative sample loss, input-loss curvature, "
+                         "learning time) from a few models vs the run's memorization, with cost")
+  p.add_argument("run_dir")
+  p.add_argument("--models", dest="ks", type=_ints, default=(1, 4, 16), help="comma-separated model counts (default 1,4,16)")
+  p.add_argument("--h", type=float, default=1e-3, help="curvature: finite-difference step in standardized input units (default 1e-3)")
+  p.add_argument("--draws", type=int, default=10, help="curvature: Rademacher directions per example (default 10)")
+  p.add_argument("--curvature-epochs", type=_ints, default=None,
+                 help="curvature: train the models again and average over these epochs, e.g. 10,20,30 "
+                      "(default: the kept final parameters)")
+  p.add_argument("--seed", type=int, default=0, help="seed of the model choice, directions and bootstrap")
+  p.add_argument("--bootstrap", type=int, default=200, help="bootstrap resamples over examples (default 200)")
+  p.add_argument("--data-dir", default=None, help="TFDS data directory (default: the run's)")
+  p.add_argument("--out", default=None, help="study directory (default: RUN_DIR/proxies)")
+  p.set_defaults(handler=_cmd_study_proxies)
   return parser
+
+
+def _cmd_study_proxies(args) -> int:
+  from jaxmem.studies.proxies import format_rows, proxies_study
+  result = proxies_study(args.run_dir, args.out, ks=args.ks, h=args.h, draws=args.draws,
+                         curvature_epochs=args.curvature_epochs, seed=args.seed,
+                         num_bootstrap=args.bootstrap, data_dir=args.data_dir, log=lambda m: print(m, file=sys.stderr))
+  print("\n".join(format_rows(result.rows)))
+  for note in result.notes:
+    print(f"note: {note}")
+  print(f"wrote {result.table}")
+  return 0
+
+
+def _cmd_study_attack_refs(args) -> int:
+  from jaxmem.studies.attack_refs import attack_refs_study, format_rows
+  result = attack_refs_study(args.run_dir, args.out, refs=args.refs, targets=args.targets, seed=args.seed,
+                             num_bootstrap=args.bootstrap, gamma=args.rmia_gamma, delta=args.delta,
+                             log=lambda m: print(m, file=sys.stderr))
+  print("\n".join(format_rows(result.rows)))
+  print(f"wrote {result.table}, {result.plot}")
+  return 0
 
 
 def _cmd_study_ssft(args) -> int:

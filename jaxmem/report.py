@@ -98,6 +98,10 @@ def write_report(run_dir: str | Path, *, dataset=None, data_dir: str | None = No
       _influence_section(ctx),
       _cscore_section(ctx),
       _lira_section(ctx),
+      _rmia_section(ctx),
+      _attack_refs_section(ctx),
+      _lds_section(ctx),
+      _proxies_section(ctx),
       _dynamics_section(ctx),
       _correlation_section(ctx),
   ) if s is not None]
@@ -490,6 +494,89 @@ def _lira_section(ctx: _Context) -> _Section | None:
     ax.set_xlabel("LiRA score per training example")
     body += ctx.save(fig, "lira_scores.png", "LiRA score histogram")
   return _Section("lira", "Membership inference (LiRA)", body)
+
+
+def _interval(entry: dict[str, Any], value: str = "value", low: str = "low", high: str = "high") -> str:
+  """"value [low, high]", or an empty cell when the value is missing."""
+  return _with_interval(*(entry.get(k, float("nan")) for k in (value, low, high)))
+
+
+def _with_interval(value, low, high) -> str:
+  if not isinstance(value, (int, float, np.number)) or not np.isfinite(value):
+    return ""
+  return f"{_fmt(value)} [{_fmt(low)}, {_fmt(high)}]"
+
+
+def _copy_image(ctx: _Context, source: Path, name: str, alt: str) -> str:
+  shutil.copyfile(source, ctx.out / name)
+  ctx.images.append(name)
+  return f'<img src="{name}" alt="{html.escape(alt)}" style="max-width:900px">'
+
+
+def _rmia_section(ctx: _Context) -> _Section | None:
+  summary = _read_json(ctx.run_path / "rmia.json")
+  if not summary:
+    return None
+  body = (f"<p>RMIA (Zarifzadeh et al. 2024): score(x) = Pr<sub>z</sub>[LR(x, z) ≥ γ] over "
+          f"{summary.get('population')} test examples as population; a = {_fmt(summary.get('a'))} (tuned), "
+          f"γ = {_fmt(summary.get('gamma'))}; {len(summary.get('targets', []))} targets, all other models as "
+          f"references; 95% bootstrap intervals over examples.</p>")
+  if (ctx.run_path / "rmia_roc.png").is_file():
+    body += _copy_image(ctx, ctx.run_path / "rmia_roc.png", "rmia_roc.png", "RMIA ROC")
+  eps = summary.get("eps_lower_bound", {})
+  rows = [(name, _interval(m.get("auc", {})), _interval(m.get("tpr_at_0.1%_fpr", {})), _interval(m.get("tpr_at_1%_fpr", {})),
+           eps.get(name, {}).get("eps", float("nan"))) for name, m in summary.get("attack", {}).items()]
+  body += _table(("attack", "AUC", "TPR@0.1%FPR", "TPR@1%FPR", "ε lower bound"), rows)
+  if summary.get("eps_caveat"):
+    body += f"<p><small>{html.escape(summary['eps_caveat'])}</small></p>"
+  return _Section("rmia", "Membership inference (RMIA)", body)
+
+
+def _attack_refs_section(ctx: _Context) -> _Section | None:
+  table, plot = ctx.run_path / "attack_refs" / "attack_refs.csv", ctx.run_path / "attack_refs" / "attack_refs.png"
+  if not table.is_file():
+    return None
+  body = ("<p>Attack power against the number K of reference models per target "
+          "(<code>jaxmem study attack-refs</code>); each attack on the pairs it can score (coverage).</p>")
+  if plot.is_file():
+    body += _copy_image(ctx, plot, "attack_refs.png", "attack power vs reference models")
+  data = read_scores_csv(table)
+  rows = [(int(k), a, _with_interval(auc, lo, hi), t1, t2, e, c) for k, a, auc, lo, hi, t1, t2, e, c in zip(
+      data["refs"], data["attack"], data["auc"], data["auc_low"], data["auc_high"], data["tpr_at_0.1pct_fpr"],
+      data["tpr_at_1pct_fpr"], data["eps_lower_bound"], data["coverage"])]
+  body += _table(("K", "attack", "AUC", "TPR@0.1%FPR", "TPR@1%FPR", "ε lower bound", "coverage"), rows)
+  return _Section("attack_refs", "Attack power vs reference models", body)
+
+
+def _lds_section(ctx: _Context) -> _Section | None:
+  summary = _read_json(ctx.run_path / "lds.json")
+  if not summary:
+    return None
+  settings = summary.get("settings", {})
+  body = (f"<p>Linear datamodeling score (Park et al. 2023): Spearman correlation over "
+          f"{settings.get('evaluation_models')} held-out models between the summed attribution of each model's "
+          f"subset and its test margin, averaged over test examples; attributions from the other "
+          f"{settings.get('estimation_models')} models. 95% bootstrap intervals over test examples.</p>")
+  rows = [(name, _interval(e, "lds", "lds_low", "lds_high"), f"{e.get('test_examples_used')} of {e.get('test_examples')}")
+          for name, e in summary.items() if name != "settings"]
+  body += _table(("attribution", "LDS", "test examples used"), rows)
+  return _Section("lds", "Data attribution: linear datamodeling score", body)
+
+
+def _proxies_section(ctx: _Context) -> _Section | None:
+  table = ctx.run_path / "proxies" / "proxies.csv"
+  if not table.is_file():
+    return None
+  data = read_scores_csv(table)
+  body = ("<p>Cheap memorization proxies from k models (<code>jaxmem study proxies</code>) against the run's "
+          "memorization from all models; 95% bootstrap intervals over examples; cost relative to the full "
+          "estimate in model-epochs. Proxies, not memorization.</p>")
+  rows = [(int(k), name, _with_interval(sp, lo, hi), pe, au, int(n), c)
+          for k, name, sp, lo, hi, pe, au, n, c in zip(
+              data["models"], data["proxy"], data["spearman"], data["spearman_low"], data["spearman_high"],
+              data["pearson"], data["auroc_flipped"], data["examples_used"], data["cost_ratio"])]
+  body += _table(("k", "proxy", "Spearman", "Pearson", "AUROC flipped", "examples", "cost ratio"), rows)
+  return _Section("proxies", "Memorization proxies", body)
 
 
 def _dynamics_section(ctx: _Context) -> _Section | None:

@@ -59,6 +59,7 @@ from scipy.special import log_ndtr
 from jaxmem.errors import JaxmemError
 from jaxmem.scores._stats import spearman
 from jaxmem.scores.attack_metrics import DEFAULT_FPRS, bootstrap_attack_metrics, per_example_auc, roc, tpr_key
+from jaxmem.scores.privacy_bounds import DEFAULT_DELTA, POOLED_CAVEAT, eps_lower_bound
 
 CENTERS = ("mean", "median")
 VARIANTS = ("online", "online_fixed_variance", "offline", "offline_fixed_variance", "offline_pdf",
@@ -451,7 +452,8 @@ def select_margins(records, queries: str = "auto") -> np.ndarray:
 
 def lira_report(records, *, memorization: np.ndarray | None = None, targets: int | str | Sequence[int] | None = None,
                 center: str = "mean", min_models: int = 2, num_bootstrap: int = 200, seed: int = 0,
-                queries: str = "auto", top: int = 10) -> tuple[dict[str, np.ndarray], dict[str, Any], list[str], LiraAttack]:
+                queries: str = "auto", top: int = 10,
+                delta: float = DEFAULT_DELTA) -> tuple[dict[str, np.ndarray], dict[str, Any], list[str], LiraAttack]:
   """Everything ``jaxmem scores --estimators lira`` reports: per-example columns, the summary
   (written to ``lira.json``), printed lines, and the attack (for the ROC plot)."""
   margin = as_queries(select_margins(records, queries))
@@ -469,6 +471,14 @@ def lira_report(records, *, memorization: np.ndarray | None = None, targets: int
       "attack": attack.metrics, "unscored_examples": unscored,
       "per_example_definition": "per-example AUC of the attack score over all models as targets (leave-one-out)"}
   lines = format_attack_lines(attack)
+  # Empirical ε lower bound of each variant on the same pairs (jaxmem.scores.privacy_bounds).
+  summary["eps_lower_bound"] = {
+      name: eps_lower_bound(np.where(attack.evaluated, s, np.nan), attack.members, delta=delta, seed=seed)
+      for name, s in attack.scores.items()}
+  summary["eps_caveat"] = POOLED_CAVEAT
+  lines.append(f"  eps lower bound (delta {delta:g}, 95% one-sided Clopper-Pearson): " + ", ".join(
+      f"{name} {bound['eps']:.2f}" for name, bound in summary["eps_lower_bound"].items()))
+  lines.append(f"  ({POOLED_CAVEAT})")
   if unscored:
     lines.append(f"  warning: {unscored} examples have fewer than {min_models} in or out shadow models; "
                  "their lira_online is empty")
@@ -505,14 +515,15 @@ from jaxmem.scores import EstimatorResult, register_estimator  # noqa: E402  (re
 
 @register_estimator("lira", requires=("train_margin",), default=False)
 def _lira_estimator(records, *, context=None, targets=None, center: str = "mean", min_models: int = 2,
-                    num_bootstrap: int = 200, seed: int = 0, queries: str = "auto", top: int = 10) -> EstimatorResult:
+                    num_bootstrap: int = 200, seed: int = 0, queries: str = "auto", top: int = 10,
+                    delta: float = DEFAULT_DELTA) -> EstimatorResult:
   """``lira`` columns, ``lira.json`` and ``lira_roc.png``; opt-in (``--estimators ...,lira``) because
   the leave-one-out attack over all models and the bootstrap take seconds, not milliseconds."""
   from jaxmem.store import atomic_path, write_json_atomic
   memorization = None if context is None else context.get("memorization")
   columns, summary, lines, attack = lira_report(
       records, memorization=memorization, targets=targets, center=center, min_models=min_models,
-      num_bootstrap=num_bootstrap, seed=seed, queries=queries, top=top)
+      num_bootstrap=num_bootstrap, seed=seed, queries=queries, top=top, delta=delta)
 
   def write_png(path):
     with atomic_path(path) as tmp:
