@@ -333,7 +333,7 @@ def _cmd_scores(args) -> int:
 
 
 def _cmd_export(args) -> int:
-  from jaxmem.store import RunDir, export_records
+  from jaxmem.records import RunDir, export_records
   records = RunDir.open(args.run_dir).load_records()
   keys = export_records(records, args.out)
   print(f"wrote {args.out}: {records.num_models} models x {records.num_train} examples; keys: {', '.join(keys)}")

@@ -24,7 +24,8 @@ from jaxmem.errors import JaxmemError
 from jaxmem.masks import make_masks
 from jaxmem.scores import auroc
 from jaxmem.scoring import ScoreTable, score_records, study_columns, write_scores
-from jaxmem.store import FORMAT_VERSION, Records, RunDir, utc_now, write_json_atomic
+from jaxmem.records import (ChunkCheckpoint, FORMAT_VERSION, Records, RunDir, append_event, identity_differences,
+                            save_params, utc_now, write_bytes_atomic, write_json_atomic)
 
 
 @dataclasses.dataclass
@@ -306,7 +307,6 @@ def merge(run_dir: str | Path, sources: Sequence[str | Path] = (), *, estimators
   Writes ``scores.csv`` and ``summary.json`` and returns the summary.
   """
   from jaxmem.scoring import parse_estimator_names, score_run
-  from jaxmem.store import identity_differences, write_bytes_atomic
   run = RunDir.open(run_dir)
   for source in sources:
     other = RunDir.open(source)
@@ -364,7 +364,6 @@ def _train_chunks(engine, run_dir: RunDir, chunks, todo, keep_MxN, *, progress: 
                   after_chunk: Callable[[int, dict], bool] | None = None) -> None:
   from tqdm.auto import tqdm
   from jaxmem.engine.trainer import TrainingStopped
-  from jaxmem.store import ChunkCheckpoint, append_event, save_params
   keep_ids = kept_param_ids(str(engine.config.keep_params), engine.config.num_models)
   total = sum(len(c) for c in chunks)
   epochs = engine.config.epochs
