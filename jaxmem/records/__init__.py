@@ -4,7 +4,7 @@ orbax)."""
 
 from jaxmem.records.checkpoints import ChunkCheckpoint, kept_param_models, load_model_params, save_params
 from jaxmem.records.rundir import (
-    CHUNKS, DESIGN, EVENTS, EXPORT_KEYS, FORMAT_VERSION, MANIFEST, RunDir, append_event, atomic_path,
+    CHUNKS, DESIGN, EVENTS, EXPORT_KEYS, FORMAT_VERSION, MANIFEST, RowBlocks, RunDir, append_event, atomic_path,
     export_records, identity_differences, read_events, utc_now, write_bytes_atomic, write_json_atomic,
     write_npz_atomic)
 from jaxmem.records.store import (
@@ -12,7 +12,7 @@ from jaxmem.records.store import (
 
 __all__ = [
     "CHUNKS", "ChunkCheckpoint", "DESIGN", "EVENTS", "EXPORT_KEYS", "FORMAT_VERSION", "MANIFEST", "RECORD_AXES",
-    "Records", "RunDir", "append_event", "atomic_path", "export_records", "identity_differences",
+    "Records", "RowBlocks", "RunDir", "append_event", "atomic_path", "export_records", "identity_differences",
     "kept_param_models", "load_model_params", "npz_member", "npz_names", "read_events", "record_axes",
     "records_from_chunks", "save_params", "unpack_bit_records", "utc_now", "write_bytes_atomic",
     "write_json_atomic", "write_npz_atomic",

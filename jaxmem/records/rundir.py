@@ -19,6 +19,7 @@ match is treated as missing (and retrained by ``run``), never silently used.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import datetime
 import hashlib
 import json
@@ -26,8 +27,8 @@ import os
 import shutil
 import zipfile
 from pathlib import Path
-from collections.abc import Mapping
-from typing import Any, Iterator
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any
 
 import numpy as np
 
@@ -98,9 +99,37 @@ def write_npz_atomic(path: Path, arrays: Mapping[str, Any]) -> str:
       stream = _HashingWriter(f)
       with zipfile.ZipFile(stream, mode="w", compression=zipfile.ZIP_STORED, allowZip64=True) as archive:
         for name in arrays:
+          value = arrays[name]
           with archive.open(f"{name}.npy", "w", force_zip64=True) as member:
-            np.lib.format.write_array(member, np.asanyarray(arrays[name]), allow_pickle=False)
+            if isinstance(value, RowBlocks):
+              value.write_npy(member)
+            else:
+              np.lib.format.write_array(member, np.asanyarray(value), allow_pickle=False)
   return stream.sha256.hexdigest()
+
+
+@dataclasses.dataclass(frozen=True)
+class RowBlocks:
+  """An array too large to hold, given as its shape, dtype and consecutive blocks of leading-axis
+  rows; :func:`write_npz_atomic` writes it as a ``.npy`` member block by block."""
+
+  shape: tuple[int, ...]
+  dtype: np.dtype
+  blocks: Callable[[], Iterator[np.ndarray]]  # each (rows, *shape[1:]), together shape[0] rows
+
+  def write_npy(self, f) -> None:
+    header = {"descr": np.lib.format.dtype_to_descr(np.dtype(self.dtype)), "fortran_order": False,
+              "shape": tuple(int(d) for d in self.shape)}
+    np.lib.format.write_array_header_1_0(f, header)
+    rows = 0
+    for block in self.blocks():
+      block = np.ascontiguousarray(block, dtype=self.dtype)
+      if block.shape[1:] != tuple(self.shape[1:]):
+        raise ValueError(f"block of shape {block.shape} does not fit an array of shape {self.shape}")
+      f.write(block.data)
+      rows += block.shape[0]
+    if rows != self.shape[0]:
+      raise ValueError(f"blocks held {rows} rows, expected {self.shape[0]}")
 
 
 def _json_default(obj):
