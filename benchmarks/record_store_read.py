@@ -7,7 +7,12 @@ holds the same records (``train_margin`` float32 and ``train_correct`` bool, (K,
   zarr3   one zarr v3 array per record per chunk through TensorStore, storage chunks (K, block)
   npy     one ``.npy`` per record per chunk, read with ``np.load(mmap_mode="r")``
   npz     today's per-chunk uncompressed ``.npz``: its members are ``.npy`` files stored as they
-          are, so each is memory-mapped at its offset in the zip (jaxmem.records.store.npz_member)
+          are, so each is memory-mapped at its offset in the zip (jaxmem.records.npz_members)
+
+The ``.npy`` bytes are read three ways: ``kept``, maps opened once and kept (pages read stay in the
+process's resident set until unmapped); ``per read``, a fresh ``np.load(mmap_mode="r")`` per block
+read (resident memory stays at one block, but every page faults again); ``pread``, the block's bytes
+copied with ``os.preadv`` into the output array (``NpzMember.read``, what jaxmem does).
 
 Usage (results in benchmarks/RESULTS.md)::
 
@@ -23,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import tensorstore as ts
 
-from jaxmem.records.store import npz_member
+from jaxmem.records import npz_members
 
 NAMES = ("train_margin", "train_correct")
 
@@ -60,12 +65,20 @@ def write_all(root: Path, chunks: int, models: int, num_train: int, block: int) 
   return seconds
 
 
+FORMS = ("zarr3", "npy kept", "npy per read", "npz kept", "npz pread")
+
+
 def open_all(root: Path, form: str, chunks: int):
-  if form == "npz":
-    return [{n: npz_member(root / form / f"chunk_{c:05d}.npz", n) for n in NAMES} for c in range(chunks)]
-  if form == "npy":
-    return [{n: np.load(root / form / f"chunk_{c:05d}" / f"{n}.npy", mmap_mode="r") for n in NAMES} for c in range(chunks)]
-  return [{n: ts.open({"driver": "zarr3", "kvstore": {"driver": "file", "path": str(root / form / f"chunk_{c:05d}" / n)}}).result()
+  """Per chunk, per record: what a block read starts from (a map, a path or a member's place)."""
+  if form == "npz kept":
+    return [{n: npz_members(root / "npz" / f"chunk_{c:05d}.npz")[n].map() for n in NAMES} for c in range(chunks)]
+  if form == "npz pread":
+    return [{n: npz_members(root / "npz" / f"chunk_{c:05d}.npz")[n] for n in NAMES} for c in range(chunks)]
+  if form == "npy kept":
+    return [{n: np.load(root / "npy" / f"chunk_{c:05d}" / f"{n}.npy", mmap_mode="r") for n in NAMES} for c in range(chunks)]
+  if form == "npy per read":
+    return [{n: root / "npy" / f"chunk_{c:05d}" / f"{n}.npy" for n in NAMES} for c in range(chunks)]
+  return [{n: ts.open({"driver": "zarr3", "kvstore": {"driver": "file", "path": str(root / "zarr3" / f"chunk_{c:05d}" / n)}}).result()
            for n in NAMES} for c in range(chunks)]
 
 
@@ -73,11 +86,26 @@ def read_block(opened, form: str, start: int, block: int) -> dict[str, np.ndarra
   out = {}
   for name in NAMES:
     if form == "zarr3":
-      futures = [chunk[name][:, start:start + block].read() for chunk in opened]  # issued together
+      stop = min(start + block, opened[0][name].shape[1])  # TensorStore refuses reading past the end
+      futures = [chunk[name][:, start:stop].read() for chunk in opened]  # issued together
       out[name] = np.concatenate([f.result() for f in futures])
+    elif form == "npz pread":
+      out[name] = np.concatenate([chunk[name].read(np.arange(chunk[name].shape[0]), 1, start,
+                                                   min(start + block, chunk[name].shape[1])) for chunk in opened])
+    elif form == "npy per read":
+      out[name] = np.concatenate([np.asarray(np.load(chunk[name], mmap_mode="r")[:, start:start + block])
+                                  for chunk in opened])
     else:
       out[name] = np.concatenate([np.asarray(chunk[name][:, start:start + block]) for chunk in opened])
   return out
+
+
+def resident_bytes() -> int:
+  """This process's resident memory now (Linux), file-backed mapped pages included."""
+  for line in Path("/proc/self/status").read_text().splitlines():
+    if line.startswith("VmRSS:"):
+      return int(line.split()[1]) * 1024
+  return 0
 
 
 def main():
@@ -88,11 +116,13 @@ def main():
   parser.add_argument("--num-train", type=int, default=50_000)
   parser.add_argument("--block", type=int, default=4096)
   parser.add_argument("--repeats", type=int, default=5)
+  parser.add_argument("--reuse", action="store_true", help="read the files a previous call wrote")
   args = parser.parse_args()
   root = Path(args.dir)
-  written = write_all(root, args.chunks, args.models, args.num_train, args.block)
+  written = (dict.fromkeys(("zarr3", "npy", "npz"), float("nan")) if args.reuse
+             else write_all(root, args.chunks, args.models, args.num_train, args.block))
   reference = None
-  for form in ("zarr3", "npy", "npz"):
+  for form in FORMS:
     start = time.perf_counter()
     opened = open_all(root, form, args.chunks)
     opening = time.perf_counter() - start
@@ -108,9 +138,17 @@ def main():
         reference = reference or block
         for name in NAMES:
           np.testing.assert_array_equal(block[name], reference[name])
-    full = sum(p.stat().st_size for p in (root / form).rglob("*") if p.is_file())
-    print(f"{form:6s} write {written[form]:6.2f}s  {full / 2**20:7.1f} MiB  open {opening * 1e3:7.1f} ms  " +
-          "  ".join(f"{k} {v * 1e3:7.1f} ms" for k, v in times.items()))
+    start = time.perf_counter()
+    for first in range(0, args.num_train, args.block):  # a full pass over every block
+      read_block(opened, form, first, args.block)
+    times["full pass"] = time.perf_counter() - start
+    times["RSS after"] = resident_bytes() / 2**20  # MiB, maps still open
+    del opened
+    stored = form.split()[0]
+    full = sum(p.stat().st_size for p in (root / stored).rglob("*") if p.is_file())
+    print(f"{form:12s} write {written[stored]:6.2f}s  {full / 2**20:7.1f} MiB  open {opening * 1e3:7.1f} ms  " +
+          "  ".join(f"{k} {v * 1e3:7.1f} ms" for k, v in times.items() if k not in ("full pass", "RSS after")) +
+          f"  full pass {times['full pass']:6.2f}s  RSS after it {times['RSS after']:6.0f} MiB")
 
 
 if __name__ == "__main__":

@@ -79,7 +79,8 @@ class Simulation:
     return [list(range(s, min(s + k, self.num_models))) for s in range(0, self.num_models, k)]
 
   def manifest(self) -> dict[str, Any]:
-    identity = {"simulation": {**dataclasses.asdict(self), "subset_ratios": list(self.subset_ratios)}}  # as JSON reads it back
+    # ratios as a list: the manifest's JSON reads them back as one, and identities must compare equal
+    identity = {"simulation": {**dataclasses.asdict(self), "subset_ratios": list(self.subset_ratios)}}
     return {"format": "jaxmem-run", "format_version": FORMAT_VERSION, "identity": identity,
             "config": identity, "chunks": self.chunks(), "created": utc_now(),
             "dataset": {"name": "simulated", "num_train": self.num_train, "num_test": self.num_test,

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import platform
+import shutil
 import signal
 import sys
 import threading
@@ -24,8 +25,8 @@ from jaxmem.errors import JaxmemError
 from jaxmem.masks import make_masks
 from jaxmem.scores import auroc
 from jaxmem.scoring import ScoreTable, score_records, study_columns, write_scores
-from jaxmem.records import (ChunkCheckpoint, FORMAT_VERSION, Records, RunDir, append_event, identity_differences,
-                            save_params, utc_now, write_bytes_atomic, write_json_atomic)
+from jaxmem.records import (ChunkCheckpoint, FORMAT_VERSION, Records, RunDir, append_event, atomic_path,
+                            identity_differences, save_params, utc_now, write_bytes_atomic, write_json_atomic)
 
 
 @dataclasses.dataclass
@@ -318,7 +319,8 @@ def merge(run_dir: str | Path, sources: Sequence[str | Path] = (), *, estimators
                         f"{str(run.path)!r}")
     copied = [c for c in other.completed_chunks() if run.chunk_status(c) != "complete"]
     for c in copied:
-      write_bytes_atomic(run.chunk_path(c), other.chunk_path(c).read_bytes())
+      with atomic_path(run.chunk_path(c)) as tmp:  # copied by the OS, not through memory
+        shutil.copyfile(other.chunk_path(c), tmp)
       write_bytes_atomic(run.chunk_path(c).with_suffix(".json"), other.chunk_path(c).with_suffix(".json").read_bytes())
     log(f"merged {len(copied)} chunks from {source}")
   for c in range(len(run.chunk_plan())):

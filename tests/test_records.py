@@ -12,8 +12,8 @@ import pytest
 from jaxmem import cli
 from jaxmem.bench_scoring import Simulation, bench_scoring, write_simulated_run
 from jaxmem.errors import JaxmemError
-from jaxmem.records import (FORMAT_VERSION, Records, RowBlocks, RunDir, export_records, npz_member, utc_now,
-                            write_npz_atomic)
+from jaxmem.records import (FORMAT_VERSION, Records, RowBlocks, RunDir, export_records, npz_member, npz_members,
+                            utc_now, write_npz_atomic)
 
 # Model ids of each chunk: not in id order, chunks of unequal size.
 PLAN = [[3, 0, 5], [1, 4], [2, 6, 7, 8]]
@@ -270,3 +270,31 @@ def test_bench_scoring_times_each_estimator(tmp_path, capsys):
   assert RunDir.open(tmp_path / "sim").load_records().num_models == 8
   assert cli.main(["bench", "scoring", "--num-train", "0", "--num-test", "30", "--num-models", "8"]) == 2
   assert "--num-train must be at least 1, got 0" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("examples", [slice(2, 40, 3), slice(40, 2, -5), slice(30, 30), slice(-9, None)])
+def test_blocks_with_a_step_or_empty(on_disk, examples):
+  lazy, memory = on_disk
+  for name in ["keep", *memory.record_names()]:
+    np.testing.assert_array_equal(lazy.read(name, examples=examples, models=[5, 1, 2]),
+                                  memory.read(name, examples=examples, models=[5, 1, 2]), err_msg=name)
+
+
+def test_member_reads_equal_numpy_indexing(tmp_path):
+  """NpzMember.read (pread of the block's bytes) against numpy indexing, on random shapes."""
+  rng = np.random.default_rng(7)
+  for trial in range(20):
+    shape = tuple(rng.integers(1, 6, rng.integers(2, 5)))
+    value = rng.normal(size=shape).astype(rng.choice([np.float32, np.float64, np.int16]))
+    np.savez(tmp_path / "a.npz", value=value)
+    member = npz_members(tmp_path / "a.npz")["value"]
+    rows = rng.choice(shape[0], rng.integers(1, shape[0] + 1))
+    axis = int(rng.integers(1, len(shape)))
+    start = int(rng.integers(0, shape[axis]))
+    stop = int(rng.integers(start, shape[axis] + 1))
+    index = [rows] + [slice(None)] * (len(shape) - 1)
+    index[axis] = slice(start, stop)
+    got = member.read(rows, axis, start, stop)
+    assert type(got) is np.ndarray and got.flags.owndata
+    np.testing.assert_array_equal(got, value[tuple(index)], err_msg=f"trial {trial}")
+    np.testing.assert_array_equal(member.read(np.sort(rows)), value[np.sort(rows)])

@@ -8,12 +8,12 @@ from jaxmem.records.rundir import (
     export_records, identity_differences, read_events, utc_now, write_bytes_atomic, write_json_atomic,
     write_npz_atomic)
 from jaxmem.records.store import (
-    RECORD_AXES, Records, npz_member, npz_names, record_axes, records_from_chunks, unpack_bit_records)
+    RECORD_AXES, NpzMember, Records, npz_member, npz_members, record_axes, records_from_chunks, unpack_bit_records)
 
 __all__ = [
     "CHUNKS", "ChunkCheckpoint", "DESIGN", "EVENTS", "EXPORT_KEYS", "FORMAT_VERSION", "MANIFEST", "RECORD_AXES",
     "Records", "RowBlocks", "RunDir", "append_event", "atomic_path", "export_records", "identity_differences",
-    "kept_param_models", "load_model_params", "npz_member", "npz_names", "read_events", "record_axes",
+    "kept_param_models", "load_model_params", "NpzMember", "npz_member", "npz_members", "read_events", "record_axes",
     "records_from_chunks", "save_params", "unpack_bit_records", "utc_now", "write_bytes_atomic",
     "write_json_atomic", "write_npz_atomic",
 ]

@@ -2,10 +2,10 @@
 :class:`Records`, the typed, lazy view over them that every estimator reads.
 
 On disk each chunk's records are one uncompressed ``.npz`` (``RUN/chunks/chunk_00003.npz``, written
-by :mod:`jaxmem.records.rundir`): a zip whose members are ``.npy`` files stored as they are. Each
-member is therefore memory-mapped at its offset inside the zip (:func:`npz_member`), so a block of
-examples is read straight from the page cache without loading the chunk; old run directories are
-the same format and stream the same way. ``benchmarks/RESULTS.md`` ("Record store") compares this
+by :mod:`jaxmem.records.rundir`): a zip whose members are ``.npy`` files stored as they are. Where
+each member lies in the file is read once (:func:`npz_members`); a block of examples is then read
+from those bytes directly (:meth:`NpzMember.read`), without loading the chunk. Old run directories
+are the same format and stream the same way. ``benchmarks/RESULTS.md`` ("Record store") compares this
 with one ``.npy`` per record per chunk and with zarr v3 arrays through TensorStore.
 
 Records hold, per finished model (rows sorted by model id):
@@ -31,6 +31,8 @@ E epochs, A augmented queries, R subset ratios, L sequence length, C classes, B 
 
 from __future__ import annotations
 
+import dataclasses
+import os
 import struct
 import zipfile
 from pathlib import Path
@@ -62,46 +64,132 @@ def record_axes(name: str, ndim: int) -> str:
   return {1: "M", 2: "MN", 3: "MNA"}.get(ndim, "M" + "?" * (ndim - 1))
 
 
-def npz_member(path: str | Path, name: str) -> np.ndarray:
-  """Member ``name`` of an ``.npz`` as a read-only memory map, without reading its data.
+@dataclasses.dataclass(frozen=True)
+class NpzMember:
+  """Where an array stored in an uncompressed ``.npz`` lies in the file.
+
+  :meth:`read` copies a block of it straight into a new array with ``os.preadv`` (one call per
+  contiguous run of bytes), not through a memory map: pages read through a live mapping count in
+  the process's resident memory until it is unmapped, so scanning a run's records through maps
+  shows the whole record set as resident (reclaimable page cache, but what ``ru_maxrss`` reports),
+  and a fresh map per read pays a page fault per page (``benchmarks/RESULTS.md``, "Record store").
+  """
+
+  path: Path
+  offset: int
+  shape: tuple[int, ...]
+  dtype: np.dtype
+  fortran_order: bool
+
+  def map(self) -> np.ndarray:
+    """The whole array as a read-only memory map."""
+    if int(np.prod(self.shape)) == 0:
+      return np.zeros(self.shape, self.dtype)  # mmap cannot map zero bytes
+    return np.memmap(self.path, dtype=self.dtype, mode="r", offset=self.offset, shape=self.shape,
+                     order="F" if self.fortran_order else "C")
+
+  def read(self, rows: np.ndarray, axis: int | None = None, start: int = 0, stop: int | None = None) -> np.ndarray:
+    """``array[rows]`` restricted to ``start:stop`` along ``axis`` (None: whole rows)."""
+    rows = np.asarray(rows, np.int64).reshape(-1)
+    shape = self.shape
+    if axis is not None and (start, stop) == (0, shape[axis]):
+      axis = None if axis == 1 else axis  # whole rows are one run of bytes each
+    if self.fortran_order or axis == 0:
+      index = [rows] + [slice(None)] * (len(shape) - 1)
+      if axis is not None:
+        index[axis] = slice(start, stop)
+      return np.array(self.map()[tuple(index)])
+    out_shape = [len(rows), *shape[1:]]
+    if axis is not None:
+      out_shape[axis] = stop - start
+    out = np.empty(out_shape, self.dtype)
+    if out.size == 0:
+      return out
+    item = self.dtype.itemsize
+    row_bytes = int(np.prod(shape[1:], dtype=np.int64)) * item
+    fd = os.open(self.path, os.O_RDONLY)
+    try:
+      if axis is None:
+        # consecutive rows are one run of bytes
+        breaks = np.flatnonzero(np.diff(rows) != 1) + 1
+        for first, last in zip(np.r_[0, breaks], np.r_[breaks, len(rows)]):
+          _pread_into(fd, out[first:last], self.offset + int(rows[first]) * row_bytes)
+        return out
+      run_bytes = int(np.prod(shape[axis:], dtype=np.int64)) * item  # one index of the axes before ``axis``
+      tail_bytes = int(np.prod(shape[axis + 1:], dtype=np.int64)) * item
+      for i, row in enumerate(rows):
+        for flat, mid in enumerate(np.ndindex(*shape[1:axis])):
+          _pread_into(fd, out[(i, *mid)], self.offset + int(row) * row_bytes + flat * run_bytes + start * tail_bytes)
+      return out
+    finally:
+      os.close(fd)
+
+
+def npz_members(path: str | Path) -> dict[str, NpzMember | np.ndarray]:
+  """Every array of an ``.npz``: where it lies in the file (:class:`NpzMember`), read from the zip's
+  central directory and the arrays' headers only; a compressed member (never written by jaxmem)
+  is read whole instead.
 
   ``np.savez`` stores each array as a ``.npy`` file inside an uncompressed zip, so the array's
-  bytes lie contiguously in the file: the zip's central directory gives the member's local header,
-  whose fixed 30-byte layout (zip specification, ``zipfile.structFileHeader``) gives where the
-  ``.npy`` starts; numpy's own header reader gives shape, dtype and order. ``np.load`` ignores
-  ``mmap_mode`` for ``.npz`` files, hence this. A compressed member is read whole (never written
-  by jaxmem). Raises ``KeyError`` for an absent member, ``OSError``/``ValueError`` for a bad file.
+  bytes lie contiguously in the file: the central directory gives the member's local header, whose
+  fixed 30-byte layout (zip specification, ``zipfile.structFileHeader``) gives where the ``.npy``
+  starts; numpy's own header reader gives shape, dtype and order. ``np.load`` ignores
+  ``mmap_mode`` for ``.npz`` files, hence this. Raises ``OSError``/``ValueError``/
+  ``zipfile.BadZipFile`` for a file that is not such an ``.npz``.
   """
   path = Path(path)
-  with zipfile.ZipFile(path) as archive:
-    info = archive.getinfo(f"{name}.npy")
-    if info.compress_type != zipfile.ZIP_STORED:
-      with archive.open(info) as f:
-        return np.lib.format.read_array(f)
-  with open(path, "rb") as f:
-    f.seek(info.header_offset)
-    header = struct.unpack(zipfile.structFileHeader, f.read(zipfile.sizeFileHeader))
-    if header[0] != zipfile.stringFileHeader:
-      raise ValueError(f"{path}: bad zip local header for {name}")
-    name_length, extra_length = header[10], header[11]  # file name and extra field lengths
-    f.seek(info.header_offset + zipfile.sizeFileHeader + name_length + extra_length)
-    version = np.lib.format.read_magic(f)
-    if version == (1, 0):
-      shape, fortran_order, dtype = np.lib.format.read_array_header_1_0(f)
-    else:
-      shape, fortran_order, dtype = np.lib.format.read_array_header_2_0(f)
-    offset = f.tell()
-  if dtype.hasobject:
-    raise ValueError(f"{path}: member {name} holds Python objects")
-  if int(np.prod(shape)) == 0:
-    return np.zeros(shape, dtype)  # mmap cannot map zero bytes
-  return np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=shape, order="F" if fortran_order else "C")
+  out: dict[str, NpzMember | np.ndarray] = {}
+  with zipfile.ZipFile(path) as archive, open(path, "rb") as f:
+    for info in archive.infolist():
+      if not info.filename.endswith(".npy"):
+        continue
+      name = info.filename[: -len(".npy")]
+      if info.compress_type != zipfile.ZIP_STORED:
+        with archive.open(info) as member:
+          out[name] = np.lib.format.read_array(member, allow_pickle=False)
+        continue
+      f.seek(info.header_offset)
+      header = struct.unpack(zipfile.structFileHeader, f.read(zipfile.sizeFileHeader))
+      if header[0] != zipfile.stringFileHeader:
+        raise ValueError(f"bad zip local header for {name}")
+      name_length, extra_length = header[10], header[11]  # file name and extra field lengths
+      f.seek(info.header_offset + zipfile.sizeFileHeader + name_length + extra_length)
+      version = np.lib.format.read_magic(f)
+      if version == (1, 0):
+        shape, fortran_order, dtype = np.lib.format.read_array_header_1_0(f)
+      else:
+        shape, fortran_order, dtype = np.lib.format.read_array_header_2_0(f)
+      if dtype.hasobject:
+        raise ValueError(f"member {name} holds Python objects")
+      out[name] = NpzMember(path, f.tell(), tuple(shape), dtype, bool(fortran_order))
+  return out
 
 
-def npz_names(path: str | Path) -> list[str]:
-  """Names of the arrays in an ``.npz`` (from its central directory only)."""
-  with zipfile.ZipFile(path) as archive:
-    return [n[: -len(".npy")] for n in archive.namelist() if n.endswith(".npy")]
+def npz_member(path: str | Path, name: str) -> np.ndarray:
+  """Member ``name`` of an ``.npz`` as a read-only memory map (see :func:`npz_members`)."""
+  member = npz_members(path)[name]
+  return member.map() if isinstance(member, NpzMember) else member
+
+
+def _read(member: NpzMember | np.ndarray, rows: np.ndarray, axis: int | None = None, start: int = 0,
+          stop: int | None = None) -> np.ndarray:
+  """``member[rows]``, restricted to ``start:stop`` along ``axis``, of a stored or loaded array."""
+  if isinstance(member, NpzMember):
+    return member.read(rows, axis, start, stop)
+  index = [np.asarray(rows)] + [slice(None)] * (member.ndim - 1)
+  if axis is not None:
+    index[axis] = slice(start, stop)
+  return member[tuple(index)]
+
+
+def _pread_into(fd: int, out: np.ndarray, offset: int) -> None:
+  """Fills the contiguous array ``out`` with the file's bytes from ``offset``."""
+  view = memoryview(out.reshape(-1).view(np.uint8))
+  while len(view):
+    count = os.preadv(fd, [view], offset)
+    if count <= 0:
+      raise OSError(f"file ends before byte {offset + len(view)} (truncated?)")
+    view, offset = view[count:], offset + count
 
 
 def _as_positions(models: Any, count: int) -> np.ndarray:
@@ -144,52 +232,48 @@ class _ArraySource:
 
 
 class _ChunkSource:
-  """Records in chunk files on disk, memory-mapped; reads copy only the requested block.
+  """Records in chunk files on disk; a read copies only the block asked for from each chunk.
 
   ``chunks`` lists ``(path, model_ids_K)`` of complete chunks; the models' order is by id. ``keep``
-  is read from the design (``design_keep`` (M_planned, N), memory-mapped), whose rows the chunks'
-  own ``keep`` rows were checked against when the run was loaded.
+  is read from the design (``design_keep``, the design's (M_planned, N) member), whose rows the
+  chunks' own ``keep`` rows were checked against when the run was loaded.
   """
 
-  def __init__(self, chunks: Sequence[tuple[Path, np.ndarray]], design_keep: np.ndarray):
+  def __init__(self, chunks: Sequence[tuple[Path, np.ndarray]], design_keep: NpzMember | np.ndarray):
     self.paths = [Path(p) for p, _ in chunks]
     ids = np.concatenate([np.asarray(i, np.int64) for _, i in chunks]) if chunks else np.zeros(0, np.int64)
-    self.order = np.argsort(ids, kind="stable")
-    self.model_ids = ids[self.order]
+    order = np.argsort(ids, kind="stable")
+    self.model_ids = ids[order]
     # position (in id order) -> chunk and row in it
-    self.chunk_of = np.concatenate([np.full(len(i), c) for c, (_, i) in enumerate(chunks)] or [np.zeros(0, int)])[self.order]
-    self.row_of = np.concatenate([np.arange(len(i)) for _, i in chunks] or [np.zeros(0, int)])[self.order]
+    self.chunk_of = np.concatenate([np.full(len(i), c) for c, (_, i) in enumerate(chunks)] or [np.zeros(0, int)])[order]
+    self.row_of = np.concatenate([np.arange(len(i)) for _, i in chunks] or [np.zeros(0, int)])[order]
     self.design_keep = design_keep
     self.num_models, self.num_train = len(self.model_ids), int(design_keep.shape[1])
-    self._maps: list[dict[str, np.ndarray]] = [self._open(c) for c in range(len(self.paths))]
+    self.members: list[dict[str, NpzMember | np.ndarray]] = [self._open(c) for c in range(len(self.paths))]
     self._stored: dict[str, str] = {}  # record name -> member name (``NAME_packed`` for bit-packed)
     self._shapes: dict[str, tuple[tuple[int, ...], np.dtype]] = {}
-    for c, members in enumerate(self._maps):
+    for c, members in enumerate(self.members):
       names = {}
       for member, value in members.items():
-        if member in ("model_ids", "keep") or value.ndim == 0:
+        if member in ("model_ids", "keep") or len(value.shape) == 0:
           continue
         packed = member.endswith(PACKED) and value.dtype == np.uint8
         name = member[: -len(PACKED)] if packed else member
-        tail = (*value.shape[1:-1], self.num_train) if packed else value.shape[1:]
+        tail = (*value.shape[1:-1], self.num_train) if packed else tuple(value.shape[1:])
         names[name] = (member, tail, np.dtype(bool) if packed else value.dtype)
       if c == 0:
         self._stored = {n: m for n, (m, _, _) in names.items()}
         self._shapes = {n: ((self.num_models, *tail), dtype) for n, (_, tail, dtype) in names.items()}
-      elif {n: (m, t, d) for n, (m, t, d) in names.items()} != {
-          n: (self._stored[n], self._shapes[n][0][1:], self._shapes[n][1]) for n in self._stored}:
+      elif names != {n: (self._stored[n], self._shapes[n][0][1:], self._shapes[n][1]) for n in self._stored}:
         raise JaxmemError(f"chunk file {str(self.paths[c])!r} holds other records than {str(self.paths[0])!r} "
                           "(names, shapes or dtypes differ); the run directory was mixed with another run")
 
-  def _open(self, c: int) -> dict[str, np.ndarray]:
+  def _open(self, c: int) -> dict[str, NpzMember | np.ndarray]:
     path = self.paths[c]
     try:
-      return {name: npz_member(path, name) for name in npz_names(path)}
-    except (OSError, ValueError, KeyError, zipfile.BadZipFile) as e:
+      return npz_members(path)
+    except (OSError, ValueError, zipfile.BadZipFile) as e:
       raise JaxmemError(f"cannot read chunk file {str(path)!r}: {e}") from None
-
-  def chunk_member(self, c: int, name: str) -> np.ndarray:
-    return self._maps[c][name]
 
   def names(self) -> list[str]:
     return sorted(self._stored)
@@ -200,12 +284,15 @@ class _ChunkSource:
     return self._shapes[name]
 
   def read(self, name: str, examples: slice | None, positions: np.ndarray | None) -> np.ndarray:
-    start, stop, step = _example_range(examples, self.num_train)
+    wanted = np.arange(*_example_range(examples, self.num_train))
+    # the smallest run of examples holding the block, then its step (a slice with a step is rare)
+    start, stop = (int(wanted.min()), int(wanted.max()) + 1) if len(wanted) else (0, 0)
+    pick = None if len(wanted) == stop - start and (len(wanted) < 2 or wanted[1] > wanted[0]) else wanted - start
     if positions is None:
       positions = np.arange(self.num_models)
     if name == "keep":
-      ids = self.model_ids[positions]
-      return np.array(self.design_keep[ids, start:stop:step]) if len(ids) else np.zeros((0, len(range(start, stop, step))), bool)
+      block = _read(self.design_keep, self.model_ids[positions], 1, start, stop)
+      return block if pick is None else block[:, pick]
     shape, dtype = self._shapes[name]
     member = self._stored[name]
     axes = record_axes(name, len(shape))
@@ -214,23 +301,23 @@ class _ChunkSource:
     out_shape = list(shape)
     out_shape[0] = len(positions)
     if n_axis is not None:
-      out_shape[n_axis] = len(range(start, stop, step))
+      out_shape[n_axis] = len(wanted)
     out = np.empty(out_shape, dtype)
     chunk_of = self.chunk_of[positions]
     for c in np.unique(chunk_of):
       where = np.flatnonzero(chunk_of == c)
       rows = self.row_of[positions[where]]
-      # consecutive rows read as one slice (a view of the map), others by index
-      row_index = slice(int(rows[0]), int(rows[-1]) + 1) if np.array_equal(rows, np.arange(rows[0], rows[-1] + 1)) else rows
-      index: list[Any] = [row_index] + [slice(None)] * (len(shape) - 1)
-      if n_axis is not None and packed:
-        index[n_axis] = slice(start // 8, -(-stop // 8))
-      elif n_axis is not None:
-        index[n_axis] = slice(start, stop, step)
-      block = self._maps[c][member][tuple(index)]
-      if packed:
+      stored = self.members[c][member]
+      if n_axis is None:
+        block = _read(stored, rows)
+      elif packed:  # bits packed along N, the last axis: whole bytes, then unpacked
+        block = _read(stored, rows, n_axis, start // 8, -(-stop // 8))
         first = start - 8 * (start // 8)
-        block = np.unpackbits(block, axis=-1)[..., first: first + (stop - start): step].astype(bool)
+        block = np.unpackbits(block, axis=-1)[..., first: first + stop - start].astype(bool)
+      else:
+        block = _read(stored, rows, n_axis, start, stop)
+      if n_axis is not None and pick is not None:
+        block = np.take(block, pick, axis=n_axis)
       out[where] = block
     return out
 
@@ -239,8 +326,8 @@ class Records:
   """The records of a run's finished models, rows sorted by model id; typed and lazy.
 
   Two ways to build one: :meth:`from_arrays` (or the constructor) from arrays in memory, as tests
-  and estimators do, and ``RunDir.load_records()`` from a run directory, which memory-maps the
-  chunk files and reads nothing until asked.
+  and estimators do, and ``RunDir.load_records()`` from a run directory, which verifies the chunk
+  files and finds where each record lies in them, reading no record until asked.
 
   The bounded path is the block interface: :meth:`record_names`, :meth:`axes`,
   :meth:`read` (``examples=`` a block of training examples, ``models=`` some rows),
@@ -386,23 +473,27 @@ def records_from_chunks(chunks: Sequence[tuple[Path, np.ndarray]], design_path: 
   """Lazy :class:`Records` over complete chunk files ``(path, model_ids_K)``.
 
   ``design`` holds the design's small arrays (``subset_ratio``, labels, ``noisy``); its ``keep`` is
-  memory-mapped from ``design_path``. Each chunk's own ``keep`` rows are compared with the design's
-  (in groups of rows, so memory stays bounded): a mismatch means two runs were mixed, and is
-  refused with a message naming ``where``.
+  read from ``design_path`` when asked. Each chunk's own ``keep`` rows are compared with the
+  design's, a group of rows at a time (memory stays bounded): a mismatch means two runs were
+  mixed, and is refused with a message naming ``where``.
   """
-  design_keep = npz_member(design_path, "keep")
+  try:
+    design_keep = npz_members(design_path)["keep"]
+  except (OSError, ValueError, KeyError, zipfile.BadZipFile) as e:
+    raise JaxmemError(f"cannot read the membership design {str(design_path)!r}: {e}") from None
   source = _ChunkSource(chunks, design_keep)
+  planned, num_train = design_keep.shape
+  rows_at_once = max(1, 2**26 // max(num_train, 1))
   for c, (_, ids) in enumerate(chunks):
-    chunk_keep = source.chunk_member(c, "keep") if "keep" in source._maps[c] else None
     ids = np.asarray(ids, np.int64)
-    matches = chunk_keep is not None and chunk_keep.shape == (len(ids), source.num_train) and (
-        ids.size == 0 or (ids.min() >= 0 and ids.max() < design_keep.shape[0]))
-    rows_at_once = max(1, 2**26 // max(source.num_train, 1))
+    chunk_keep = source.members[c].get("keep")
+    matches = chunk_keep is not None and tuple(chunk_keep.shape) == (len(ids), num_train) and (
+        ids.size == 0 or (ids.min() >= 0 and ids.max() < planned))
     for first in range(0, len(ids), rows_at_once):
       if not matches:
         break
       group = slice(first, first + rows_at_once)
-      matches = np.array_equal(chunk_keep[group], design_keep[ids[group]])
+      matches = np.array_equal(_read(chunk_keep, np.arange(len(ids))[group]), _read(design_keep, ids[group]))
     if not matches:
       raise JaxmemError(f"chunks in {where!r} do not match its membership design; "
                         "the run directory was mixed with another run")
@@ -410,7 +501,7 @@ def records_from_chunks(chunks: Sequence[tuple[Path, np.ndarray]], design_path: 
   return Records(model_ids=ids, subset_ratio=np.asarray(design["subset_ratio"])[ids],
                  train_labels=design["train_labels"], clean_train_labels=design["clean_train_labels"],
                  test_labels=design["test_labels"], noisy=design["noisy"],
-                 num_models_planned=int(design_keep.shape[0]), source=source)
+                 num_models_planned=int(planned), source=source)
 
 
 def unpack_bit_records(arrays: Mapping[str, np.ndarray], *, num_examples: int) -> dict[str, np.ndarray]:
