@@ -117,12 +117,13 @@ def main():
   parser.add_argument("--block", type=int, default=4096)
   parser.add_argument("--repeats", type=int, default=5)
   parser.add_argument("--reuse", action="store_true", help="read the files a previous call wrote")
+  parser.add_argument("--forms", default=",".join(FORMS), help="comma-separated, from: " + ", ".join(FORMS))
   args = parser.parse_args()
   root = Path(args.dir)
   written = (dict.fromkeys(("zarr3", "npy", "npz"), float("nan")) if args.reuse
              else write_all(root, args.chunks, args.models, args.num_train, args.block))
   reference = None
-  for form in FORMS:
+  for form in args.forms.split(","):
     start = time.perf_counter()
     opened = open_all(root, form, args.chunks)
     opening = time.perf_counter() - start

@@ -107,19 +107,25 @@ class NpzMember:
       return out
     item = self.dtype.itemsize
     row_bytes = int(np.prod(shape[1:], dtype=np.int64)) * item
+    if axis is None:
+      # runs of consecutive rows are one run of bytes each
+      breaks = np.flatnonzero(np.diff(rows) != 1) + 1
+      firsts, lasts = np.r_[0, breaks], np.r_[breaks, len(rows)]
+      pieces = [out[first:last] for first, last in zip(firsts, lasts)]
+      offsets = self.offset + rows[firsts] * row_bytes
+    else:
+      # one run of bytes per row and index of the axes between the rows and ``axis``
+      run_bytes = int(np.prod(shape[axis:], dtype=np.int64)) * item
+      tail_bytes = int(np.prod(shape[axis + 1:], dtype=np.int64)) * item
+      between = int(np.prod(shape[1:axis], dtype=np.int64))
+      pieces = out.reshape(len(rows) * between, -1)
+      offsets = (self.offset + start * tail_bytes + rows[:, None] * row_bytes
+                 + np.arange(between)[None, :] * run_bytes).reshape(-1)
     fd = os.open(self.path, os.O_RDONLY)
     try:
-      if axis is None:
-        # consecutive rows are one run of bytes
-        breaks = np.flatnonzero(np.diff(rows) != 1) + 1
-        for first, last in zip(np.r_[0, breaks], np.r_[breaks, len(rows)]):
-          _pread_into(fd, out[first:last], self.offset + int(rows[first]) * row_bytes)
-        return out
-      run_bytes = int(np.prod(shape[axis:], dtype=np.int64)) * item  # one index of the axes before ``axis``
-      tail_bytes = int(np.prod(shape[axis + 1:], dtype=np.int64)) * item
-      for i, row in enumerate(rows):
-        for flat, mid in enumerate(np.ndindex(*shape[1:axis])):
-          _pread_into(fd, out[(i, *mid)], self.offset + int(row) * row_bytes + flat * run_bytes + start * tail_bytes)
+      for piece, offset in zip(pieces, offsets.tolist()):
+        if os.preadv(fd, [piece], offset) != piece.nbytes:  # a short read: finish it
+          _pread_into(fd, piece, offset)
       return out
     finally:
       os.close(fd)
