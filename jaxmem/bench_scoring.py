@@ -39,6 +39,8 @@ from jaxmem.scoring import score_records
 #: Estimators the bench leaves out unless named: ``correlations`` correlates the columns of the
 #: estimators that ran before it in one table, and each estimator here is timed on its own.
 NOT_TIMED_ALONE = ("correlations",)
+#: Memory for one block of every record when the bench reads the store alone.
+STREAM_BUDGET = 256 << 20
 RATIO_EFFECT = 1.0
 QUERY_NOISE = 0.3
 _EXAMPLES_TAG, _TEST_TAG, _MODEL_TAG = 0xE7A, 0x7E57, 0x30DE
@@ -193,8 +195,17 @@ def bench_scoring(simulation: Simulation, *, out: str | Path | None = None, esti
                  "note": f"{on_disk / 2**20:,.0f} MiB of chunk files"})
     start = time.perf_counter()
     records = run.load_records()
-    rows.append({"step": "load (verify checksums, map)", "seconds": time.perf_counter() - start,
+    rows.append({"step": "load (verify checksums)", "seconds": time.perf_counter() - start,
                  "peak_rss": peak_rss_bytes(), "note": f"{records.num_models} models x {records.num_train} examples"})
+    # the store alone: every record read once, by blocks sized for STREAM_BUDGET
+    names = ["keep", *records.record_names()]
+    block = records.block_size_for(STREAM_BUDGET, names)
+    start = time.perf_counter()
+    for examples in records.example_blocks(block):
+      for name in names:
+        records.read(name, examples=examples)
+    rows.append({"step": "read every record by blocks", "seconds": time.perf_counter() - start,
+                 "peak_rss": peak_rss_bytes(), "note": f"{block} examples per block ({STREAM_BUDGET >> 20} MiB)"})
     for name in applicable_estimators(records, estimators):
       start = time.perf_counter()
       table = score_records(records, [name], options)

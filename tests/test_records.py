@@ -261,7 +261,8 @@ def test_simulated_records_are_deterministic_and_depend_on_membership(tmp_path):
 def test_bench_scoring_times_each_estimator(tmp_path, capsys):
   simulation = Simulation(num_train=200, num_test=30, num_models=8)
   rows = bench_scoring(simulation, estimators=["memorization", "cscore"], log=lambda m: None)
-  assert [r["step"] for r in rows] == ["write records", "load (verify checksums, map)", "memorization", "cscore"]
+  assert [r["step"] for r in rows] == ["write records", "load (verify checksums)", "read every record by blocks",
+                                      "memorization", "cscore"]
   assert all(r["seconds"] >= 0 and r["peak_rss"] > 0 for r in rows)
   assert cli.main(["bench", "scoring", "--num-train", "200", "--num-test", "30", "--num-models", "8",
                    "--estimators", "memorization", "--out", str(tmp_path / "sim")]) == 0
