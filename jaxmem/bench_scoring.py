@@ -166,8 +166,9 @@ def peak_rss_bytes() -> int:
 
 
 def applicable_estimators(records: Records, names: Sequence[str] | None = None) -> list[str]:
-  """The named estimators, or every registered one whose records exist (but NOT_TIMED_ALONE)."""
-  if names:
+  """The named estimators (none: the store alone), or every registered one whose records exist
+  (but NOT_TIMED_ALONE)."""
+  if names is not None:
     for name in names:
       ESTIMATORS.get(name)  # an unknown name lists the valid ones
     return list(names)

@@ -178,7 +178,8 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--out", default=None, help="keep the simulated run directory here (default: a temporary one, "
                  "removed at the end); rerunning with the same sizes reuses its records")
-  p.add_argument("--estimators", default=None, help="comma-separated estimator names (default: every applicable one)")
+  p.add_argument("--estimators", default=None,
+                 help="comma-separated estimator names (default: every applicable one; none: time the store alone)")
   p.set_defaults(handler=_cmd_bench_scoring)
 
   # `jaxmem study NAME ...`: each study adds its own subparser to `studies` (and a _cmd_study_* handler).
@@ -369,7 +370,7 @@ def _cmd_bench_scoring(args) -> int:
   from jaxmem.bench_scoring import Simulation, bench_scoring, format_rows, parse_ratios
   simulation = Simulation(num_train=args.num_train, num_test=args.num_test, num_models=args.num_models,
                           subset_ratios=parse_ratios(args.subset_ratios), queries=args.queries, seed=args.seed)
-  names = [t.strip() for t in args.estimators.split(",") if t.strip()] if args.estimators else None
+  names = [t.strip() for t in args.estimators.split(",") if t.strip() not in ("", "none")] if args.estimators else None
   rows = bench_scoring(simulation, out=args.out, estimators=names, log=lambda m: print(m, file=sys.stderr))
   print(format_rows(rows))
   return 0

@@ -269,6 +269,10 @@ def test_bench_scoring_times_each_estimator(tmp_path, capsys):
   out = capsys.readouterr().out
   assert "memorization" in out and "peak RSS" in out
   assert RunDir.open(tmp_path / "sim").load_records().num_models == 8
+  assert cli.main(["bench", "scoring", "--num-train", "200", "--num-test", "30", "--num-models", "8",
+                   "--estimators", "none", "--out", str(tmp_path / "sim")]) == 0
+  out = capsys.readouterr().out
+  assert "read every record by blocks" in out and "memorization" not in out
   assert cli.main(["bench", "scoring", "--num-train", "0", "--num-test", "30", "--num-models", "8"]) == 2
   assert "--num-train must be at least 1, got 0" in capsys.readouterr().err
 
