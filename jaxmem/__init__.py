@@ -16,7 +16,7 @@ from jaxmem.masks import make_masks
 from jaxmem.run import RunInterrupted, RunResult, format_summary, merge, run
 from jaxmem.scores import auroc, counterfactual_memorization, memorization
 from jaxmem.scoring import read_scores_csv, score_records, score_run
-from jaxmem.store import Records, RunDir, export_records, load_model_params
+from jaxmem.records import Records, RunDir, export_records, load_model_params
 
 __all__ = [
     "Dataset", "JaxmemError", "Records", "RunConfig", "RunDir", "RunResult", "auroc",

@@ -192,6 +192,20 @@ def build_parser() -> argparse.ArgumentParser:
                  help="intra-op threads of the PyTorch baseline (default: PyTorch's, one per core)")
   p.add_argument("--out", default=None, help="also write the tables to this file (and the raw numbers to OUT.json)")
   p.set_defaults(handler=_cmd_bench)
+  bench = p.add_subparsers(dest="bench_command", parser_class=_Parser)
+  p = bench.add_parser("scoring", help="simulated records of a given size through the record store, scored by "
+                       "every applicable estimator: wall time and peak memory per estimator")
+  p.add_argument("--num-train", type=int, required=True, help="training examples N")
+  p.add_argument("--num-test", type=int, required=True, help="test examples T")
+  p.add_argument("--num-models", type=int, required=True, help="models M")
+  p.add_argument("--subset-ratios", default="0.5", help="comma-separated subset ratios, interleaved over models")
+  p.add_argument("--queries", type=int, default=0, help="augmented queries A per training example (0: none)")
+  p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--out", default=None, help="keep the simulated run directory here (default: a temporary one, "
+                 "removed at the end); rerunning with the same sizes reuses its records")
+  p.add_argument("--estimators", default=None,
+                 help="comma-separated estimator names (default: every applicable one; none: time the store alone)")
+  p.set_defaults(handler=_cmd_bench_scoring)
 
   # `jaxmem study NAME ...`: each study adds its own subparser to `studies` (and a _cmd_study_* handler).
   study = commands.add_parser("study", help="studies that retrain models on modified data: remove-top, ...")
@@ -407,7 +421,7 @@ def _cmd_scores(args) -> int:
 
 
 def _cmd_export(args) -> int:
-  from jaxmem.store import RunDir, export_records
+  from jaxmem.records import RunDir, export_records
   records = RunDir.open(args.run_dir).load_records()
   keys = export_records(records, args.out)
   print(f"wrote {args.out}: {records.num_models} models x {records.num_train} examples; keys: {', '.join(keys)}")
@@ -423,6 +437,16 @@ def _cmd_bench(args) -> int:
       baselines=names(args.baselines), engine_models=args.models, loop_models=args.loop_models, epochs=args.epochs,
       torch_threads=args.torch_threads, compute_dtype=args.compute_dtype)
   print("\n\n".join(format_table(r) for r in results))
+  return 0
+
+
+def _cmd_bench_scoring(args) -> int:
+  from jaxmem.bench_scoring import Simulation, bench_scoring, format_rows, parse_ratios
+  simulation = Simulation(num_train=args.num_train, num_test=args.num_test, num_models=args.num_models,
+                          subset_ratios=parse_ratios(args.subset_ratios), queries=args.queries, seed=args.seed)
+  names = [t.strip() for t in args.estimators.split(",") if t.strip() not in ("", "none")] if args.estimators else None
+  rows = bench_scoring(simulation, out=args.out, estimators=names, log=lambda m: print(m, file=sys.stderr))
+  print(format_rows(rows))
   return 0
 
 

@@ -30,7 +30,7 @@ import numpy as np
 
 from jaxmem.errors import JaxmemError
 from jaxmem.scoring import SCORES_CSV, read_scores_csv
-from jaxmem.store import RunDir, write_bytes_atomic
+from jaxmem.records import RunDir, write_bytes_atomic
 
 REPORT_DIR = "report"
 

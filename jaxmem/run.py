@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import platform
+import shutil
 import signal
 import sys
 import threading
@@ -24,7 +25,8 @@ from jaxmem.errors import JaxmemError
 from jaxmem.masks import make_masks
 from jaxmem.scores import auroc
 from jaxmem.scoring import ScoreTable, score_records, study_columns, write_scores
-from jaxmem.store import FORMAT_VERSION, Records, RunDir, utc_now, write_json_atomic
+from jaxmem.records import (ChunkCheckpoint, FORMAT_VERSION, Records, RunDir, append_event, atomic_path,
+                            identity_differences, save_params, utc_now, write_bytes_atomic, write_json_atomic)
 
 
 @dataclasses.dataclass
@@ -306,7 +308,6 @@ def merge(run_dir: str | Path, sources: Sequence[str | Path] = (), *, estimators
   Writes ``scores.csv`` and ``summary.json`` and returns the summary.
   """
   from jaxmem.scoring import parse_estimator_names, score_run
-  from jaxmem.store import identity_differences, write_bytes_atomic
   run = RunDir.open(run_dir)
   for source in sources:
     other = RunDir.open(source)
@@ -318,7 +319,8 @@ def merge(run_dir: str | Path, sources: Sequence[str | Path] = (), *, estimators
                         f"{str(run.path)!r}")
     copied = [c for c in other.completed_chunks() if run.chunk_status(c) != "complete"]
     for c in copied:
-      write_bytes_atomic(run.chunk_path(c), other.chunk_path(c).read_bytes())
+      with atomic_path(run.chunk_path(c)) as tmp:  # copied by the OS, not through memory
+        shutil.copyfile(other.chunk_path(c), tmp)
       write_bytes_atomic(run.chunk_path(c).with_suffix(".json"), other.chunk_path(c).with_suffix(".json").read_bytes())
     log(f"merged {len(copied)} chunks from {source}")
   for c in range(len(run.chunk_plan())):
@@ -364,7 +366,6 @@ def _train_chunks(engine, run_dir: RunDir, chunks, todo, keep_MxN, *, progress: 
                   after_chunk: Callable[[int, dict], bool] | None = None) -> None:
   from tqdm.auto import tqdm
   from jaxmem.engine.trainer import TrainingStopped
-  from jaxmem.store import ChunkCheckpoint, append_event, save_params
   keep_ids = kept_param_ids(str(engine.config.keep_params), engine.config.num_models)
   total = sum(len(c) for c in chunks)
   epochs = engine.config.epochs

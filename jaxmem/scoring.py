@@ -18,7 +18,7 @@ import numpy as np
 
 from jaxmem.errors import JaxmemError
 from jaxmem.scores import ESTIMATORS, Estimator, EstimatorResult
-from jaxmem.store import Records, RunDir, write_bytes_atomic, write_json_atomic
+from jaxmem.records import Records, RunDir, write_bytes_atomic, write_json_atomic
 
 SCORES_CSV = "scores.csv"
 #: Columns that studies merge into a run's scores.csv (``jaxmem study ssft --run``): they come from

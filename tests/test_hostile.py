@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from jaxmem.store import RunDir
+from jaxmem.records import RunDir
 
 from conftest import jaxmem_cli
 
@@ -199,7 +199,7 @@ def test_checkpoint_write_failure_is_a_clean_error(tmp_path, monkeypatch):
   import errno
   import orbax.checkpoint as ocp
   from jaxmem.errors import JaxmemError
-  from jaxmem.store import ChunkCheckpoint
+  from jaxmem.records import ChunkCheckpoint
 
   def no_space(self, *args, **kwargs):
     raise OSError(errno.ENOSPC, "No space left on device")
@@ -213,7 +213,7 @@ def test_checkpoint_write_failure_is_a_clean_error(tmp_path, monkeypatch):
 
 @pytest.mark.slow
 def test_ctrl_c_stops_cleanly_and_resume_works(tmp_path):
-  from jaxmem.store import read_events
+  from jaxmem.records import read_events
   out = tmp_path / "run"
   exe = Path(sys.executable).with_name("jaxmem")
   flags = ["--num-models", "4", "--chunk-size", "2", "--epochs", "8", "--batch-size", "64", "--strategy", "vmap",

@@ -1,6 +1,6 @@
 """Estimators: pure functions of records, and a registry that adapts them to a run.
 
-An estimator adapter takes :class:`jaxmem.store.Records` and keyword options and returns an
+An estimator adapter takes :class:`jaxmem.records.Records` and keyword options and returns an
 :class:`EstimatorResult` (per-example columns for ``scores.csv``, summary numbers and lines, and
 optional extra files). Adapters never read or write files themselves; :mod:`jaxmem.scoring` does.
 """

@@ -75,7 +75,7 @@ def correlations_csv(table: dict[str, Any]) -> bytes:
 
 
 def write_correlations(path: str | Path, table: dict[str, Any]) -> None:
-  from jaxmem.store import write_bytes_atomic
+  from jaxmem.records import write_bytes_atomic
   write_bytes_atomic(Path(path), correlations_csv(table))
 
 

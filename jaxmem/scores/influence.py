@@ -268,7 +268,7 @@ def topk_rows(topk: InfluenceTopK, memorization_N: np.ndarray):
 
 def _csv_writer(header, rows_fn):
   def write(path):
-    from jaxmem.store import atomic_path
+    from jaxmem.records import atomic_path
     with atomic_path(Path(path)) as tmp:
       with open(tmp, "w", newline="") as f:
         writer = csv.writer(f, lineterminator="\n")
@@ -279,7 +279,7 @@ def _csv_writer(header, rows_fn):
 
 def _full_writer(comp: InfluenceComputation):
   def write(path):
-    from jaxmem.store import atomic_path
+    from jaxmem.records import atomic_path
     with atomic_path(Path(path)) as tmp:
       comp.write_full(tmp)
   return write

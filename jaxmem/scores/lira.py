@@ -519,7 +519,7 @@ def _lira_estimator(records, *, context=None, targets=None, center: str = "mean"
                     delta: float = DEFAULT_DELTA) -> EstimatorResult:
   """``lira`` columns, ``lira.json`` and ``lira_roc.png``; opt-in (``--estimators ...,lira``) because
   the leave-one-out attack over all models and the bootstrap take seconds, not milliseconds."""
-  from jaxmem.store import atomic_path, write_json_atomic
+  from jaxmem.records import atomic_path, write_json_atomic
   memorization = None if context is None else context.get("memorization")
   columns, summary, lines, attack = lira_report(
       records, memorization=memorization, targets=targets, center=center, min_models=min_models,

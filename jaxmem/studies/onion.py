@@ -35,7 +35,7 @@ from jaxmem.config import RunConfig
 from jaxmem.data import Dataset, load_run_dataset, training_subset
 from jaxmem.errors import JaxmemError
 from jaxmem.scores.lira import as_queries, per_example_risk, select_margins
-from jaxmem.store import RunDir, write_bytes_atomic, write_json_atomic
+from jaxmem.records import RunDir, write_bytes_atomic, write_json_atomic
 
 RANDOM_TAG = 0x0410  # separates the control's draw from the models' seed stream
 

@@ -45,7 +45,7 @@ from jaxmem.config import RunConfig
 from jaxmem.data import Dataset, load_run_dataset, training_subset
 from jaxmem.errors import JaxmemError
 from jaxmem.scoring import SCORES_CSV, read_scores_csv
-from jaxmem.store import RunDir, write_bytes_atomic, write_json_atomic
+from jaxmem.records import RunDir, write_bytes_atomic, write_json_atomic
 
 # Scores for which a LOW value marks the examples to remove first (hard / atypical).
 ASCENDING = ("cscore", "learning_speed", "cumulative_accuracy")

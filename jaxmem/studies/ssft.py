@@ -49,7 +49,7 @@ from jaxmem.errors import JaxmemError
 from jaxmem.scores.correlations import correlation_table, summary_lines, write_correlations
 from jaxmem.scores.dynamics import forgotten_forever_epoch, learned_forever_epoch, masked_mean
 from jaxmem.scoring import SCORES_CSV, STUDY_COLUMNS, read_scores_csv, table_to_csv
-from jaxmem.store import RunDir, write_bytes_atomic, write_json_atomic, write_npz_atomic
+from jaxmem.records import RunDir, write_bytes_atomic, write_json_atomic, write_npz_atomic
 
 
 @dataclasses.dataclass
