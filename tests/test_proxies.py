@@ -121,7 +121,7 @@ def test_study_on_a_run_with_kept_parameters(tiny_config, tmp_path):
   from jaxmem.engine.trainer import standardize
   from jaxmem.models import build_model
   from jaxmem.studies.proxies import COLUMNS, model_apply, model_order, proxies_study
-  from jaxmem.store import RunDir, load_model_params
+  from jaxmem.records import RunDir, load_model_params
   config = tiny_config.replace(record_epochs=True, record_epoch_margin=True, keep_params="2")
   run = jaxmem.run(config, tmp_path / "run", progress=False, log=lambda m: None)
   result = proxies_study(run.run_dir, ks=(1, 4), draws=2, h=0.01, num_bootstrap=20)
@@ -152,7 +152,7 @@ def test_retraining_reproduces_the_kept_models_and_captures_epochs(tiny_config, 
   import jaxmem
   from jaxmem.config import RunConfig
   from jaxmem.data import load_run_dataset
-  from jaxmem.store import RunDir, load_model_params
+  from jaxmem.records import RunDir, load_model_params
   from jaxmem.studies.proxies import retrained_params
   config = tiny_config.replace(keep_params="2")
   run = jaxmem.run(config, tmp_path / "run", progress=False, log=lambda m: None)
@@ -172,7 +172,7 @@ def test_retraining_reproduces_the_kept_models_and_captures_epochs(tiny_config, 
 
 def test_csl_estimator_column():
   from jaxmem.scoring import score_records
-  from jaxmem.store import Records
+  from jaxmem.records import Records
   rng = np.random.default_rng(8)
   m, e, n = 10, 3, 12
   keep = rng.random((m, n)) < 0.7

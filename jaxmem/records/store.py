@@ -47,7 +47,7 @@ from jaxmem.errors import JaxmemError
 RECORD_AXES = {
     "keep": "MN", "train_correct": "MN", "train_margin": "MN", "test_correct": "MT", "test_margin": "MT",
     "epoch_loss": "ME", "train_correct_epochs": "MEN", "train_margin_epochs": "MEN",
-    "train_el2n": "MN", "train_grand": "MN",
+    "train_el2n": "MN", "train_grand": "MN", "train_margin_aug": "MNA", "test_margin_aug": "MTA",
 }
 #: Suffix of a record stored with its N axis bit-packed (``np.packbits`` along the last axis).
 PACKED = "_packed"
@@ -61,7 +61,9 @@ def record_axes(name: str, ndim: int) -> str:
     return "MNA"
   if axes is not None and len(axes) == ndim:
     return axes
-  return {1: "M", 2: "MN", 3: "MNA"}.get(ndim, "M" + "?" * (ndim - 1))
+  # An unlisted record: its second axis is over test examples when its name says so.
+  example = "T" if name.startswith("test_") else "N"
+  return {1: "M", 2: f"M{example}", 3: f"M{example}A"}.get(ndim, "M" + "?" * (ndim - 1))
 
 
 @dataclasses.dataclass(frozen=True)

@@ -51,7 +51,7 @@ from scipy.stats import rankdata
 
 from jaxmem.errors import JaxmemError
 from jaxmem.scores import EstimatorResult, register_estimator
-from jaxmem.store import write_bytes_atomic, write_json_atomic
+from jaxmem.records import write_bytes_atomic, write_json_atomic
 
 METHODS = ("influence_correctness", "influence_margin", "datamodels", "random")
 RIDGE_GRID: tuple[float, ...] = tuple(10.0 ** k for k in range(-2, 5))

@@ -66,7 +66,7 @@ from jaxmem.scores._stats import spearman
 from jaxmem.scores.attack_metrics import DEFAULT_FPRS, attack_metrics, bootstrap_attack_metrics, per_example_auc, roc, tpr_key
 from jaxmem.scores.lira import choose_targets, lira_attack, plot_roc
 from jaxmem.scores.privacy_bounds import DEFAULT_CONFIDENCE, DEFAULT_DELTA, POOLED_CAVEAT, eps_lower_bound
-from jaxmem.store import atomic_path, write_json_atomic
+from jaxmem.records import atomic_path, write_json_atomic
 
 VARIANTS = ("rmia_online", "rmia_offline")
 A_GRID: tuple[float, ...] = tuple(round(0.1 * k, 1) for k in range(1, 11))

@@ -47,7 +47,7 @@ from jaxmem.scores.attack_metrics import bootstrap_attack_metrics, tpr_key
 from jaxmem.scores.lira import GaussianFits, choose_targets, fit_gaussians, lira_scores
 from jaxmem.scores.privacy_bounds import DEFAULT_DELTA, POOLED_CAVEAT, eps_lower_bound
 from jaxmem.scores.rmia import DEFAULT_GAMMA, attack_with_references, check_single_ratio, pick_tuner, tune_offline_a
-from jaxmem.store import RunDir, atomic_path, write_bytes_atomic, write_json_atomic
+from jaxmem.records import RunDir, atomic_path, write_bytes_atomic, write_json_atomic
 
 ATTACKS = ("lira_online", "lira_online_fixed_variance", "lira_offline", "lira_offline_fixed_variance",
            "rmia_online", "rmia_offline", "global_threshold")

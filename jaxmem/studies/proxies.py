@@ -46,7 +46,7 @@ from jaxmem.models import build_model
 from jaxmem.scores._stats import auroc
 from jaxmem.scores.memorization import memorization
 from jaxmem.scores.proxies import DEFAULT_DRAWS, DEFAULT_H, cumulative_sample_loss, input_curvature, learning_time
-from jaxmem.store import RunDir, kept_param_models, load_model_params, write_bytes_atomic, write_json_atomic
+from jaxmem.records import RunDir, kept_param_models, load_model_params, write_bytes_atomic, write_json_atomic
 
 COLUMNS = ("models", "proxy", "models_used", "examples_used", "spearman", "spearman_low", "spearman_high",
            "pearson", "pearson_low", "pearson_high", "auroc_flipped", "auroc_flipped_low", "auroc_flipped_high",
