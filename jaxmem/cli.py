@@ -14,8 +14,8 @@ from jaxmem.errors import JaxmemError
 
 
 class _Parser(argparse.ArgumentParser):
-  def error(self, message: str):  # one line, like every other jaxmem error
-    raise JaxmemError(f"{self.prog}: {message}")
+  def error(self, message: str):  # one line, like every other jaxmem error; main() adds the "jaxmem: error:"
+    raise JaxmemError(f"{message} (see {self.prog} --help)")
 
 
 def _ratios(text: str) -> tuple[float, ...]:
@@ -83,10 +83,19 @@ def score_options_from_args(args: argparse.Namespace) -> dict:
   return {k: v for k, v in options.items() if v}
 
 
+def _with_default(help_text: str, value) -> str:
+  """Flags default to None (so that only given flags override a --config); help shows RunConfig's."""
+  return help_text if value is None else f"{help_text} (default {value:g})" if isinstance(value, float) \
+      else f"{help_text} (default {value})"
+
+
 def _add_run_arguments(p: argparse.ArgumentParser) -> None:
+  from jaxmem.config import RunConfig
+  defaults = RunConfig()
   for field, (flag, kind, help_text) in RUN_FLAGS.items():
-    p.add_argument(flag, dest=field, type=kind, default=None, help=help_text)
-  p.add_argument("--subset-ratio", dest="subset_ratio", type=float, default=None, help="subset ratio r in (0,1)")
+    p.add_argument(flag, dest=field, type=kind, default=None, help=_with_default(help_text, getattr(defaults, field)))
+  p.add_argument("--subset-ratio", dest="subset_ratio", type=float, default=None,
+                 help=_with_default("subset ratio r in (0,1)", defaults.subset_ratios[0]))
   p.add_argument("--subset-ratios", dest="subset_ratios", type=_ratios, default=None,
                  help="several ratios, e.g. 0.1,0.3,0.5,0.7,0.9 (C-score)")
   p.add_argument("--augment", dest="augment", action=argparse.BooleanOptionalAction, default=None,
@@ -176,7 +185,8 @@ def build_parser() -> argparse.ArgumentParser:
                          "(Feldman & Zhang's marginal utility)")
   p.add_argument("run_dir")
   p.add_argument("--k", dest="ks", type=_ints, default=(0, 50, 100, 200), help="comma-separated k values (default 0,50,100,200)")
-  p.add_argument("--by", default="memorization,random", help="comma-separated rankings: score columns of scores.csv, or random")
+  p.add_argument("--by", default="memorization,random",
+                 help="comma-separated rankings: score columns of scores.csv, or random (default memorization,random)")
   p.add_argument("--num-models", type=int, default=64, help="models per point (default 64)")
   p.add_argument("--subset-ratio", type=float, default=None, help="training ratio of the retrained models (default: the run's)")
   _add_retrain_arguments(p)
@@ -298,6 +308,8 @@ def _cmd_run(args) -> int:
   shard = parse_shard(args.shard) if args.shard is not None else None
   initialize(detect_cluster(os.environ, coordinator=args.coordinator, num_processes=args.num_processes,
                             process_id=args.process_id))
+  if args.out is not None and not args.out.strip():
+    raise JaxmemError("--out must name a directory, got an empty string")
   out = args.out or f"runs/{config.dataset.replace('/', '_').replace(':', '_')}-{config.model}-s{config.seed}"
   log = lambda m: print(m, file=sys.stderr)
   with stop_on_signals(log=log) as stop:
@@ -355,12 +367,17 @@ def _cmd_bench(args) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
   argv = list(sys.argv[1:] if argv is None else argv)
   debug = "--debug" in argv
+  command = "jaxmem"
   try:
-    args = build_parser().parse_args(argv)
+    # --debug is accepted anywhere (e.g. after the command), not only before it.
+    args, unknown = build_parser().parse_known_args([a for a in argv if a != "--debug"])
+    command = " ".join(["jaxmem", args.command] + ([args.study] if getattr(args, "study", None) else []))
+    if unknown:
+      raise JaxmemError(f"unrecognized arguments: {' '.join(unknown)} (see {command} --help)")
     # Before JAX runs anything: on a CPU, one device per core (each trains its own models).
     from jaxmem.devices import use_one_cpu_device_per_core
     use_one_cpu_device_per_core()
-    args.argv = argv  # for the resume command printed after an interruption
+    args.argv = [a for a in argv if a != "--debug"]  # for the resume command printed after an interruption
     return args.handler(args)
   except JaxmemError as e:
     if debug:
@@ -370,8 +387,18 @@ def main(argv: Sequence[str] | None = None) -> int:
   except KeyboardInterrupt:
     if debug:
       raise
-    print("jaxmem: interrupted; finished chunks are saved: rerun the same command to resume", file=sys.stderr)
+    print(f"jaxmem: error: {_interrupted_line(command)}", file=sys.stderr)
     return 130
+
+
+def _interrupted_line(command: str) -> str:
+  """What an interruption outside training left behind, per command (files are written atomically,
+  so nothing is half-written whatever the command)."""
+  if command in ("jaxmem run", "jaxmem merge") or command.startswith("jaxmem study"):
+    return "interrupted; finished chunks are saved: rerun the same command to resume"
+  if command == "jaxmem scores":
+    return "interrupted; the records and the previous scores.csv are intact: rerun the same command to score"
+  return f"interrupted; nothing was half-written: rerun {command} when ready"
 
 
 if __name__ == "__main__":

@@ -187,6 +187,9 @@ def check_config_against_dataset(config: RunConfig, dataset: Dataset) -> None:
   if config.batch_size > smallest:
     raise JaxmemError(f"batch_size {config.batch_size} is larger than the smallest training subset "
                       f"({smallest} examples); use --batch-size <= {smallest}")
+  if config.augment and not dataset.is_image:
+    raise JaxmemError(f"--augment (random flips and crops) needs image data; dataset {dataset.name!r} has inputs "
+                      f"of shape {dataset.input_shape}: drop --augment")
   if config.queries > 1 and not dataset.is_image:
     raise JaxmemError(f"queries {config.queries} (flips and shifts) need image data; dataset "
                       f"{dataset.name!r} has inputs of shape {dataset.input_shape}: use --queries 1")
@@ -236,7 +239,7 @@ def run(config: RunConfig, out: str | Path, *, overwrite: bool = False, progress
   keep_MxN, ratio_M = make_masks(config.mask_design, config.num_models, dataset.num_train,
                                  config.subset_ratios, config.seed)
   chunks = plan_chunks(config.num_models, len(config.subset_ratios), config.chunk_size)
-  run_dir = RunDir.create_or_open(out, build_manifest(config, dataset, chunks), overwrite=overwrite)
+  run_dir = RunDir.create_or_open(out, build_manifest(config, dataset, chunks), overwrite=overwrite, log=log)
   run_dir.write_design({
       "keep": keep_MxN, "subset_ratio": ratio_M, "train_labels": dataset.y_train,
       "clean_train_labels": dataset.clean_y_train, "test_labels": dataset.y_test, "noisy": dataset.noisy})
@@ -448,10 +451,13 @@ def summarize(records: Records, table: ScoreTable, *, dataset: Dataset | None = 
 def format_summary(summary: dict[str, Any]) -> str:
   """The human summary printed at the end of ``jaxmem run``."""
   acc = summary["accuracy"]
+  models = f"models: {summary['models']['finished']} of {summary['models']['planned']} finished"
+  chunks = summary["chunks"]
+  if chunks["trained_now"] or chunks["already_complete"]:  # a run; `jaxmem scores` and `merge` train nothing
+    models += (f" ({chunks['trained_now']} chunks trained now, {chunks['already_complete']} resumed) "
+               f"in {summary['seconds']:.1f}s")
   lines = [
-      f"models: {summary['models']['finished']} of {summary['models']['planned']} finished "
-      f"({summary['chunks']['trained_now']} chunks trained now, {summary['chunks']['already_complete']} resumed) "
-      f"in {summary['seconds']:.1f}s",
+      models,
       f"accuracy of the subset models: own subset {acc['train_subset']:.3f}, held-out training examples "
       f"{acc['train_held_out']:.3f}, test {acc['test']:.3f}"]
   if "memorization_median_se" in summary:

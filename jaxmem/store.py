@@ -185,11 +185,14 @@ class RunDir:
 
   # -- creation and identity ------------------------------------------------------------------
   @classmethod
-  def create_or_open(cls, path: str | Path, manifest: dict[str, Any], *, overwrite: bool = False) -> "RunDir":
+  def create_or_open(cls, path: str | Path, manifest: dict[str, Any], *, overwrite: bool = False,
+                     log: Any = None) -> "RunDir":
     """Opens ``path`` for the run that ``manifest`` describes, creating it if needed.
 
     An existing run directory made with another config or dataset is refused (its results would
-    be mixed with this run's) unless ``overwrite``, which deletes its chunks and scores first.
+    be mixed with this run's) unless ``overwrite``, which deletes its chunks and scores first; one
+    that holds no result at all (a start that failed or was killed before its first chunk or
+    checkpoint) is taken over, so the corrected command never needs ``--overwrite``.
     """
     run = cls(path)
     if run.path.exists() and not run.path.is_dir():
@@ -197,6 +200,10 @@ class RunDir:
     if run.manifest_path.exists():
       existing = run.manifest()
       differences = identity_differences(existing, manifest)
+      if differences and not overwrite and not run.holds_results():
+        (log or (lambda m: None))(f"run directory {str(run.path)!r} holds no finished chunk of a run with another "
+                                  f"config ({'; '.join(differences)}); starting anew")
+        overwrite = True
       if differences and not overwrite:
         raise JaxmemError(
             f"run directory {str(run.path)!r} holds a run with another config ({'; '.join(differences)}); "
@@ -222,10 +229,18 @@ class RunDir:
   @classmethod
   def open(cls, path: str | Path) -> "RunDir":
     run = cls(path)
+    if not run.path.exists():
+      raise JaxmemError(f"run directory {str(run.path)!r} does not exist")
     if not run.manifest_path.is_file():
       raise JaxmemError(f"{str(run.path)!r} is not a jaxmem run directory (no {MANIFEST})")
     run.manifest()  # validates
     return run
+
+  def holds_results(self) -> bool:
+    """Whether anything here took training to make: a chunk's records, a checkpoint, kept parameters."""
+    chunks = self.path / CHUNKS
+    return (any(chunks.glob("chunk_*.json")) if chunks.is_dir() else False) or any(
+        (self.path / name).is_dir() and any((self.path / name).iterdir()) for name in (CHECKPOINTS, PARAMS))
 
   def clear(self) -> None:
     """Removes everything a run wrote (used by ``--overwrite``)."""

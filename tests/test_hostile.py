@@ -232,3 +232,132 @@ def test_ctrl_c_stops_cleanly_and_resume_works(tmp_path):
   again = jaxmem_cli("run", "--out", str(out), *flags)
   assert again.returncode == 0, again.stderr
   assert [e["from_epoch"] for e in read_events(out) if e["event"] == "chunk_start"][:2][-1] > 0
+
+
+# --- What a new user hit: each case below failed with a traceback, wrote files, or said the wrong thing.
+
+def _vector_npz(path: Path, n=80, dim=5, scale=1.0, **labels) -> str:
+  rng = np.random.default_rng(0)
+  x = (rng.normal(size=(n, dim)) * scale).astype(np.float32)
+  x[3, 1] = -10 * scale  # the largest magnitude (normal draws of 80 x 5 stay below 5)
+  y = np.arange(n) % 3
+  arrays = {"x_train": x, "y_train": y, "x_test": x[:10], "y_test": y[:10]}
+  arrays.update(labels)
+  np.savez(path, **arrays)
+  return str(path)
+
+
+def _config_file(tmp: Path, name: str, text: str) -> str:
+  (tmp / name).write_text(text)
+  return str(tmp / name)
+
+
+def _stray_label(t: Path, value, dtype=np.int64) -> str:
+  y = (np.arange(80) % 3).astype(dtype)
+  y[7] = value
+  return _vector_npz(t / "stray.npz", y_train=y)
+
+
+# (name, args builder(tmp) -> CLI args after `run --out OUT TINY`, expected message): each used to
+# print a traceback, or to leave a partial run directory behind.
+START_CASES = [
+    ("config get_config raises", lambda t: ["--config", _config_file(t, "c.py", "def get_config():\n  raise RuntimeError('boom')\n")],
+     "running config file '{t}/c.py' failed: RuntimeError: boom (line 2)"),
+    ("config syntax error", lambda t: ["--config", _config_file(t, "c.py", "def get_config( :\n")],
+     "config file '{t}/c.py' has a syntax error at line 1: invalid syntax"),
+    ("config JSON is a list", lambda t: ["--config", _config_file(t, "c.json", "[1, 2]")],
+     "config file '{t}/c.json' must hold a JSON object of RunConfig fields, got a list"),
+    ("config JSON with a bad field type", lambda t: ["--config", _config_file(t, "c.json", '{"label_noise": "lots"}')],
+     "label_noise must be a number, got 'lots'"),
+    ("empty .npz file", lambda t: ["--dataset", _config_file(t, "e.npz", "")],
+     "dataset file '{t}/e.npz' is empty (0 bytes); an .npz dataset is a zip of x_train, y_train, x_test, y_test"),
+    ("text file named .npz", lambda t: ["--dataset", _config_file(t, "e.npz", "hello\n")],
+     "dataset file '{t}/e.npz' is not an .npz file (not a zip archive)"),
+    ("--augment on vector data", lambda t: ["--dataset", _vector_npz(t / "v.npz"), "--augment"],
+     "--augment (random flips and crops) needs image data; dataset '{t}/v.npz' has inputs of shape (5,): drop --augment"),
+    ("stray huge label", lambda t: ["--dataset", _stray_label(t, 50_000_000)],
+     "y_train's largest label 50000000 would make 50000001 classes, but only 4 distinct labels occur"),
+    ("label above the int32 range", lambda t: ["--dataset", _stray_label(t, 2**32 + 1)],
+     "y_train contains label 4294967297, outside the int32 range of class labels"),
+    ("huge features", lambda t: ["--dataset", _vector_npz(t / "v.npz", scale=1e30)],
+     "x_train has features as large as 1e+31 in magnitude"),
+    ("empty --out", lambda t: ["--out", ""], "--out must name a directory, got an empty string"),
+]
+
+
+@pytest.mark.parametrize("name,make_args,needle", START_CASES, ids=[c[0] for c in START_CASES])
+def test_start_failures_are_one_line_and_write_nothing(name, make_args, needle, tmp_path, capsys, monkeypatch):
+  monkeypatch.chdir(tmp_path)  # `--out ""` used to write runs/... into the working directory
+  out = tmp_path / "out"
+  result = _main(capsys, "run", "--out", str(out), *TINY, *make_args(tmp_path))
+  _assert_one_line_error(result, needle.format(t=tmp_path))
+  assert not out.exists() and not (tmp_path / "runs").exists()
+
+
+def test_failed_start_never_blocks_the_corrected_command(tmp_path, capsys):
+  """A run directory whose start failed after its manifest was written (a crash, a kill) holds
+  nothing of value: the corrected command takes it over instead of asking for --overwrite."""
+  from jaxmem.config import RunConfig
+  from jaxmem.data import load_dataset
+  from jaxmem.run import build_manifest, plan_chunks
+  out = tmp_path / "out"
+  config = RunConfig(num_models=4, chunk_size=2, epochs=1, batch_size=32, augment=True)
+  RunDir.create_or_open(out, build_manifest(config, load_dataset("digits"), plan_chunks(4, 1, 2)))
+  result = _main(capsys, "run", "--out", str(out), *TINY)
+  assert result.returncode == 0, result.stderr
+  assert "holds no finished chunk of a run with another config (augment: True there, False now); starting anew" \
+      in result.stderr
+  assert RunDir.open(out).completed_chunks() == [0, 1]
+
+
+def test_debug_after_the_command(tmp_path):
+  result = jaxmem_cli("run", "--debug", "--out", str(tmp_path / "o"), *TINY, "--subset-ratio", "0")
+  assert result.returncode != 0 and "Traceback" in result.stderr
+  assert "JaxmemError: subset ratio must be in (0, 1), got 0.0" in result.stderr
+
+
+MESSAGE_CASES = [
+    (["run", *TINY, "--epochs", "1.5"],
+     "argument --epochs: invalid int value: '1.5' (see jaxmem run --help)"),
+    (["run", *TINY, "--bogus"], "unrecognized arguments: --bogus (see jaxmem run --help)"),
+    (["scores", "/nonexistent-jaxmem-dir"], "run directory '/nonexistent-jaxmem-dir' does not exist"),
+]
+
+
+@pytest.mark.parametrize("args,needle", MESSAGE_CASES, ids=[c[1][:30] for c in MESSAGE_CASES])
+def test_messages_say_it_once(args, needle, capsys):
+  result = _main(capsys, *args)
+  _assert_one_line_error(result, needle)
+  assert result.stderr.count("jaxmem") == 1 + needle.count("jaxmem"), result.stderr
+
+
+def test_tfds_message_offers_only_what_the_cli_has(tmp_path, capsys):
+  result = _main(capsys, "run", "--out", str(tmp_path / "o"), *TINY, "--dataset", "tfds:mnist",
+                 "--data-dir", str(tmp_path))
+  _assert_one_line_error(result, f"dataset 'mnist' is not prepared in {tmp_path}")
+  assert "pass download=True" not in result.stderr and "WARNING" not in result.stderr
+
+
+def test_scores_summary_says_no_training(finished_run, tmp_path, capsys):
+  out = tmp_path / "run"
+  shutil.copytree(finished_run, out)
+  result = _main(capsys, "scores", str(out))
+  assert result.returncode == 0, result.stderr
+  first = result.stdout.splitlines()[0]
+  assert first == "models: 4 of 4 finished", first
+
+
+def test_help_shows_defaults(capsys):
+  from jaxmem.cli import main
+  for command, expected in ((["run"], {"--num-models": "(default 256)", "--epochs": "(default 30)",
+                                       "--batch-size": "(default 64)", "--seed": "(default 0)",
+                                       "--subset-ratio": "(default 0.7)"}),
+                            (["study", "remove-top"], {"--by": "(default memorization,random)"})):
+    with pytest.raises(SystemExit):
+      main([*command, "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    text = text[text.index("options:"):]
+    for option, needle in expected.items():
+      start = text.index(option + " ")
+      help_text = text[start: text.index(" --", start + len(option))]
+      assert needle in help_text, (option, help_text)
