@@ -7,10 +7,12 @@ traceback instead. Library code never reads these flags.
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
 from typing import Sequence
 
 from jaxmem.errors import JaxmemError
+from jaxmem.signals import StopRequest, stop_on_signals
 
 
 class _Parser(argparse.ArgumentParser):
@@ -303,7 +305,7 @@ def config_from_args(args: argparse.Namespace):
 def _cmd_run(args) -> int:
   import os
   from jaxmem.distributed import detect_cluster, initialize
-  from jaxmem.run import RunInterrupted, format_summary, parse_shard, run, stop_on_signals
+  from jaxmem.run import RunInterrupted, format_summary, parse_shard, run
   config = config_from_args(args)
   shard = parse_shard(args.shard) if args.shard is not None else None
   initialize(detect_cluster(os.environ, coordinator=args.coordinator, num_processes=args.num_processes,
@@ -312,15 +314,13 @@ def _cmd_run(args) -> int:
     raise JaxmemError("--out must name a directory, got an empty string")
   out = args.out or f"runs/{config.dataset.replace('/', '_').replace(':', '_')}-{config.model}-s{config.seed}"
   log = lambda m: print(m, file=sys.stderr)
-  with stop_on_signals(log=log) as stop:
-    try:
-      result = run(config, out, overwrite=args.overwrite, progress=not args.no_progress, log=log,
-                   score_options=score_options_from_args(args),
-                   shard=shard, should_stop=stop)
-    except RunInterrupted as e:
-      import shlex
-      argv = [a for a in args.argv if a != "--overwrite"]
-      raise RunInterrupted(f"{e}; resume with: jaxmem {shlex.join(argv)}", exit_code=e.exit_code) from None
+  resume = "resume with: jaxmem " + shlex.join([a for a in args.argv if a != "--overwrite"])
+  try:
+    result = run(config, out, overwrite=args.overwrite, progress=not args.no_progress, log=log,
+                 score_options=score_options_from_args(args),
+                 shard=shard, should_stop=args.stop)
+  except RunInterrupted as e:
+    raise RunInterrupted(f"{e}; {resume}", exit_code=e.exit_code) from None
   if result.summary["process"]["index"] == 0:  # other processes of a multi-process run said their line
     print(format_summary(result.summary))
   return 0
@@ -367,6 +367,17 @@ def _cmd_bench(args) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
   argv = list(sys.argv[1:] if argv is None else argv)
   debug = "--debug" in argv
+  with stop_on_signals() as stop:  # first, so that no phase of any command dies by a signal
+    try:
+      return _main(argv, stop, debug)
+    except KeyboardInterrupt as e:  # e.g. --debug's own Ctrl-C; the handlers (jaxmem.signals) exit themselves
+      if debug:
+        raise
+      print(f"jaxmem: error: {_interrupted_line(getattr(e, 'command', 'jaxmem'))}", file=sys.stderr)
+      return 130
+
+
+def _main(argv: list[str], stop: StopRequest, debug: bool) -> int:
   command = "jaxmem"
   try:
     # --debug is accepted anywhere (e.g. after the command), not only before it.
@@ -378,27 +389,27 @@ def main(argv: Sequence[str] | None = None) -> int:
     from jaxmem.devices import use_one_cpu_device_per_core
     use_one_cpu_device_per_core()
     args.argv = [a for a in argv if a != "--debug"]  # for the resume command printed after an interruption
+    args.stop = stop
+    stop.abort_line = _interrupted_line(command)
     return args.handler(args)
   except JaxmemError as e:
     if debug:
       raise
     print(f"jaxmem: error: {e}", file=sys.stderr)
     return getattr(e, "exit_code", 2)
-  except KeyboardInterrupt:
-    if debug:
-      raise
-    print(f"jaxmem: error: {_interrupted_line(command)}", file=sys.stderr)
-    return 130
+  except KeyboardInterrupt as e:
+    e.command = command  # main() says what the interruption left, per command
+    raise
 
 
 def _interrupted_line(command: str) -> str:
   """What an interruption outside training left behind, per command (files are written atomically,
   so nothing is half-written whatever the command)."""
   if command in ("jaxmem run", "jaxmem merge") or command.startswith("jaxmem study"):
-    return "interrupted; finished chunks are saved: rerun the same command to resume"
+    return "stopped; finished chunks are saved: rerun the same command to resume"
   if command == "jaxmem scores":
-    return "interrupted; the records and the previous scores.csv are intact: rerun the same command to score"
-  return f"interrupted; nothing was half-written: rerun {command} when ready"
+    return "stopped; the records and the previous scores.csv are intact: rerun the same command to score"
+  return f"stopped; nothing was half-written: rerun {command} when ready"
 
 
 if __name__ == "__main__":

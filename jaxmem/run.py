@@ -6,12 +6,10 @@ checksum) and only missing or corrupt ones are trained.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import platform
 import signal
 import sys
-import threading
 import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -21,9 +19,11 @@ import numpy as np
 from jaxmem.config import RunConfig
 from jaxmem.data import Dataset, load_dataset
 from jaxmem.errors import JaxmemError
+from jaxmem.lock import RunLock
 from jaxmem.masks import make_masks
 from jaxmem.scores import auroc
 from jaxmem.scoring import ScoreTable, score_records, study_columns, write_scores
+from jaxmem.signals import StopRequest, stop_on_signals, training_phase  # noqa: F401 (stop_on_signals: re-exported)
 from jaxmem.store import FORMAT_VERSION, Records, RunDir, utc_now, write_json_atomic
 
 
@@ -44,52 +44,6 @@ class RunInterrupted(JaxmemError):
   def __init__(self, message: str, *, exit_code: int):
     super().__init__(message)
     self.exit_code = exit_code
-
-
-class StopRequest:
-  """Set by a signal (see :func:`stop_on_signals`); polled by the trainer between host calls."""
-
-  def __init__(self):
-    self._event = threading.Event()
-    self.signal_name: str | None = None
-
-  def set(self, signal_name: str = "stop") -> None:
-    self.signal_name = self.signal_name or signal_name
-    self._event.set()
-
-  def __call__(self) -> bool:
-    return self._event.is_set()
-
-
-@contextlib.contextmanager
-def stop_on_signals(signals=(signal.SIGINT, signal.SIGTERM), log: Callable[[str], None] = print):
-  """Within the block, SIGTERM/SIGINT set the yielded :class:`StopRequest` instead of killing the
-  process: training saves the chunk in progress at the next host-call boundary and stops cleanly.
-  A second signal restores the default handlers (a second Ctrl-C aborts at once). Handlers are
-  restored on exit; outside the main thread this does nothing."""
-  stop = StopRequest()
-  if threading.current_thread() is not threading.main_thread():
-    yield stop
-    return
-  previous = {s: signal.getsignal(s) for s in signals}
-
-  def handler(signum, frame):
-    if stop():
-      for s, h in previous.items():
-        signal.signal(s, h)
-      signal.raise_signal(signum)
-      return
-    stop.set(signal.Signals(signum).name)
-    log(f"jaxmem: {signal.Signals(signum).name} received: saving the chunk in progress at the next "
-        "epoch boundary, then stopping (send it again to abort at once)")
-
-  for s in signals:
-    signal.signal(s, handler)
-  try:
-    yield stop
-  finally:
-    for s, h in previous.items():
-      signal.signal(s, h)
 
 
 def _process_layout() -> tuple[int, int]:
@@ -217,8 +171,20 @@ def run(config: RunConfig, out: str | Path, *, overwrite: bool = False, progress
   then cover whatever is complete, see :func:`merge`). ``should_stop`` (e.g. a
   :class:`StopRequest`) is polled between host calls: the chunk in progress is checkpointed and
   :class:`RunInterrupted` raised. A chunk interrupted before (signal or kill) resumes from its last
-  checkpoint, bitwise as if never interrupted.
+  checkpoint, bitwise as if never interrupted. ``out`` is locked while the run holds it (see
+  :class:`jaxmem.lock.RunLock`): a second run on it raises a :class:`JaxmemError` naming the holder.
   """
+  process, num_processes = _process_layout()
+  # One writer per directory (a shard per shard): a second run on it is refused in one line.
+  with RunLock(out, shard=(process, num_processes) if num_processes > 1 else shard, log=log):
+    return _run(config, out, overwrite=overwrite, progress=progress, log=log, devices=devices, dataset=dataset,
+                estimators=estimators, shard=shard, should_stop=should_stop, score_options=score_options)
+
+
+def _run(config: RunConfig, out: str | Path, *, overwrite: bool, progress: bool, log: Callable[[str], None],
+         devices: Sequence[Any] | None, dataset: Dataset | None, estimators: Sequence[str] | None,
+         shard: tuple[int, int] | None, should_stop: Callable[[], bool] | None,
+         score_options: dict[str, dict[str, Any]] | None) -> RunResult:
   config.validate()
   start = time.perf_counter()
   process, num_processes = _process_layout()
@@ -269,9 +235,14 @@ def run(config: RunConfig, out: str | Path, *, overwrite: bool = False, progress
     engine = Engine(dataset, config, devices=devices, log=log)
     run_dir.update_manifest(strategy=str(engine.resolve_strategy(keep_MxN[chunks[todo[0]]])),
                             probe_seconds=engine.probe_seconds, devices=[str(d) for d in engine.devices])
-    _train_chunks(engine, run_dir, chunks, todo, keep_MxN, progress=progress,
-                  done_models=sum(len(chunks[c]) for c in skipped), should_stop=should_stop,
-                  after_chunk=None if target is None else (lambda c, r: target.add(r["keep"], r["train_correct"])))
+    with training_phase(should_stop):
+      _train_chunks(engine, run_dir, chunks, todo, keep_MxN, progress=progress,
+                    done_models=sum(len(chunks[c]) for c in skipped), should_stop=should_stop,
+                    after_chunk=None if target is None else (lambda c, r: target.add(r["keep"], r["train_correct"])))
+    if isinstance(should_stop, StopRequest) and should_stop():  # the signal came after the last poll
+      name = should_stop.signal_name
+      raise RunInterrupted(f"interrupted by {name} after training: all chunks are saved, scores not written",
+                           exit_code=128 + int(signal.Signals[name]) if name in signal.Signals.__members__ else 130)
     if target is not None and target.reached():
       todo = [c for c in todo if run_dir.chunk_status(c) == "complete"]
       log(f"--target-se {target.target:g} reached: median memorization standard error {target.median_se:.4f} "

@@ -29,6 +29,7 @@ from typing import Any, Iterator
 import numpy as np
 
 from jaxmem.errors import JaxmemError
+from jaxmem.lock import LOCK_FILE
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -52,6 +53,19 @@ def atomic_path(path: Path) -> Iterator[Path]:
   finally:
     if tmp.exists():
       tmp.unlink()
+
+
+def make_dirs(path: Path, what: str) -> Path:
+  """``path`` and its parents, or one line saying why not (e.g. ``cannot create study directory
+  'x/y': Not a directory``)."""
+  path = Path(path)
+  try:
+    path.mkdir(parents=True, exist_ok=True)
+  except OSError as e:
+    raise JaxmemError(f"cannot create {what} {str(path)!r}: {e.strerror or e}") from None
+  if not os.access(path, os.W_OK):
+    raise JaxmemError(f"{what} {str(path)!r} is not writable")
+  return path
 
 
 def write_bytes_atomic(path: Path, data: bytes) -> None:
@@ -214,7 +228,8 @@ class RunDir:
         manifest = {**manifest, "created": existing.get("created", manifest.get("created"))}
     elif run.path.is_dir() and not overwrite and any(
         # A job-array shard starting at the same moment may have made only these so far.
-        not (p.name in (CHUNKS, EVENTS) or p.name.startswith(f".{MANIFEST}.tmp-")) for p in run.path.iterdir()):
+        not (p.name in (CHUNKS, EVENTS) or p.name.startswith((f".{MANIFEST}.tmp-", LOCK_FILE)))
+        for p in run.path.iterdir()):
       raise JaxmemError(f"output directory {str(run.path)!r} is not empty and is not a jaxmem run; "
                         "choose an empty or new directory")
     try:
@@ -243,8 +258,10 @@ class RunDir:
         (self.path / name).is_dir() and any((self.path / name).iterdir()) for name in (CHECKPOINTS, PARAMS))
 
   def clear(self) -> None:
-    """Removes everything a run wrote (used by ``--overwrite``)."""
+    """Removes everything a run wrote (used by ``--overwrite``), but not the lock its writer holds."""
     for child in self.path.iterdir():
+      if child.name.startswith(LOCK_FILE):
+        continue
       if child.is_dir():
         shutil.rmtree(child)
       else:

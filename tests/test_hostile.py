@@ -9,8 +9,10 @@ import resource
 import shutil
 import signal
 import subprocess
+import time
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -361,3 +363,135 @@ def test_help_shows_defaults(capsys):
       start = text.index(option + " ")
       help_text = text[start: text.index(" --", start + len(option))]
       assert needle in help_text, (option, help_text)
+
+
+# --- Two processes on one run directory; signals at every phase.
+
+def _popen_run(out: Path, *flags):
+  exe = Path(sys.executable).with_name("jaxmem")
+  return subprocess.Popen([str(exe), "run", "--out", str(out), *flags], stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True)
+
+
+def test_a_held_run_directory_is_refused_with_the_holders_pid(tmp_path, capsys):
+  """In-process: a lock held (here by this test, as another process would) refuses a second run
+  with one line naming the holder; once released, the same command runs."""
+  from jaxmem.lock import RunLock
+  out = tmp_path / "run"
+  with RunLock(out):
+    result = _main(capsys, "run", "--out", str(out), *TINY)
+    _assert_one_line_error(result, f"run directory '{out}' is in use by jaxmem process {os.getpid()} on ")
+    assert result.stderr.rstrip().endswith("wait for it to finish or stop it (Ctrl-C saves its chunk in progress)")
+    assert sorted(p.name for p in out.iterdir()) == [".jaxmem-lock"]  # nothing else written
+  result = _main(capsys, "run", "--out", str(out), *TINY)
+  assert result.returncode == 0, result.stderr
+  assert not (out / ".jaxmem-lock").exists()
+
+
+def test_a_stale_lock_is_detected_and_replaced(tmp_path, capsys):
+  """A holder killed with SIGKILL leaves its pid file but no lock (the kernel drops it): the next
+  run says so and proceeds."""
+  out = tmp_path / "run"
+  out.mkdir()
+  dead = subprocess.Popen([sys.executable, "-c", "pass"])
+  dead.wait()
+  (out / ".jaxmem-lock").write_text(f'{{"pid": {dead.pid}, "host": "{os.uname().nodename}", "since": "earlier"}}\n')
+  result = _main(capsys, "run", "--out", str(out), *TINY)
+  assert result.returncode == 0, result.stderr
+  assert f"removed a stale lock of process {dead.pid} (no longer holds it)" in result.stderr
+
+
+def test_a_failed_start_leaves_no_lock_and_no_directory(tmp_path, capsys):
+  out = tmp_path / "run"
+  result = _main(capsys, "run", "--out", str(out), *TINY, "--dataset", _vector_npz(tmp_path / "v.npz"), "--augment")
+  assert result.returncode == 2 and not out.exists()
+
+
+def test_shards_share_a_directory_but_not_a_shard(tmp_path):
+  from jaxmem.errors import JaxmemError
+  from jaxmem.lock import RunLock
+  out = tmp_path / "run"
+  with RunLock(out, shard=(0, 2)), RunLock(out, shard=(1, 2)):
+    with pytest.raises(JaxmemError, match=r"is in use by jaxmem process \d+ .*\(shard 0/2\)"):
+      RunLock(out, shard=(0, 2)).acquire()
+    with pytest.raises(JaxmemError, match=r"is in use by jaxmem process \d+ .*\(shard [01]/2\)"):
+      RunLock(out).acquire()
+  with RunLock(out):
+    with pytest.raises(JaxmemError, match=r"is in use by jaxmem process \d+ on "):
+      RunLock(out, shard=(1, 2)).acquire()
+
+
+@pytest.mark.slow
+def test_two_runs_started_at_once(tmp_path):
+  """Both processes start together: one trains, the other refuses with one line; the result equals
+  an uninterrupted run's export bitwise."""
+  flags = ["--num-models", "8", "--chunk-size", "2", "--epochs", "4", "--batch-size", "64", "--strategy", "vmap",
+           "--no-progress"]
+  out = tmp_path / "conc"
+  processes = [_popen_run(out, *flags) for _ in range(2)]
+  results = [(p.wait(timeout=600), *p.communicate()) for p in processes]
+  codes = sorted(code for code, _, _ in results)
+  assert codes == [0, 2], [(c, e[-2000:]) for c, _, e in results]
+  refusal = next(err for code, _, err in results if code == 2)
+  _assert_one_line_error(SimpleNamespace(returncode=2, stderr=refusal), f"run directory '{out}' is in use by jaxmem process ")
+  reference = tmp_path / "ref"
+  assert jaxmem_cli("run", "--out", str(reference), *flags).returncode == 0
+  for run in (out, reference):
+    assert jaxmem_cli("export", str(run), str(run) + ".npz").returncode == 0
+  with np.load(str(out) + ".npz") as a, np.load(str(reference) + ".npz") as b:
+    assert sorted(a.files) == sorted(b.files)
+    for key in a.files:
+      np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+
+
+def _double_interrupt(tmp_path: Path, trial: int) -> tuple[int, str]:
+  """A tiny run hit by two SIGINTs at a random moment (start-up, training, scoring or writing) and a
+  random gap: the process must exit 130 with one line, never die by a signal."""
+  rng = np.random.default_rng(trial)
+  flags = ["--num-models", "4", "--chunk-size", "2", "--epochs", "3", "--batch-size", "64", "--strategy", "vmap",
+           "--no-progress", "--checkpoint-every", "1"]
+  process = _popen_run(tmp_path / f"run{trial}", *flags)
+  time.sleep(float(rng.uniform(0.5, 9.0)))
+  process.send_signal(signal.SIGINT)
+  time.sleep(float(rng.uniform(0.0, 0.3)))
+  if process.poll() is None:
+    process.send_signal(signal.SIGINT)
+  _, stderr = process.communicate(timeout=600)
+  return process.returncode, stderr
+
+
+def _check_double_interrupt(code: int, stderr: str) -> None:
+  assert code in (0, 130), (code, stderr[-3000:])  # 0: the run had finished before the first signal
+  assert "Traceback" not in stderr and "Segmentation" not in stderr and "Exception ignored" not in stderr, stderr[-3000:]
+  if code == 130:
+    assert stderr.strip().splitlines()[-1].startswith("jaxmem: "), stderr[-3000:]
+
+
+@pytest.mark.parametrize("trial", [0, 1])
+def test_a_second_ctrl_c_exits_130_not_by_a_signal(tmp_path, trial):
+  _check_double_interrupt(*_double_interrupt(tmp_path, trial))
+
+
+@pytest.mark.slow
+def test_a_second_ctrl_c_exits_130_not_by_a_signal_20_times(tmp_path):
+  for trial in range(100, 120):
+    _check_double_interrupt(*_double_interrupt(tmp_path, trial))
+
+
+def test_onion_says_how_many_rows_are_undefined():
+  """Examples left without a risk after retraining (too few in or out models) are counted and said."""
+  from jaxmem.studies.onion import OnionResult, _point, format_onion
+  before = np.array([0.9, 0.5, 0.2, 0.85, 0.3, 0.7])
+  after = np.array([np.nan, 0.9, np.nan, 0.5, np.nan, 0.6])
+  kept = np.arange(1, 6)  # example 0 removed
+  point = _point("top", 1, kept, before, after, 0.8, "runs/top-k1")
+  assert point.undefined_after == 2  # examples 2 and 4: scored before, not after
+  lines = format_onion(OnionResult(Path("o"), 0.8, [point], before, {"top-k1": after}, Path("o/onion.csv")))
+  assert any("2 of the 5 examples left have no risk after retraining" in line for line in lines), lines
+
+
+def test_study_output_on_an_unwritable_path(tiny_run, tmp_path, capsys):
+  (tmp_path / "file").write_text("x")
+  for study in (["onion", str(tiny_run.run_dir), "--remove", "5"], ["remove-top", str(tiny_run.run_dir), "--k", "0,5"]):
+    result = _main(capsys, "study", *study, "--out", str(tmp_path / "file" / "sub"))
+    _assert_one_line_error(result, f"cannot create study directory '{tmp_path / 'file' / 'sub'}': Not a directory")
