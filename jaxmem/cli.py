@@ -334,9 +334,24 @@ def _cmd_merge(args) -> int:
   return 0
 
 
+def _say_what_is_missing(run_dir: str) -> None:
+  """Chunks that failed their checksum or are missing: `scores` and `export` use the complete ones."""
+  from jaxmem.run import missing_chunks_line
+  from jaxmem.store import RunDir
+  run = RunDir.open(run_dir)
+  for c in range(len(run.chunk_plan())):
+    if run.chunk_status(c) == "corrupt":
+      print(f"chunk {c} in {run.path} failed its checksum; left out (rerun `jaxmem run` to train it again)",
+            file=sys.stderr)
+  missing = missing_chunks_line(run)
+  if missing:
+    print(f"{missing}; using the complete ones", file=sys.stderr)
+
+
 def _cmd_scores(args) -> int:
   from jaxmem.scoring import parse_estimator_names, score_run
   from jaxmem.run import format_summary, summarize
+  _say_what_is_missing(args.run_dir)
   table, records = score_run(args.run_dir, parse_estimator_names(args.estimators), score_options_from_args(args))
   summary = summarize(records, table)
   print(format_summary(summary))
@@ -346,6 +361,7 @@ def _cmd_scores(args) -> int:
 
 def _cmd_export(args) -> int:
   from jaxmem.store import RunDir, export_records
+  _say_what_is_missing(args.run_dir)
   records = RunDir.open(args.run_dir).load_records()
   keys = export_records(records, args.out)
   print(f"wrote {args.out}: {records.num_models} models x {records.num_train} examples; keys: {', '.join(keys)}")
@@ -397,6 +413,12 @@ def _main(argv: list[str], stop: StopRequest, debug: bool) -> int:
       raise
     print(f"jaxmem: error: {e}", file=sys.stderr)
     return getattr(e, "exit_code", 2)
+  except MemoryError as e:  # a size no check foresaw; files are written atomically, so none is half-written
+    if debug:
+      raise
+    print(f"jaxmem: error: out of memory ({str(e).strip().splitlines()[0] if str(e).strip() else 'MemoryError'}); "
+          "use fewer models or examples, or a smaller --chunk-size", file=sys.stderr)
+    return 2
   except KeyboardInterrupt as e:
     e.command = command  # main() says what the interruption left, per command
     raise

@@ -117,6 +117,7 @@ class RunConfig:
     MASK_DESIGNS.get(self.mask_design)
     _check(isinstance(self.num_models, int) and self.num_models >= 2,
            f"num_models must be an integer >= 2, got {self.num_models!r}")
+    _check(0 <= self.seed < 2**32, f"seed must be an integer in [0, 2**32), got {self.seed!r}")
     _check(len(self.subset_ratios) >= 1, "subset_ratios must name at least one ratio")
     for r in self.subset_ratios:
       _check(0.0 < r < 1.0 and math.isfinite(r), f"subset ratio must be in (0, 1), got {r!r}")

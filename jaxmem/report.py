@@ -73,12 +73,19 @@ def write_report(run_dir: str | Path, *, dataset=None, data_dir: str | None = No
     data_dir: TFDS data directory to reload from, overriding the one in the manifest's config.
     top: how many examples each gallery shows.
   """
+  if not isinstance(top, int) or top < 1:
+    raise JaxmemError(f"top must be a positive number of examples per gallery, got {top!r}")
   run = RunDir.open(run_dir)
   manifest = run.manifest()
   if not (run.path / SCORES_CSV).is_file():
     raise JaxmemError(f"run directory {str(run.path)!r} has no {SCORES_CSV} yet; run `jaxmem scores "
                       f"{run.path}` first")
   scores = read_scores_csv(run.path / SCORES_CSV)
+  num_train = manifest.get("dataset", {}).get("num_train")
+  if "index" not in scores or not np.array_equal(scores["index"], np.arange(num_train if num_train is not None else -1)):
+    rows = len(scores["index"]) if "index" in scores else 0
+    raise JaxmemError(f"{SCORES_CSV} in {str(run.path)!r} is damaged or from another run ({rows} rows, the run has "
+                      f"{num_train} training examples); rerun `jaxmem scores {run.path}`")
   summary = _read_json(run.path / "summary.json")
   out = make_dirs(run.path / REPORT_DIR, "report directory")
   if dataset is None:
@@ -404,7 +411,9 @@ def _gallery_section(ctx: _Context) -> _Section | None:
     body = f"<h3>{k} most memorized</h3>" + _table(header, rows(most))
     if most_clean:
       body += f"<h3>{len(most_clean)} most memorized with clean labels</h3>" + _table(header, rows(most_clean))
-    body += f"<h3>{k} least memorized{html.escape(_tie_note(mem, k))}</h3>" + _table(header, rows(least))
+    note = _tie_note(mem, k)
+    body += (f"<p>Least memorized:{html.escape(note[1:-1])}.</p>" if note else "")
+    body += f"<h3>{k} least memorized</h3>" + _table(header, rows(least))
   return _Section("gallery", "Most and least memorized training examples", body)
 
 
@@ -498,8 +507,10 @@ def _lira_tables(summary: dict[str, Any]) -> str:
   """``lira.json`` as the CLI prints it: one row per attack, one column per metric (value and 95%
   bootstrap interval), then the facts of the evaluation and the most exposed examples."""
   body = ""
-  attacks = summary.get("attack") or {}
-  if isinstance(attacks, dict) and attacks:
+  attacks = summary.get("attack")
+  if not isinstance(attacks, dict):  # an older or hand-written file: its top-level entries with an AUC
+    attacks = {k: v for k, v in summary.items() if isinstance(v, dict) and "auc" in v}
+  if attacks:
     first = next(iter(attacks.values()))
     tprs = [k for k in first if re.fullmatch(TPR_KEY, k)]
     tprs.sort(key=lambda k: float(re.fullmatch(TPR_KEY, k).group(1)))
@@ -512,7 +523,7 @@ def _lira_tables(summary: dict[str, Any]) -> str:
         interval = f" [{metric['low']:.3f}, {metric['high']:.3f}]" if "low" in metric and "high" in metric else ""
         return f"{metric['value']:.3f}{interval}"
       return _fmt(metric)
-    rows = [[VARIANT_LABELS.get(name, name)] + [cell(values.get(key)) for key, _ in metrics]
+    rows = [[VARIANT_LABELS.get(name, name)] + [cell(values.get(key, float("nan"))) for key, _ in metrics]
             for name, values in attacks.items() if isinstance(values, dict)]
     body += ("<p>Attack metrics, 95% bootstrap intervals over examples.</p>"
              + _table(["attack"] + [header for _, header in metrics], rows))

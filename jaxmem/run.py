@@ -7,6 +7,7 @@ checksum) and only missing or corrupt ones are trained.
 from __future__ import annotations
 
 import dataclasses
+import os
 import platform
 import signal
 import sys
@@ -141,12 +142,43 @@ def check_config_against_dataset(config: RunConfig, dataset: Dataset) -> None:
   if config.batch_size > smallest:
     raise JaxmemError(f"batch_size {config.batch_size} is larger than the smallest training subset "
                       f"({smallest} examples); use --batch-size <= {smallest}")
+  mask_bytes = config.num_models * dataset.num_train  # keep (M, N) bool, held whole on the host
+  memory = _host_memory_bytes()
+  if memory and mask_bytes > memory // 2:
+    raise JaxmemError(f"num_models {config.num_models} x {dataset.num_train} training examples needs a "
+                      f"{mask_bytes / 2**30:.1f} GiB membership mask, more than half of this machine's "
+                      f"{memory / 2**30:.0f} GiB; use fewer models (or --shard the run over machines)")
+  check_model_builds(config, dataset)
   if config.augment and not dataset.is_image:
     raise JaxmemError(f"--augment (random flips and crops) needs image data; dataset {dataset.name!r} has inputs "
                       f"of shape {dataset.input_shape}: drop --augment")
   if config.queries > 1 and not dataset.is_image:
     raise JaxmemError(f"queries {config.queries} (flips and shifts) need image data; dataset "
                       f"{dataset.name!r} has inputs of shape {dataset.input_shape}: use --queries 1")
+
+
+def _host_memory_bytes() -> int | None:
+  try:
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+  except (ValueError, OSError, AttributeError):
+    return None
+
+
+def check_model_builds(config: RunConfig, dataset: Dataset) -> None:
+  """Builds the model and its parameter shapes for one example (``jax.eval_shape``: nothing is
+  computed or allocated) before anything is written: bad model options (e.g. ``hidden_sizes``
+  given as a string) fail here in one line, not inside the first training step after the run
+  directory exists."""
+  import jax
+  from jaxmem.models import build_model
+  model = build_model(config.model, dataset.num_classes, config.model_options, dtype=config.compute_dtype)
+  x = jax.ShapeDtypeStruct((1, *dataset.input_shape), np.float32)
+  try:
+    jax.eval_shape(lambda x: model.init(jax.random.PRNGKey(0), x), x)
+  except Exception as e:  # flax and JAX raise TypeError, ValueError, ScopeParamShapeError, ...
+    first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+    raise JaxmemError(f"model {config.model!r} with options {config.model_options!r} cannot be built for inputs of "
+                      f"shape {dataset.input_shape}: {first}") from None
 
 
 def build_manifest(config: RunConfig, dataset: Dataset, chunks: list[list[int]]) -> dict[str, Any]:

@@ -23,6 +23,7 @@ import io
 import json
 import os
 import shutil
+import zipfile
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -282,6 +283,10 @@ class RunDir:
     if manifest.get("format_version") != FORMAT_VERSION:
       raise JaxmemError(f"run directory format {manifest.get('format_version')!r} is not supported "
                         f"(this jaxmem reads format {FORMAT_VERSION})")
+    chunks = manifest.get("chunks")
+    if not (isinstance(chunks, list) and all(isinstance(c, list) and all(isinstance(m, int) for m in c) for c in chunks)):
+      raise JaxmemError(f"manifest {str(self.manifest_path)!r} lacks a valid 'chunks' entry (the chunk plan); "
+                        "restore it or start a new run directory")
     return manifest
 
   def update_manifest(self, **fields) -> None:
@@ -295,8 +300,18 @@ class RunDir:
     path = self.path / DESIGN
     if not path.is_file():
       raise JaxmemError(f"run directory {str(self.path)!r} has no {DESIGN}; it was never started")
-    with np.load(path) as f:
-      return {k: f[k] for k in f.files}
+    try:
+      with np.load(path, allow_pickle=False) as f:
+        design = {k: f[k] for k in f.files}
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
+      raise JaxmemError(f"{DESIGN} in {str(self.path)!r} is damaged ({_first_line(e)}); rerun the run's "
+                        "`jaxmem run` command to write it again (the chunks are kept)") from None
+    missing = [k for k in ("keep", "subset_ratio", "train_labels", "clean_train_labels", "test_labels", "noisy")
+               if k not in design]
+    if missing:
+      raise JaxmemError(f"{DESIGN} in {str(self.path)!r} lacks {', '.join(missing)}; rerun the run's `jaxmem run` "
+                        "command to write it again (the chunks are kept)")
+    return design
 
   # -- chunks ----------------------------------------------------------------------------------
   def chunk_path(self, index: int) -> Path:
