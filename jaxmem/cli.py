@@ -373,7 +373,7 @@ def _cmd_bench(args) -> int:
   names = lambda text: [t.strip() for t in text.split(",") if t.strip() and t.strip() != "none"]
   results = run_benchmarks(
       names(args.workloads), quick=args.quick, out=args.out, log=lambda m: print(m, file=sys.stderr),
-      repeats=args.repeats or (2 if args.quick else 3), strategies=names(args.strategies) if args.strategies else None,
+      repeats=args.repeats if args.repeats is not None else (2 if args.quick else 3), strategies=names(args.strategies) if args.strategies else None,
       baselines=names(args.baselines), engine_models=args.models, loop_models=args.loop_models, epochs=args.epochs,
       torch_threads=args.torch_threads, compute_dtype=args.compute_dtype)
   print("\n\n".join(format_table(r) for r in results))

@@ -247,6 +247,8 @@ class RunDir:
     run = cls(path)
     if not run.path.exists():
       raise JaxmemError(f"run directory {str(run.path)!r} does not exist")
+    if not run.path.is_dir():
+      raise JaxmemError(f"{str(run.path)!r} is a file, not a run directory")
     if not run.manifest_path.is_file():
       raise JaxmemError(f"{str(run.path)!r} is not a jaxmem run directory (no {MANIFEST})")
     run.manifest()  # validates

@@ -4,6 +4,7 @@ with one line naming the problem (no traceback) and leaves no partial files.
 tests/test_cli.py covers unknown model, ratio 1.5, one model, zero epochs, a too-large batch,
 label noise 2, a non-integer flag and an unknown command; the rows here add the rest."""
 
+import importlib
 import os
 import resource
 import shutil
@@ -238,13 +239,13 @@ def test_ctrl_c_stops_cleanly_and_resume_works(tmp_path):
 
 # --- What a new user hit: each case below failed with a traceback, wrote files, or said the wrong thing.
 
-def _vector_npz(path: Path, n=80, dim=5, scale=1.0, **labels) -> str:
+def _vector_npz(path: Path, n=80, dim=5, scale=1.0, **arrays_given) -> str:
   rng = np.random.default_rng(0)
   x = (rng.normal(size=(n, dim)) * scale).astype(np.float32)
   x[3, 1] = -10 * scale  # the largest magnitude (normal draws of 80 x 5 stay below 5)
   y = np.arange(n) % 3
   arrays = {"x_train": x, "y_train": y, "x_test": x[:10], "y_test": y[:10]}
-  arrays.update(labels)
+  arrays.update(arrays_given)
   np.savez(path, **arrays)
   return str(path)
 
@@ -495,3 +496,138 @@ def test_study_output_on_an_unwritable_path(tiny_run, tmp_path, capsys):
   for study in (["onion", str(tiny_run.run_dir), "--remove", "5"], ["remove-top", str(tiny_run.run_dir), "--k", "0,5"]):
     result = _main(capsys, "study", *study, "--out", str(tmp_path / "file" / "sub"))
     _assert_one_line_error(result, f"cannot create study directory '{tmp_path / 'file' / 'sub'}': Not a directory")
+
+
+# --- Bad inputs and faults found by trying every command as a new user (README, hostile-input table).
+
+def _damage(out: Path, what: str) -> None:
+  run = RunDir.open(out)
+  if what == "truncated scores.csv":
+    (out / "scores.csv").write_bytes((out / "scores.csv").read_bytes()[:100])
+  elif what == "truncated design.npz":
+    (out / "design.npz").write_bytes((out / "design.npz").read_bytes()[:200])
+  elif what == "manifest without a chunk plan":
+    import json
+    manifest = json.loads((out / "manifest.json").read_text())
+    del manifest["chunks"]
+    (out / "manifest.json").write_text(json.dumps(manifest))
+  elif what == "checksum file garbage":
+    run.chunk_path(0).with_suffix(".json").write_text("{not json")
+  elif what == "chunk records deleted":
+    run.chunk_path(0).unlink()
+  else:
+    raise AssertionError(what)
+
+
+# (name, damage, command builder(out, tmp), expected: ("error", message) or ("warning", stderr line))
+DAMAGE_CASES = [
+    ("truncated scores.csv", lambda o, t: ["report", str(o)],
+     ("error", "scores.csv in '{o}' is damaged or from another run (0 rows, the run has 1347 training examples); "
+               "rerun `jaxmem scores {o}`")),
+    ("truncated design.npz", lambda o, t: ["scores", str(o)],
+     ("error", "design.npz in '{o}' is damaged (File is not a zip file); rerun the run's `jaxmem run` command")),
+    ("truncated design.npz", lambda o, t: ["export", str(o), str(t / "e.npz")],
+     ("error", "design.npz in '{o}' is damaged (File is not a zip file)")),
+    ("manifest without a chunk plan", lambda o, t: ["merge", str(o)],
+     ("error", "manifest '{o}/manifest.json' lacks a valid 'chunks' entry (the chunk plan)")),
+    ("checksum file garbage", lambda o, t: ["scores", str(o)],
+     ("warning", "chunk 0 in {o} failed its checksum; left out (rerun `jaxmem run` to train it again)")),
+    ("chunk records deleted", lambda o, t: ["export", str(o), str(t / "e.npz")],
+     ("warning", "1 of 2 chunks (2 models) are not complete yet: chunks 0; using the complete ones")),
+]
+
+
+@pytest.mark.parametrize("damage,command,expected", DAMAGE_CASES,
+                         ids=[f"{c[0]} ({c[1](Path('o'), Path('t'))[0]})" for c in DAMAGE_CASES])
+def test_damaged_run_files(damage, command, expected, finished_run, tmp_path, capsys):
+  out = tmp_path / "run"
+  shutil.copytree(finished_run, out)
+  _damage(out, damage)
+  result = _main(capsys, *command(out, tmp_path))
+  kind, message = expected
+  if kind == "error":
+    _assert_one_line_error(result, message.format(o=out))
+    assert not (tmp_path / "e.npz").exists()
+  else:
+    assert result.returncode == 0, result.stderr
+    assert message.format(o=out) in result.stderr.splitlines(), result.stderr
+
+
+# (name, CLI args, expected message): checked before any work, nothing written.
+OWN_INPUT_CASES = [
+    ("report --top 0", lambda o, t: ["report", str(o), "--top", "0"],
+     "top must be a positive number of examples per gallery, got 0"),
+    ("bench --repeats 0", lambda o, t: ["bench", "--quick", "--workloads", "digits-mlp", "--repeats", "0"],
+     "--repeats must be a positive integer, got 0"),
+    ("bench --models -1", lambda o, t: ["bench", "--quick", "--workloads", "digits-mlp", "--models", "-1"],
+     "--models must be a positive integer, got -1"),
+    ("scores on a file", lambda o, t: ["scores", str(o / "manifest.json")], "'{o}/manifest.json' is a file, not a run directory"),
+    ("merge --from a missing directory", lambda o, t: ["merge", str(o), "--from", str(t / "nope")],
+     "run directory '{t}/nope' does not exist"),
+    ("seed beyond 2**32", lambda o, t: ["run", "--out", str(t / "new"), *TINY, "--seed", str(10**23)],
+     "seed must be an integer in [0, 2**32), got 100000000000000000000000"),
+    ("model options that cannot build", lambda o, t: ["run", "--out", str(t / "new"), *TINY, "--config",
+                                                      _config_file(t, "m.json", '{"model_options": {"hidden_sizes": "big"}}')],
+     "model 'mlp' with options {{'hidden_sizes': 'big'}} cannot be built for inputs of shape (8, 8, 1): "),
+    ("unknown model option", lambda o, t: ["run", "--out", str(t / "new"), *TINY, "--config",
+                                           _config_file(t, "m.json", '{"model_options": {"nonsense": 1}}')],
+     "bad options {{'nonsense': 1}} for model 'mlp'"),
+    ("remove-top by a column scores.csv lacks", lambda o, t: ["study", "remove-top", str(o), "--by", "nope"],
+     "unknown ranking 'nope'; choose random or a score column of scores.csv"),
+    ("onion threshold 2", lambda o, t: ["study", "onion", str(o), "--threshold", "2"],
+     "threshold must be in (0.5, 1] (a per-example attack AUC), got 2.0"),
+    ("ssft with 0 models", lambda o, t: ["study", "ssft", "--out", str(t / "new"), "--num-models", "0"],
+     "num_models, first_epochs and second_epochs must be >= 1, got 0"),
+    ("an existing file that is not an .npz", lambda o, t: ["run", "--out", str(t / "new"), *TINY, "--dataset",
+                                                           _config_file(t, "passwd", "root:x:0:0\n")],
+     "dataset file '{t}/passwd' is not an .npz file (not a zip archive)"),
+    ("string features in an .npz", lambda o, t: ["run", "--out", str(t / "new"), *TINY, "--dataset",
+                                                 _vector_npz(t / "s.npz", x_train=np.full((80, 5), "a"))],
+     "x_train must be numeric, got dtype <U1"),
+    ("float labels in an .npz", lambda o, t: ["run", "--out", str(t / "new"), *TINY, "--dataset",
+                                              _vector_npz(t / "s.npz", y_train=np.arange(80) % 3 + 0.5)],
+     "y_train must hold integer class labels, got dtype float64"),
+    ("a single class", lambda o, t: ["run", "--out", str(t / "new"), *TINY, "--dataset",
+                                     _vector_npz(t / "s.npz", y_train=np.zeros(80, int), y_test=np.zeros(10, int))],
+     "num_classes must be an integer >= 2, got 1"),
+    ("empty --subset-ratios", lambda o, t: ["run", "--out", str(t / "new"), *TINY, "--subset-ratios", ""],
+     "subset_ratios must name at least one ratio"),
+]
+
+
+@pytest.mark.parametrize("name,command,needle", OWN_INPUT_CASES, ids=[c[0] for c in OWN_INPUT_CASES])
+def test_own_bad_inputs(name, command, needle, finished_run, tmp_path, capsys):
+  before = _listing(finished_run)
+  result = _main(capsys, *command(finished_run, tmp_path))
+  _assert_one_line_error(result, needle.format(o=finished_run, t=tmp_path))
+  assert not (tmp_path / "new").exists() and _listing(finished_run) == before
+
+
+def test_a_membership_mask_larger_than_memory_is_refused(tmp_path, capsys, monkeypatch):
+  """Twenty million models used to die allocating a 25 GiB mask with a traceback (here: a 1 GiB
+  machine and a million models, 1.3 GiB)."""
+  monkeypatch.setattr(importlib.import_module("jaxmem.run"), "_host_memory_bytes", lambda: 2**30)  # jaxmem.run: the function
+  result = _main(capsys, "run", "--out", str(tmp_path / "new"), *TINY, "--num-models", "1000000")
+  _assert_one_line_error(result, "num_models 1000000 x 1347 training examples needs a 1.3 GiB membership mask, "
+                                 "more than half of this machine's 1 GiB")
+  assert not (tmp_path / "new").exists()
+
+
+@pytest.mark.slow
+def test_signals_during_other_commands(finished_run, tmp_path):
+  """SIGINT or SIGTERM while `scores`, `report`, `export` or a study works: one line naming what is
+  intact, exit 128 + signal number, never a traceback or a signal death."""
+  exe = Path(sys.executable).with_name("jaxmem")
+  for command, sig, delay in ((["scores", str(finished_run)], signal.SIGINT, 3.0),
+                              (["report", str(finished_run)], signal.SIGTERM, 3.0),
+                              (["export", str(finished_run), str(tmp_path / "e.npz")], signal.SIGINT, 0.3),
+                              (["study", "onion", str(finished_run), "--remove", "5", "--no-control", "--out",
+                                str(tmp_path / "onion")], signal.SIGINT, 5.0)):
+    process = subprocess.Popen([str(exe), *command], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(delay)
+    process.send_signal(sig)
+    _, stderr = process.communicate(timeout=600)
+    if process.returncode == 0:
+      continue  # it finished first
+    assert process.returncode == 128 + sig, (command, process.returncode, stderr[-2000:])
+    assert "Traceback" not in stderr and stderr.strip().splitlines()[-1].startswith(f"jaxmem: {sig.name}: stopped")
