@@ -11,6 +11,7 @@ import shlex
 import sys
 from typing import Sequence
 
+from jaxmem.config import RunConfig
 from jaxmem.errors import JaxmemError
 from jaxmem.signals import StopRequest, stop_on_signals
 
@@ -92,7 +93,6 @@ def _with_default(help_text: str, value) -> str:
 
 
 def _add_run_arguments(p: argparse.ArgumentParser) -> None:
-  from jaxmem.config import RunConfig
   defaults = RunConfig()
   for field, (flag, kind, help_text) in RUN_FLAGS.items():
     p.add_argument(flag, dest=field, type=kind, default=None, help=_with_default(help_text, getattr(defaults, field)))
@@ -351,8 +351,9 @@ def _say_what_is_missing(run_dir: str) -> None:
 def _cmd_scores(args) -> int:
   from jaxmem.scoring import parse_estimator_names, score_run
   from jaxmem.run import format_summary, summarize
+  names, options = parse_estimator_names(args.estimators), score_options_from_args(args)
   _say_what_is_missing(args.run_dir)
-  table, records = score_run(args.run_dir, parse_estimator_names(args.estimators), score_options_from_args(args))
+  table, records = score_run(args.run_dir, names, options)
   summary = summarize(records, table)
   print(format_summary(summary))
   print(f"wrote {args.run_dir}/scores.csv ({records.num_train} rows, estimators: {', '.join(table.estimators)})")

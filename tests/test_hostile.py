@@ -374,9 +374,10 @@ def _popen_run(out: Path, *flags):
                           stderr=subprocess.PIPE, text=True)
 
 
-def test_a_held_run_directory_is_refused_with_the_holders_pid(tmp_path, capsys):
+def test_a_held_run_directory_is_refused_and_a_stale_lock_replaced(tmp_path, capsys):
   """In-process: a lock held (here by this test, as another process would) refuses a second run
-  with one line naming the holder; once released, the same command runs."""
+  with one line naming the holder and writes nothing. A holder killed with SIGKILL leaves its pid
+  file but no lock (the kernel drops it): the next run says so and proceeds."""
   from jaxmem.lock import RunLock
   out = tmp_path / "run"
   with RunLock(out):
@@ -384,15 +385,7 @@ def test_a_held_run_directory_is_refused_with_the_holders_pid(tmp_path, capsys):
     _assert_one_line_error(result, f"run directory '{out}' is in use by jaxmem process {os.getpid()} on ")
     assert result.stderr.rstrip().endswith("wait for it to finish or stop it (Ctrl-C saves its chunk in progress)")
     assert sorted(p.name for p in out.iterdir()) == [".jaxmem-lock"]  # nothing else written
-  result = _main(capsys, "run", "--out", str(out), *TINY)
-  assert result.returncode == 0, result.stderr
-  assert not (out / ".jaxmem-lock").exists()
-
-
-def test_a_stale_lock_is_detected_and_replaced(tmp_path, capsys):
-  """A holder killed with SIGKILL leaves its pid file but no lock (the kernel drops it): the next
-  run says so and proceeds."""
-  out = tmp_path / "run"
+  assert not out.exists()  # the lock made the directory, and took it away again
   out.mkdir()
   dead = subprocess.Popen([sys.executable, "-c", "pass"])
   dead.wait()
@@ -400,6 +393,7 @@ def test_a_stale_lock_is_detected_and_replaced(tmp_path, capsys):
   result = _main(capsys, "run", "--out", str(out), *TINY)
   assert result.returncode == 0, result.stderr
   assert f"removed a stale lock of process {dead.pid} (no longer holds it)" in result.stderr
+  assert not (out / ".jaxmem-lock").exists()
 
 
 def test_a_failed_start_leaves_no_lock_and_no_directory(tmp_path, capsys):
@@ -491,9 +485,9 @@ def test_onion_says_how_many_rows_are_undefined():
   assert any("2 of the 5 examples left have no risk after retraining" in line for line in lines), lines
 
 
-def test_study_output_on_an_unwritable_path(tiny_run, tmp_path, capsys):
+def test_study_output_on_an_unwritable_path(finished_run, tmp_path, capsys):
   (tmp_path / "file").write_text("x")
-  for study in (["onion", str(tiny_run.run_dir), "--remove", "5"], ["remove-top", str(tiny_run.run_dir), "--k", "0,5"]):
+  for study in (["onion", str(finished_run), "--remove", "5"], ["remove-top", str(finished_run), "--k", "0,5"]):
     result = _main(capsys, "study", *study, "--out", str(tmp_path / "file" / "sub"))
     _assert_one_line_error(result, f"cannot create study directory '{tmp_path / 'file' / 'sub'}': Not a directory")
 
