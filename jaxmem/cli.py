@@ -339,8 +339,11 @@ def _say_what_is_missing(run_dir: str) -> None:
   from jaxmem.run import missing_chunks_line
   from jaxmem.store import RunDir
   run = RunDir.open(run_dir)
-  for c in range(len(run.chunk_plan())):
-    if run.chunk_status(c) == "corrupt":
+  status = [run.chunk_status(c) for c in range(len(run.chunk_plan()))]
+  if "complete" not in status:
+    return  # nothing to use: reading the records says so in one line
+  for c, s in enumerate(status):
+    if s == "corrupt":
       print(f"chunk {c} in {run.path} failed its checksum; left out (rerun `jaxmem run` to train it again)",
             file=sys.stderr)
   missing = missing_chunks_line(run)
