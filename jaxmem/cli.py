@@ -7,15 +7,18 @@ traceback instead. Library code never reads these flags.
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
 from typing import Sequence
 
+from jaxmem.config import RunConfig
 from jaxmem.errors import JaxmemError
+from jaxmem.signals import StopRequest, stop_on_signals
 
 
 class _Parser(argparse.ArgumentParser):
-  def error(self, message: str):  # one line, like every other jaxmem error
-    raise JaxmemError(f"{self.prog}: {message}")
+  def error(self, message: str):  # one line, like every other jaxmem error; main() adds the "jaxmem: error:"
+    raise JaxmemError(f"{message} (see {self.prog} --help)")
 
 
 def _ratios(text: str) -> tuple[float, ...]:
@@ -108,10 +111,18 @@ def _load_attribution(path: str):
   return value
 
 
+def _with_default(help_text: str, value) -> str:
+  """Flags default to None (so that only given flags override a --config); help shows RunConfig's."""
+  return help_text if value is None else f"{help_text} (default {value:g})" if isinstance(value, float) \
+      else f"{help_text} (default {value})"
+
+
 def _add_run_arguments(p: argparse.ArgumentParser) -> None:
+  defaults = RunConfig()
   for field, (flag, kind, help_text) in RUN_FLAGS.items():
-    p.add_argument(flag, dest=field, type=kind, default=None, help=help_text)
-  p.add_argument("--subset-ratio", dest="subset_ratio", type=float, default=None, help="subset ratio r in (0,1)")
+    p.add_argument(flag, dest=field, type=kind, default=None, help=_with_default(help_text, getattr(defaults, field)))
+  p.add_argument("--subset-ratio", dest="subset_ratio", type=float, default=None,
+                 help=_with_default("subset ratio r in (0,1)", defaults.subset_ratios[0]))
   p.add_argument("--subset-ratios", dest="subset_ratios", type=_ratios, default=None,
                  help="several ratios, e.g. 0.1,0.3,0.5,0.7,0.9 (C-score)")
   p.add_argument("--augment", dest="augment", action=argparse.BooleanOptionalAction, default=None,
@@ -215,7 +226,8 @@ def build_parser() -> argparse.ArgumentParser:
                          "(Feldman & Zhang's marginal utility)")
   p.add_argument("run_dir")
   p.add_argument("--k", dest="ks", type=_ints, default=(0, 50, 100, 200), help="comma-separated k values (default 0,50,100,200)")
-  p.add_argument("--by", default="memorization,random", help="comma-separated rankings: score columns of scores.csv, or random")
+  p.add_argument("--by", default="memorization,random",
+                 help="comma-separated rankings: score columns of scores.csv, or random (default memorization,random)")
   p.add_argument("--num-models", type=int, default=64, help="models per point (default 64)")
   p.add_argument("--subset-ratio", type=float, default=None, help="training ratio of the retrained models (default: the run's)")
   _add_retrain_arguments(p)
@@ -381,22 +393,22 @@ def config_from_args(args: argparse.Namespace):
 def _cmd_run(args) -> int:
   import os
   from jaxmem.distributed import detect_cluster, initialize
-  from jaxmem.run import RunInterrupted, format_summary, parse_shard, run, stop_on_signals
+  from jaxmem.run import RunInterrupted, format_summary, parse_shard, run
   config = config_from_args(args)
   shard = parse_shard(args.shard) if args.shard is not None else None
   initialize(detect_cluster(os.environ, coordinator=args.coordinator, num_processes=args.num_processes,
                             process_id=args.process_id))
+  if args.out is not None and not args.out.strip():
+    raise JaxmemError("--out must name a directory, got an empty string")
   out = args.out or f"runs/{config.dataset.replace('/', '_').replace(':', '_')}-{config.model}-s{config.seed}"
   log = lambda m: print(m, file=sys.stderr)
-  with stop_on_signals(log=log) as stop:
-    try:
-      result = run(config, out, overwrite=args.overwrite, progress=not args.no_progress, log=log,
-                   score_options=score_options_from_args(args),
-                   shard=shard, should_stop=stop)
-    except RunInterrupted as e:
-      import shlex
-      argv = [a for a in args.argv if a != "--overwrite"]
-      raise RunInterrupted(f"{e}; resume with: jaxmem {shlex.join(argv)}", exit_code=e.exit_code) from None
+  resume = "resume with: jaxmem " + shlex.join([a for a in args.argv if a != "--overwrite"])
+  try:
+    result = run(config, out, overwrite=args.overwrite, progress=not args.no_progress, log=log,
+                 score_options=score_options_from_args(args),
+                 shard=shard, should_stop=args.stop)
+  except RunInterrupted as e:
+    raise RunInterrupted(f"{e}; {resume}", exit_code=e.exit_code) from None
   if result.summary["process"]["index"] == 0:  # other processes of a multi-process run said their line
     print(format_summary(result.summary))
   return 0
@@ -410,10 +422,29 @@ def _cmd_merge(args) -> int:
   return 0
 
 
+def _say_what_is_missing(run_dir: str) -> None:
+  """Chunks that failed their checksum or are missing: `scores` and `export` use the complete ones."""
+  from jaxmem.run import missing_chunks_line
+  from jaxmem.records import RunDir
+  run = RunDir.open(run_dir)
+  status = [run.chunk_status(c) for c in range(len(run.chunk_plan()))]
+  if "complete" not in status:
+    return  # nothing to use: reading the records says so in one line
+  for c, s in enumerate(status):
+    if s == "corrupt":
+      print(f"chunk {c} in {run.path} failed its checksum; left out (rerun `jaxmem run` to train it again)",
+            file=sys.stderr)
+  missing = missing_chunks_line(run)
+  if missing:
+    print(f"{missing}; using the complete ones", file=sys.stderr)
+
+
 def _cmd_scores(args) -> int:
   from jaxmem.scoring import parse_estimator_names, score_run
   from jaxmem.run import format_summary, summarize
-  table, records = score_run(args.run_dir, parse_estimator_names(args.estimators), score_options_from_args(args))
+  names, options = parse_estimator_names(args.estimators), score_options_from_args(args)
+  _say_what_is_missing(args.run_dir)
+  table, records = score_run(args.run_dir, names, options)
   summary = summarize(records, table)
   print(format_summary(summary))
   print(f"wrote {args.run_dir}/scores.csv ({records.num_train} rows, estimators: {', '.join(table.estimators)})")
@@ -422,6 +453,7 @@ def _cmd_scores(args) -> int:
 
 def _cmd_export(args) -> int:
   from jaxmem.records import RunDir, export_records
+  _say_what_is_missing(args.run_dir)
   records = RunDir.open(args.run_dir).load_records()
   keys = export_records(records, args.out)
   print(f"wrote {args.out}: {records.num_models} models x {records.num_train} examples; keys: {', '.join(keys)}")
@@ -433,7 +465,7 @@ def _cmd_bench(args) -> int:
   names = lambda text: [t.strip() for t in text.split(",") if t.strip() and t.strip() != "none"]
   results = run_benchmarks(
       names(args.workloads), quick=args.quick, out=args.out, log=lambda m: print(m, file=sys.stderr),
-      repeats=args.repeats or (2 if args.quick else 3), strategies=names(args.strategies) if args.strategies else None,
+      repeats=args.repeats if args.repeats is not None else (2 if args.quick else 3), strategies=names(args.strategies) if args.strategies else None,
       baselines=names(args.baselines), engine_models=args.models, loop_models=args.loop_models, epochs=args.epochs,
       torch_threads=args.torch_threads, compute_dtype=args.compute_dtype)
   print("\n\n".join(format_table(r) for r in results))
@@ -453,23 +485,55 @@ def _cmd_bench_scoring(args) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
   argv = list(sys.argv[1:] if argv is None else argv)
   debug = "--debug" in argv
+  with stop_on_signals() as stop:  # first, so that no phase of any command dies by a signal
+    try:
+      return _main(argv, stop, debug)
+    except KeyboardInterrupt as e:  # e.g. --debug's own Ctrl-C; the handlers (jaxmem.signals) exit themselves
+      if debug:
+        raise
+      print(f"jaxmem: error: {_interrupted_line(getattr(e, 'command', 'jaxmem'))}", file=sys.stderr)
+      return 130
+
+
+def _main(argv: list[str], stop: StopRequest, debug: bool) -> int:
+  command = "jaxmem"
   try:
-    args = build_parser().parse_args(argv)
+    # --debug is accepted anywhere (e.g. after the command), not only before it.
+    args, unknown = build_parser().parse_known_args([a for a in argv if a != "--debug"])
+    command = " ".join(["jaxmem", args.command] + ([args.study] if getattr(args, "study", None) else []))
+    if unknown:
+      raise JaxmemError(f"unrecognized arguments: {' '.join(unknown)} (see {command} --help)")
     # Before JAX runs anything: on a CPU, one device per core (each trains its own models).
     from jaxmem.devices import use_one_cpu_device_per_core
     use_one_cpu_device_per_core()
-    args.argv = argv  # for the resume command printed after an interruption
+    args.argv = [a for a in argv if a != "--debug"]  # for the resume command printed after an interruption
+    args.stop = stop
+    stop.abort_line = _interrupted_line(command)
     return args.handler(args)
   except JaxmemError as e:
     if debug:
       raise
     print(f"jaxmem: error: {e}", file=sys.stderr)
     return getattr(e, "exit_code", 2)
-  except KeyboardInterrupt:
+  except MemoryError as e:  # a size no check foresaw; files are written atomically, so none is half-written
     if debug:
       raise
-    print("jaxmem: interrupted; finished chunks are saved: rerun the same command to resume", file=sys.stderr)
-    return 130
+    print(f"jaxmem: error: out of memory ({str(e).strip().splitlines()[0] if str(e).strip() else 'MemoryError'}); "
+          "use fewer models or examples, or a smaller --chunk-size", file=sys.stderr)
+    return 2
+  except KeyboardInterrupt as e:
+    e.command = command  # main() says what the interruption left, per command
+    raise
+
+
+def _interrupted_line(command: str) -> str:
+  """What an interruption outside training left behind, per command (files are written atomically,
+  so nothing is half-written whatever the command)."""
+  if command in ("jaxmem run", "jaxmem merge") or command.startswith("jaxmem study"):
+    return "stopped; finished chunks are saved: rerun the same command to resume"
+  if command == "jaxmem scores":
+    return "stopped; the records and the previous scores.csv are intact: rerun the same command to score"
+  return f"stopped; nothing was half-written: rerun {command} when ready"
 
 
 if __name__ == "__main__":

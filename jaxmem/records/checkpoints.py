@@ -24,23 +24,15 @@ import tensorstore as ts
 from etils import epath
 
 from jaxmem.errors import JaxmemError
-from jaxmem.records.rundir import RunDir, append_event, utc_now, write_json_atomic
-
-CHECKPOINTS = "checkpoints"
-PARAMS = "params"
+from jaxmem.records.rundir import CHECKPOINTS, PARAMS, RunDir, append_event, first_line, utc_now, write_json_atomic
 
 
 def _per_model_save_args(tree: Any) -> Any:
   return jax.tree.map(lambda x: ocp.SaveArgs(shard_axes=(0,) if np.ndim(x) >= 1 else ()), tree)
 
 
-def _first_line(error: BaseException) -> str:
-  """Orbax and tensorstore errors run over many lines; a user sees the first."""
-  return (str(error).strip().splitlines() or [type(error).__name__])[0]
-
-
 def _storage_error(what: str, error: BaseException) -> JaxmemError:
-  return JaxmemError(f"could not write {what}: {_first_line(error)}; finished chunks are intact")
+  return JaxmemError(f"could not write {what}: {first_line(error)}; finished chunks are intact")
 
 
 def _this_process_only():
@@ -136,7 +128,7 @@ class ChunkCheckpoint:
       if multiprocess:
         restored["state"] = jax.tree.map(lambda r, like: jax.device_put(r, like.sharding), restored["state"], state_like)
     except Exception as e:  # a damaged checkpoint only costs retraining this chunk from its start
-      self.log(f"checkpoint of chunk {self.index} at epoch {epoch} cannot be read ({_first_line(e)[:200]}); "
+      self.log(f"checkpoint of chunk {self.index} at epoch {epoch} cannot be read ({first_line(e)[:200]}); "
                "training the chunk from its start")
       return None
     self.last_saved = epoch

@@ -34,6 +34,7 @@ import numpy as np
 
 from jaxmem.config import RunConfig
 from jaxmem.errors import JaxmemError
+from jaxmem.lock import LOCK_FILE
 from jaxmem.records.store import Records, records_from_chunks
 
 FORMAT_VERSION = 1
@@ -41,6 +42,9 @@ MANIFEST = "manifest.json"
 DESIGN = "design.npz"
 CHUNKS = "chunks"
 EVENTS = "events.jsonl"
+#: Directories of orbax checkpoints and kept parameters (written by :mod:`jaxmem.records.checkpoints`).
+CHECKPOINTS = "checkpoints"
+PARAMS = "params"
 #: Bytes hashed at a time when verifying a chunk (the file is never read whole into memory).
 _HASH_BUFFER = 1 << 22
 
@@ -61,6 +65,24 @@ def atomic_path(path: Path) -> Iterator[Path]:
   finally:
     if tmp.exists():
       tmp.unlink()
+
+
+def make_dirs(path: Path, what: str) -> Path:
+  """``path`` and its parents, or one line saying why not (e.g. ``cannot create study directory
+  'x/y': Not a directory``)."""
+  path = Path(path)
+  try:
+    path.mkdir(parents=True, exist_ok=True)
+  except OSError as e:
+    raise JaxmemError(f"cannot create {what} {str(path)!r}: {e.strerror or e}") from None
+  if not os.access(path, os.W_OK):
+    raise JaxmemError(f"{what} {str(path)!r} is not writable")
+  return path
+
+
+def first_line(error: BaseException) -> str:
+  """Orbax, tensorstore and numpy errors run over many lines; a user sees the first."""
+  return (str(error).strip().splitlines() or [type(error).__name__])[0]
 
 
 def write_bytes_atomic(path: Path, data: bytes) -> None:
@@ -155,11 +177,14 @@ class RunDir:
 
   # -- creation and identity ------------------------------------------------------------------
   @classmethod
-  def create_or_open(cls, path: str | Path, manifest: dict[str, Any], *, overwrite: bool = False) -> "RunDir":
+  def create_or_open(cls, path: str | Path, manifest: dict[str, Any], *, overwrite: bool = False,
+                     log: Any = None) -> "RunDir":
     """Opens ``path`` for the run that ``manifest`` describes, creating it if needed.
 
     An existing run directory made with another config or dataset is refused (its results would
-    be mixed with this run's) unless ``overwrite``, which deletes its chunks and scores first.
+    be mixed with this run's) unless ``overwrite``, which deletes its chunks and scores first; one
+    that holds no result at all (a start that failed or was killed before its first chunk or
+    checkpoint) is taken over, so the corrected command never needs ``--overwrite``.
     """
     run = cls(path)
     if run.path.exists() and not run.path.is_dir():
@@ -167,6 +192,10 @@ class RunDir:
     if run.manifest_path.exists():
       existing = run.manifest()
       differences = identity_differences(existing, manifest)
+      if differences and not overwrite and not run.holds_results():
+        (log or (lambda m: None))(f"run directory {str(run.path)!r} holds no finished chunk of a run with another "
+                                  f"config ({'; '.join(differences)}); starting anew")
+        overwrite = True
       if differences and not overwrite:
         raise JaxmemError(
             f"run directory {str(run.path)!r} holds a run with another config ({'; '.join(differences)}); "
@@ -177,7 +206,8 @@ class RunDir:
         manifest = {**manifest, "created": existing.get("created", manifest.get("created"))}
     elif run.path.is_dir() and not overwrite and any(
         # A job-array shard starting at the same moment may have made only these so far.
-        not (p.name in (CHUNKS, EVENTS) or p.name.startswith(f".{MANIFEST}.tmp-")) for p in run.path.iterdir()):
+        not (p.name in (CHUNKS, EVENTS) or p.name.startswith((f".{MANIFEST}.tmp-", LOCK_FILE)))
+        for p in run.path.iterdir()):
       raise JaxmemError(f"output directory {str(run.path)!r} is not empty and is not a jaxmem run; "
                         "choose an empty or new directory")
     try:
@@ -192,14 +222,26 @@ class RunDir:
   @classmethod
   def open(cls, path: str | Path) -> "RunDir":
     run = cls(path)
+    if not run.path.exists():
+      raise JaxmemError(f"run directory {str(run.path)!r} does not exist")
+    if not run.path.is_dir():
+      raise JaxmemError(f"{str(run.path)!r} is a file, not a run directory")
     if not run.manifest_path.is_file():
       raise JaxmemError(f"{str(run.path)!r} is not a jaxmem run directory (no {MANIFEST})")
     run.manifest()  # validates
     return run
 
+  def holds_results(self) -> bool:
+    """Whether anything here took training to make: a chunk's records, a checkpoint, kept parameters."""
+    chunks = self.path / CHUNKS
+    return (any(chunks.glob("chunk_*.json")) if chunks.is_dir() else False) or any(
+        (self.path / name).is_dir() and any((self.path / name).iterdir()) for name in (CHECKPOINTS, PARAMS))
+
   def clear(self) -> None:
-    """Removes everything a run wrote (used by ``--overwrite``)."""
+    """Removes everything a run wrote (used by ``--overwrite``), but not the lock its writer holds."""
     for child in self.path.iterdir():
+      if child.name.startswith(LOCK_FILE):
+        continue
       if child.is_dir():
         shutil.rmtree(child)
       else:
@@ -220,6 +262,10 @@ class RunDir:
     if manifest.get("format_version") != FORMAT_VERSION:
       raise JaxmemError(f"run directory format {manifest.get('format_version')!r} is not supported "
                         f"(this jaxmem reads format {FORMAT_VERSION})")
+    chunks = manifest.get("chunks")
+    if not (isinstance(chunks, list) and all(isinstance(c, list) and all(isinstance(m, int) for m in c) for c in chunks)):
+      raise JaxmemError(f"manifest {str(self.manifest_path)!r} lacks a valid 'chunks' entry (the chunk plan); "
+                        "restore it or start a new run directory")
     return manifest
 
   def update_manifest(self, **fields) -> None:
@@ -233,8 +279,18 @@ class RunDir:
     path = self.path / DESIGN
     if not path.is_file():
       raise JaxmemError(f"run directory {str(self.path)!r} has no {DESIGN}; it was never started")
-    with np.load(path) as f:
-      return {k: f[k] for k in f.files}
+    try:
+      with np.load(path, allow_pickle=False) as f:
+        design = {k: f[k] for k in f.files}
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
+      raise JaxmemError(f"{DESIGN} in {str(self.path)!r} is damaged ({first_line(e)}); rerun the run's "
+                        "`jaxmem run` command to write it again (the chunks are kept)") from None
+    missing = [k for k in ("keep", "subset_ratio", "train_labels", "clean_train_labels", "test_labels", "noisy")
+               if k not in design]
+    if missing:
+      raise JaxmemError(f"{DESIGN} in {str(self.path)!r} lacks {', '.join(missing)}; rerun the run's `jaxmem run` "
+                        "command to write it again (the chunks are kept)")
+    return design
 
   # -- chunks ----------------------------------------------------------------------------------
   def chunk_path(self, index: int) -> Path:
