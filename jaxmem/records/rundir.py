@@ -275,13 +275,15 @@ class RunDir:
   def write_design(self, arrays: dict[str, np.ndarray]) -> None:
     write_npz_atomic(self.path / DESIGN, arrays)
 
-  def read_design(self) -> dict[str, np.ndarray]:
+  def read_design(self, *, without: tuple[str, ...] = ()) -> dict[str, np.ndarray]:
+    """The membership design, checked; arrays named in ``without`` are not read (``keep`` is (M, N):
+    the lazy records read it by blocks instead)."""
     path = self.path / DESIGN
     if not path.is_file():
       raise JaxmemError(f"run directory {str(self.path)!r} has no {DESIGN}; it was never started")
     try:
       with np.load(path, allow_pickle=False) as f:
-        design = {k: f[k] for k in f.files}
+        design = {k: (None if k in without else f[k]) for k in f.files}
     except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
       raise JaxmemError(f"{DESIGN} in {str(self.path)!r} is damaged ({first_line(e)}); rerun the run's "
                         "`jaxmem run` command to write it again (the chunks are kept)") from None
@@ -290,7 +292,7 @@ class RunDir:
     if missing:
       raise JaxmemError(f"{DESIGN} in {str(self.path)!r} lacks {', '.join(missing)}; rerun the run's `jaxmem run` "
                         "command to write it again (the chunks are kept)")
-    return design
+    return {k: v for k, v in design.items() if k not in without}
 
   # -- chunks ----------------------------------------------------------------------------------
   def chunk_path(self, index: int) -> Path:
@@ -354,11 +356,7 @@ class RunDir:
   def load_records(self, *, allow_empty: bool = False) -> Records:
     """The records of every complete chunk (anytime: a run still training is fine), lazily: the
     chunk files are verified and memory-mapped, and :meth:`Records.read` reads blocks of them."""
-    path = self.path / DESIGN
-    if not path.is_file():
-      raise JaxmemError(f"run directory {str(self.path)!r} has no {DESIGN}; it was never started")
-    with np.load(path) as f:
-      design = {k: f[k] for k in f.files if k != "keep"}
+    design = self.read_design(without=("keep",))
     complete = self.completed_chunks()
     if not complete and not allow_empty:
       corrupt = [c for c in range(len(self.chunk_plan())) if self.chunk_status(c) == "corrupt"]
@@ -370,7 +368,7 @@ class RunDir:
       chunks = [(self.chunk_path(c), self.chunk_model_ids(c)) for c in complete]
     except (OSError, KeyError, TypeError, json.JSONDecodeError) as e:
       raise JaxmemError(f"cannot read the chunk list of {str(self.path)!r}: {e}") from None
-    return records_from_chunks(chunks, path, design, where=str(self.path))
+    return records_from_chunks(chunks, self.path / DESIGN, design, where=str(self.path))
 
 
 def identity_differences(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
