@@ -548,6 +548,15 @@ def run_benchmarks(names: Sequence[str] = ("digits-mlp", "digits-cnn"), *, quick
   unknown = [n for n in names if n not in known]
   if unknown:
     raise JaxmemError(f"unknown workload(s) {', '.join(unknown)}; choose from: {', '.join(known)}")
+  if not names:
+    raise JaxmemError(f"no workload given; choose from: {', '.join(known)}")
+  for option in ("repeats", "engine_models", "loop_models", "epochs", "torch_threads"):
+    value = options.get(option)
+    if value is not None and (not isinstance(value, int) or value < 1):
+      flag = {"engine_models": "models"}.get(option, option).replace("_", "-")
+      raise JaxmemError(f"--{flag} must be a positive integer, got {value!r}")
+  if out is not None and (Path(out).is_dir() or not Path(out).parent.is_dir() and Path(out).parent.exists()):
+    raise JaxmemError(f"--out {str(out)!r} must be a file path (the tables; the raw numbers go to OUT.json)")
   results = []
   for name in names:
     if log:

@@ -7,15 +7,18 @@ traceback instead. Library code never reads these flags.
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
 from typing import Sequence
 
+from jaxmem.config import RunConfig
 from jaxmem.errors import JaxmemError
+from jaxmem.signals import StopRequest, stop_on_signals
 
 
 class _Parser(argparse.ArgumentParser):
-  def error(self, message: str):  # one line, like every other jaxmem error
-    raise JaxmemError(f"{self.prog}: {message}")
+  def error(self, message: str):  # one line, like every other jaxmem error; main() adds the "jaxmem: error:"
+    raise JaxmemError(f"{message} (see {self.prog} --help)")
 
 
 def _ratios(text: str) -> tuple[float, ...]:
@@ -64,6 +67,12 @@ def _add_score_arguments(p: argparse.ArgumentParser) -> None:
   p.add_argument("--bootstrap", type=int, default=None,
                  help="bootstrap resamples over models for memorization_ci_low/high (default 200; 0: off)")
   p.add_argument("--bootstrap-seed", type=int, default=None, help="seed of the bootstrap and split-half draws")
+  p.add_argument("--rmia-gamma", type=float, default=None, help="RMIA: LR(x, z) >= gamma counts (default 1)")
+  p.add_argument("--rmia-a", type=float, default=None, help="RMIA: the a of P_IN ~ a*P_OUT + 1 - a, in (0, 1] "
+                 "(default: tuned on a model that is not a target)")
+  p.add_argument("--delta", type=float, default=None, help="delta of the attacks' epsilon lower bounds (default 1e-5)")
+  p.add_argument("--attribution", default=None,
+                 help="lds: also score this (training examples, test examples) attribution matrix (.npy)")
 
 
 def score_options_from_args(args: argparse.Namespace) -> dict:
@@ -75,6 +84,12 @@ def score_options_from_args(args: argparse.Namespace) -> dict:
                                ("bootstrap_seed", "uncertainty", "seed"), ("target_se", "uncertainty", "target_se")):
     if getattr(args, flag, None) is not None:
       options[estimator][key] = getattr(args, flag)
+  for flag, estimator, key in (("rmia_gamma", "rmia", "gamma"), ("rmia_a", "rmia", "a"), ("delta", "rmia", "delta"),
+                               ("delta", "lira", "delta")):
+    if getattr(args, flag, None) is not None:
+      options.setdefault(estimator, {})[key] = getattr(args, flag)
+  if getattr(args, "attribution", None) is not None:
+    options.setdefault("lds", {})["attribution"] = _load_attribution(args.attribution)
   if getattr(args, "influence_full", False):
     options["influence"]["full"] = True
   if "metrics" in options["counterfactual"]:
@@ -83,10 +98,31 @@ def score_options_from_args(args: argparse.Namespace) -> dict:
   return {k: v for k, v in options.items() if v}
 
 
+def _load_attribution(path: str):
+  """An (N, T) float matrix from a .npy file, or one line saying what is wrong with it."""
+  import numpy as np
+  try:
+    value = np.load(path, allow_pickle=False)
+  except (OSError, ValueError) as e:
+    raise JaxmemError(f"--attribution {path}: not a readable .npy array ({e})") from None
+  if value.ndim != 2 or value.dtype.kind not in "fiub":
+    raise JaxmemError(f"--attribution {path}: expected a 2-D numeric (training examples, test examples) array, "
+                      f"got shape {value.shape} of {value.dtype}")
+  return value
+
+
+def _with_default(help_text: str, value) -> str:
+  """Flags default to None (so that only given flags override a --config); help shows RunConfig's."""
+  return help_text if value is None else f"{help_text} (default {value:g})" if isinstance(value, float) \
+      else f"{help_text} (default {value})"
+
+
 def _add_run_arguments(p: argparse.ArgumentParser) -> None:
+  defaults = RunConfig()
   for field, (flag, kind, help_text) in RUN_FLAGS.items():
-    p.add_argument(flag, dest=field, type=kind, default=None, help=help_text)
-  p.add_argument("--subset-ratio", dest="subset_ratio", type=float, default=None, help="subset ratio r in (0,1)")
+    p.add_argument(flag, dest=field, type=kind, default=None, help=_with_default(help_text, getattr(defaults, field)))
+  p.add_argument("--subset-ratio", dest="subset_ratio", type=float, default=None,
+                 help=_with_default("subset ratio r in (0,1)", defaults.subset_ratios[0]))
   p.add_argument("--subset-ratios", dest="subset_ratios", type=_ratios, default=None,
                  help="several ratios, e.g. 0.1,0.3,0.5,0.7,0.9 (C-score)")
   p.add_argument("--augment", dest="augment", action=argparse.BooleanOptionalAction, default=None,
@@ -167,6 +203,20 @@ def build_parser() -> argparse.ArgumentParser:
                  help="intra-op threads of the PyTorch baseline (default: PyTorch's, one per core)")
   p.add_argument("--out", default=None, help="also write the tables to this file (and the raw numbers to OUT.json)")
   p.set_defaults(handler=_cmd_bench)
+  bench = p.add_subparsers(dest="bench_command", parser_class=_Parser)
+  p = bench.add_parser("scoring", help="simulated records of a given size through the record store, scored by "
+                       "every applicable estimator: wall time and peak memory per estimator")
+  p.add_argument("--num-train", type=int, required=True, help="training examples N")
+  p.add_argument("--num-test", type=int, required=True, help="test examples T")
+  p.add_argument("--num-models", type=int, required=True, help="models M")
+  p.add_argument("--subset-ratios", default="0.5", help="comma-separated subset ratios, interleaved over models")
+  p.add_argument("--queries", type=int, default=0, help="augmented queries A per training example (0: none)")
+  p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--out", default=None, help="keep the simulated run directory here (default: a temporary one, "
+                 "removed at the end); rerunning with the same sizes reuses its records")
+  p.add_argument("--estimators", default=None,
+                 help="comma-separated estimator names (default: every applicable one; none: time the store alone)")
+  p.set_defaults(handler=_cmd_bench_scoring)
 
   # `jaxmem study NAME ...`: each study adds its own subparser to `studies` (and a _cmd_study_* handler).
   study = commands.add_parser("study", help="studies that retrain models on modified data: remove-top, ...")
@@ -176,7 +226,8 @@ def build_parser() -> argparse.ArgumentParser:
                          "(Feldman & Zhang's marginal utility)")
   p.add_argument("run_dir")
   p.add_argument("--k", dest="ks", type=_ints, default=(0, 50, 100, 200), help="comma-separated k values (default 0,50,100,200)")
-  p.add_argument("--by", default="memorization,random", help="comma-separated rankings: score columns of scores.csv, or random")
+  p.add_argument("--by", default="memorization,random",
+                 help="comma-separated rankings: score columns of scores.csv, or random (default memorization,random)")
   p.add_argument("--num-models", type=int, default=64, help="models per point (default 64)")
   p.add_argument("--subset-ratio", type=float, default=None, help="training ratio of the retrained models (default: the run's)")
   _add_retrain_arguments(p)
@@ -208,7 +259,56 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(flag, dest=field, type=kind, default=None, help=help_text)
   p.add_argument("--config", default=None, help="config file (.py or .json) for the recipe")
   p.set_defaults(handler=_cmd_study_ssft)
+
+  p = studies.add_parser("attack-refs", help="LiRA and RMIA attack power against the number of reference models "
+                         "(AUC, TPR at low FPR, eps lower bound)")
+  p.add_argument("run_dir")
+  p.add_argument("--refs", default="1,2,4,8,16,64,all", help="comma-separated reference counts or all (default 1,2,4,8,16,64,all)")
+  p.add_argument("--targets", type=int, default=None, help="target models (default 16)")
+  p.add_argument("--seed", type=int, default=0, help="seed of the targets, reference orders and bootstrap")
+  p.add_argument("--bootstrap", type=int, default=200, help="bootstrap resamples over examples (default 200)")
+  p.add_argument("--rmia-gamma", type=float, default=1.0, help="RMIA's gamma (default 1)")
+  p.add_argument("--delta", type=float, default=1e-5, help="delta of the eps lower bounds (default 1e-5)")
+  p.add_argument("--out", default=None, help="study directory (default: RUN_DIR/attack_refs)")
+  p.set_defaults(handler=_cmd_study_attack_refs)
+
+  p = studies.add_parser("proxies", help="cheap memorization proxies (cumulative sample loss, input-loss curvature, "
+                         "learning time) from a few models vs the run's memorization, with cost")
+  p.add_argument("run_dir")
+  p.add_argument("--models", dest="ks", type=_ints, default=(1, 4, 16), help="comma-separated model counts (default 1,4,16)")
+  p.add_argument("--h", type=float, default=1e-3, help="curvature: finite-difference step in standardized input units (default 1e-3)")
+  p.add_argument("--draws", type=int, default=10, help="curvature: Rademacher directions per example (default 10)")
+  p.add_argument("--curvature-epochs", type=_ints, default=None,
+                 help="curvature: train the models again and average over these epochs, e.g. 10,20,30 "
+                      "(default: the kept final parameters)")
+  p.add_argument("--seed", type=int, default=0, help="seed of the model choice, directions and bootstrap")
+  p.add_argument("--bootstrap", type=int, default=200, help="bootstrap resamples over examples (default 200)")
+  p.add_argument("--data-dir", default=None, help="TFDS data directory (default: the run's)")
+  p.add_argument("--out", default=None, help="study directory (default: RUN_DIR/proxies)")
+  p.set_defaults(handler=_cmd_study_proxies)
   return parser
+
+
+def _cmd_study_proxies(args) -> int:
+  from jaxmem.studies.proxies import format_rows, proxies_study
+  result = proxies_study(args.run_dir, args.out, ks=args.ks, h=args.h, draws=args.draws,
+                         curvature_epochs=args.curvature_epochs, seed=args.seed,
+                         num_bootstrap=args.bootstrap, data_dir=args.data_dir, log=lambda m: print(m, file=sys.stderr))
+  print("\n".join(format_rows(result.rows)))
+  for note in result.notes:
+    print(f"note: {note}")
+  print(f"wrote {result.table}")
+  return 0
+
+
+def _cmd_study_attack_refs(args) -> int:
+  from jaxmem.studies.attack_refs import attack_refs_study, format_rows
+  result = attack_refs_study(args.run_dir, args.out, refs=args.refs, targets=args.targets, seed=args.seed,
+                             num_bootstrap=args.bootstrap, gamma=args.rmia_gamma, delta=args.delta,
+                             log=lambda m: print(m, file=sys.stderr))
+  print("\n".join(format_rows(result.rows)))
+  print(f"wrote {result.table}, {result.plot}")
+  return 0
 
 
 def _cmd_study_ssft(args) -> int:
@@ -293,22 +393,22 @@ def config_from_args(args: argparse.Namespace):
 def _cmd_run(args) -> int:
   import os
   from jaxmem.distributed import detect_cluster, initialize
-  from jaxmem.run import RunInterrupted, format_summary, parse_shard, run, stop_on_signals
+  from jaxmem.run import RunInterrupted, format_summary, parse_shard, run
   config = config_from_args(args)
   shard = parse_shard(args.shard) if args.shard is not None else None
   initialize(detect_cluster(os.environ, coordinator=args.coordinator, num_processes=args.num_processes,
                             process_id=args.process_id))
+  if args.out is not None and not args.out.strip():
+    raise JaxmemError("--out must name a directory, got an empty string")
   out = args.out or f"runs/{config.dataset.replace('/', '_').replace(':', '_')}-{config.model}-s{config.seed}"
   log = lambda m: print(m, file=sys.stderr)
-  with stop_on_signals(log=log) as stop:
-    try:
-      result = run(config, out, overwrite=args.overwrite, progress=not args.no_progress, log=log,
-                   score_options=score_options_from_args(args),
-                   shard=shard, should_stop=stop)
-    except RunInterrupted as e:
-      import shlex
-      argv = [a for a in args.argv if a != "--overwrite"]
-      raise RunInterrupted(f"{e}; resume with: jaxmem {shlex.join(argv)}", exit_code=e.exit_code) from None
+  resume = "resume with: jaxmem " + shlex.join([a for a in args.argv if a != "--overwrite"])
+  try:
+    result = run(config, out, overwrite=args.overwrite, progress=not args.no_progress, log=log,
+                 score_options=score_options_from_args(args),
+                 shard=shard, should_stop=args.stop)
+  except RunInterrupted as e:
+    raise RunInterrupted(f"{e}; {resume}", exit_code=e.exit_code) from None
   if result.summary["process"]["index"] == 0:  # other processes of a multi-process run said their line
     print(format_summary(result.summary))
   return 0
@@ -322,10 +422,29 @@ def _cmd_merge(args) -> int:
   return 0
 
 
+def _say_what_is_missing(run_dir: str) -> None:
+  """Chunks that failed their checksum or are missing: `scores` and `export` use the complete ones."""
+  from jaxmem.run import missing_chunks_line
+  from jaxmem.records import RunDir
+  run = RunDir.open(run_dir)
+  status = [run.chunk_status(c) for c in range(len(run.chunk_plan()))]
+  if "complete" not in status:
+    return  # nothing to use: reading the records says so in one line
+  for c, s in enumerate(status):
+    if s == "corrupt":
+      print(f"chunk {c} in {run.path} failed its checksum; left out (rerun `jaxmem run` to train it again)",
+            file=sys.stderr)
+  missing = missing_chunks_line(run)
+  if missing:
+    print(f"{missing}; using the complete ones", file=sys.stderr)
+
+
 def _cmd_scores(args) -> int:
   from jaxmem.scoring import parse_estimator_names, score_run
   from jaxmem.run import format_summary, summarize
-  table, records = score_run(args.run_dir, parse_estimator_names(args.estimators), score_options_from_args(args))
+  names, options = parse_estimator_names(args.estimators), score_options_from_args(args)
+  _say_what_is_missing(args.run_dir)
+  table, records = score_run(args.run_dir, names, options)
   summary = summarize(records, table)
   print(format_summary(summary))
   print(f"wrote {args.run_dir}/scores.csv ({records.num_train} rows, estimators: {', '.join(table.estimators)})")
@@ -333,7 +452,8 @@ def _cmd_scores(args) -> int:
 
 
 def _cmd_export(args) -> int:
-  from jaxmem.store import RunDir, export_records
+  from jaxmem.records import RunDir, export_records
+  _say_what_is_missing(args.run_dir)
   records = RunDir.open(args.run_dir).load_records()
   keys = export_records(records, args.out)
   print(f"wrote {args.out}: {records.num_models} models x {records.num_train} examples; keys: {', '.join(keys)}")
@@ -345,33 +465,75 @@ def _cmd_bench(args) -> int:
   names = lambda text: [t.strip() for t in text.split(",") if t.strip() and t.strip() != "none"]
   results = run_benchmarks(
       names(args.workloads), quick=args.quick, out=args.out, log=lambda m: print(m, file=sys.stderr),
-      repeats=args.repeats or (2 if args.quick else 3), strategies=names(args.strategies) if args.strategies else None,
+      repeats=args.repeats if args.repeats is not None else (2 if args.quick else 3), strategies=names(args.strategies) if args.strategies else None,
       baselines=names(args.baselines), engine_models=args.models, loop_models=args.loop_models, epochs=args.epochs,
       torch_threads=args.torch_threads, compute_dtype=args.compute_dtype)
   print("\n\n".join(format_table(r) for r in results))
   return 0
 
 
+def _cmd_bench_scoring(args) -> int:
+  from jaxmem.bench_scoring import Simulation, bench_scoring, format_rows, parse_ratios
+  simulation = Simulation(num_train=args.num_train, num_test=args.num_test, num_models=args.num_models,
+                          subset_ratios=parse_ratios(args.subset_ratios), queries=args.queries, seed=args.seed)
+  names = [t.strip() for t in args.estimators.split(",") if t.strip() not in ("", "none")] if args.estimators else None
+  rows = bench_scoring(simulation, out=args.out, estimators=names, log=lambda m: print(m, file=sys.stderr))
+  print(format_rows(rows))
+  return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
   argv = list(sys.argv[1:] if argv is None else argv)
   debug = "--debug" in argv
+  with stop_on_signals() as stop:  # first, so that no phase of any command dies by a signal
+    try:
+      return _main(argv, stop, debug)
+    except KeyboardInterrupt as e:  # e.g. --debug's own Ctrl-C; the handlers (jaxmem.signals) exit themselves
+      if debug:
+        raise
+      print(f"jaxmem: error: {_interrupted_line(getattr(e, 'command', 'jaxmem'))}", file=sys.stderr)
+      return 130
+
+
+def _main(argv: list[str], stop: StopRequest, debug: bool) -> int:
+  command = "jaxmem"
   try:
-    args = build_parser().parse_args(argv)
+    # --debug is accepted anywhere (e.g. after the command), not only before it.
+    args, unknown = build_parser().parse_known_args([a for a in argv if a != "--debug"])
+    command = " ".join(["jaxmem", args.command] + ([args.study] if getattr(args, "study", None) else []))
+    if unknown:
+      raise JaxmemError(f"unrecognized arguments: {' '.join(unknown)} (see {command} --help)")
     # Before JAX runs anything: on a CPU, one device per core (each trains its own models).
     from jaxmem.devices import use_one_cpu_device_per_core
     use_one_cpu_device_per_core()
-    args.argv = argv  # for the resume command printed after an interruption
+    args.argv = [a for a in argv if a != "--debug"]  # for the resume command printed after an interruption
+    args.stop = stop
+    stop.abort_line = _interrupted_line(command)
     return args.handler(args)
   except JaxmemError as e:
     if debug:
       raise
     print(f"jaxmem: error: {e}", file=sys.stderr)
     return getattr(e, "exit_code", 2)
-  except KeyboardInterrupt:
+  except MemoryError as e:  # a size no check foresaw; files are written atomically, so none is half-written
     if debug:
       raise
-    print("jaxmem: interrupted; finished chunks are saved: rerun the same command to resume", file=sys.stderr)
-    return 130
+    print(f"jaxmem: error: out of memory ({str(e).strip().splitlines()[0] if str(e).strip() else 'MemoryError'}); "
+          "use fewer models or examples, or a smaller --chunk-size", file=sys.stderr)
+    return 2
+  except KeyboardInterrupt as e:
+    e.command = command  # main() says what the interruption left, per command
+    raise
+
+
+def _interrupted_line(command: str) -> str:
+  """What an interruption outside training left behind, per command (files are written atomically,
+  so nothing is half-written whatever the command)."""
+  if command in ("jaxmem run", "jaxmem merge") or command.startswith("jaxmem study"):
+    return "stopped; finished chunks are saved: rerun the same command to resume"
+  if command == "jaxmem scores":
+    return "stopped; the records and the previous scores.csv are intact: rerun the same command to score"
+  return f"stopped; nothing was half-written: rerun {command} when ready"
 
 
 if __name__ == "__main__":

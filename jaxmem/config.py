@@ -11,6 +11,7 @@ import dataclasses
 import importlib.util
 import json
 import math
+import traceback
 from pathlib import Path
 from typing import Any
 
@@ -78,8 +79,12 @@ class RunConfig:
 
   def __post_init__(self):
     # Normalize containers so that configs from JSON (lists) and from code (tuples) compare equal.
-    object.__setattr__(self, "subset_ratios", tuple(float(r) for r in self.subset_ratios))
-    object.__setattr__(self, "model_options", dict(self.model_options))
+    # Values of the wrong kind (e.g. from a JSON file) are left for validate() to name.
+    ratios = self.subset_ratios
+    if isinstance(ratios, (list, tuple)) and all(_is_number(r) for r in ratios):
+      object.__setattr__(self, "subset_ratios", tuple(float(r) for r in ratios))
+    if isinstance(self.model_options, dict):
+      object.__setattr__(self, "model_options", dict(self.model_options))
 
   def replace(self, **changes) -> "RunConfig":
     return dataclasses.replace(self, **changes)
@@ -97,13 +102,14 @@ class RunConfig:
   @classmethod
   def from_dict(cls, d: dict[str, Any]) -> "RunConfig":
     names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(d) - names)
+    unknown = sorted(map(str, set(d) - names))
     if unknown:
       raise JaxmemError(f"unknown config field(s) {', '.join(unknown)}; valid fields: {', '.join(sorted(names))}")
     return cls(**d)
 
   def validate(self) -> "RunConfig":
     """Checks that need no dataset; raises a one-line :class:`JaxmemError`."""
+    self._check_kinds()
     from jaxmem.masks import MASK_DESIGNS
     from jaxmem.models import MODELS, check_compute_dtype
     MODELS.get(self.model)
@@ -111,6 +117,7 @@ class RunConfig:
     MASK_DESIGNS.get(self.mask_design)
     _check(isinstance(self.num_models, int) and self.num_models >= 2,
            f"num_models must be an integer >= 2, got {self.num_models!r}")
+    _check(0 <= self.seed < 2**32, f"seed must be an integer in [0, 2**32), got {self.seed!r}")
     _check(len(self.subset_ratios) >= 1, "subset_ratios must name at least one ratio")
     for r in self.subset_ratios:
       _check(0.0 < r < 1.0 and math.isfinite(r), f"subset ratio must be in (0, 1), got {r!r}")
@@ -152,6 +159,65 @@ class RunConfig:
            f"keep_params must be 'none', 'all' or a number of models, got {self.keep_params!r}")
     return self
 
+  def _check_kinds(self) -> None:
+    """Each field holds the kind of value its default has (a JSON or Python config file may give a
+    string where a number belongs), before any check compares values."""
+    optional = {"score_epoch": int, "target_se": float, "data_dir": str}  # these may also be None
+    positive = ("epochs", "batch_size", "chunk_size", "num_models")
+    for field in dataclasses.fields(self):
+      name, value = field.name, getattr(self, field.name)
+      kind = optional.get(name, type(field.default))
+      if name == "subset_ratios":
+        ok, wanted = isinstance(value, tuple) and all(_is_number(r) for r in value), "a list of numbers"
+      elif name == "model_options":
+        ok, wanted = isinstance(value, dict), "a dict of model options"
+      elif name == "keep_params":
+        ok, wanted = isinstance(value, (str, int)) and not isinstance(value, bool), "'none', 'all' or a number of models"
+      elif name in optional and value is None:
+        ok, wanted = True, ""
+      elif kind is bool:
+        ok, wanted = isinstance(value, bool), "true or false"
+      elif kind is int:
+        ok, wanted = isinstance(value, int) and not isinstance(value, bool), (
+            "a positive integer" if name in positive else "an integer")
+      elif kind is float:
+        ok, wanted = _is_number(value), "a number"
+      else:
+        ok, wanted = isinstance(value, str), "a string"
+      _check(ok, f"{name} must be {wanted}, got {value!r}")
+
+
+def _is_number(value: Any) -> bool:
+  return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _json_kind(value: Any) -> str:
+  return {list: "list", str: "string", int: "number", float: "number", bool: "boolean",
+          type(None): "null"}.get(type(value), type(value).__name__)
+
+
+def _run_config_module(path: Path) -> Any:
+  """Executes a Python config file and returns its ``get_config()`` or ``CONFIG``. The file is the
+  user's code: whatever it raises becomes one line naming the file, the error and its line."""
+  spec = importlib.util.spec_from_file_location(f"jaxmem_config_{path.stem}", path)
+  module = importlib.util.module_from_spec(spec)
+  try:
+    spec.loader.exec_module(module)
+    if hasattr(module, "get_config"):
+      return module.get_config()
+    if hasattr(module, "CONFIG"):
+      return module.CONFIG
+  except SyntaxError as e:
+    raise JaxmemError(f"config file {str(path)!r} has a syntax error at line {e.lineno}: {e.msg}") from None
+  except JaxmemError:
+    raise
+  except Exception as e:  # the user's code may raise anything; the line in their file says where
+    frames = [f for f in traceback.extract_tb(e.__traceback__) if Path(f.filename) == path]
+    where = f" (line {frames[-1].lineno})" if frames else ""
+    first = (str(e).strip().splitlines() or [""])[0]
+    raise JaxmemError(f"running config file {str(path)!r} failed: {type(e).__name__}: {first}{where}") from None
+  raise JaxmemError(f"config file {str(path)!r} defines neither get_config() nor CONFIG")
+
 
 def _check(condition: bool, message: str) -> None:
   if not condition:
@@ -166,20 +232,18 @@ def load_config_file(path: str | Path) -> RunConfig:
     raise JaxmemError(f"config file {str(path)!r} does not exist")
   if path.suffix == ".json":
     try:
-      return RunConfig.from_dict(json.loads(path.read_text()))
+      loaded = json.loads(path.read_text())
     except json.JSONDecodeError as e:
       raise JaxmemError(f"config file {str(path)!r} is not valid JSON: {e}") from None
+    except (OSError, UnicodeDecodeError) as e:
+      raise JaxmemError(f"cannot read config file {str(path)!r}: {getattr(e, 'strerror', None) or e}") from None
+    if not isinstance(loaded, dict):
+      raise JaxmemError(f"config file {str(path)!r} must hold a JSON object of RunConfig fields, "
+                        f"got a {_json_kind(loaded)}")
+    return RunConfig.from_dict(loaded)
   if path.suffix != ".py":
     raise JaxmemError(f"config file {str(path)!r} must end in .py or .json")
-  spec = importlib.util.spec_from_file_location(f"jaxmem_config_{path.stem}", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  if hasattr(module, "get_config"):
-    config = module.get_config()
-  elif hasattr(module, "CONFIG"):
-    config = module.CONFIG
-  else:
-    raise JaxmemError(f"config file {str(path)!r} defines neither get_config() nor CONFIG")
+  config = _run_config_module(path)
   if isinstance(config, dict):
     config = RunConfig.from_dict(config)
   if not isinstance(config, RunConfig):

@@ -20,11 +20,14 @@ training starts.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import hashlib
+import logging
 import numbers
 import os
+import zipfile
 from typing import Callable
 
 import numpy as np
@@ -187,6 +190,8 @@ def from_arrays(name: str, x_train, y_train, x_test, y_test,
   if num_classes is None:
     labels = np.concatenate([y_train, y_test])
     num_classes = int(labels.max()) + 1 if labels.size else 0
+    _check_inferred_classes(labels, num_classes, "y_train" if y_train.size and y_train.max() + 1 == num_classes
+                            else "y_test")
   elif not isinstance(num_classes, numbers.Integral) or isinstance(num_classes, bool):
     raise JaxmemError(f"num_classes must be an integer, got {num_classes!r}")
   ds = Dataset(name=name, x_train=x_train, y_train=y_train, x_test=x_test, y_test=y_test,
@@ -245,6 +250,7 @@ def validate_dataset(ds: Dataset) -> None:
     if bad:
       raise JaxmemError(f"x_{split} has {bad} non-finite values (NaN or inf); all features must "
                         f"be finite")
+    _check_feature_scale(x, f"x_{split}")
 
 
 def training_subset(ds: Dataset, indices: np.ndarray, name: str) -> Dataset:
@@ -304,6 +310,31 @@ def _check_label_range(y: np.ndarray, num_classes: int, what: str) -> None:
                       f"({int(bad.sum())} such labels)")
 
 
+def _check_inferred_classes(labels: np.ndarray, num_classes: int, where: str) -> None:
+  """A class count inferred from the largest label is refused when most classes never occur: one
+  stray label (e.g. 50,000,000) would otherwise give the models that many outputs and exhaust the
+  memory. A dataset that means to have unused classes states ``num_classes``."""
+  if num_classes <= 2:
+    return
+  distinct = len(np.unique(labels))
+  if num_classes > 2 * distinct:
+    raise JaxmemError(f"{where}'s largest label {num_classes - 1} would make {num_classes} classes, but only "
+                      f"{distinct} distinct labels occur; labels must be 0 .. num_classes-1 (relabel them, or "
+                      f"store num_classes in the .npz if the classes are really unused)")
+
+
+#: Features beyond this magnitude are refused: networks initialized for inputs of order 1 overflow or
+#: saturate on them and train at chance without any error (standardize them first).
+MAX_FEATURE_MAGNITUDE = 1e6
+
+
+def _check_feature_scale(x: np.ndarray, what: str) -> None:
+  largest = max(float(x.max()), -float(x.min())) if x.size else 0.0  # no |x| copy
+  if largest > MAX_FEATURE_MAGNITUDE:
+    raise JaxmemError(f"{what} has features as large as {largest:.2g} in magnitude; networks train at chance on "
+                      f"features beyond {MAX_FEATURE_MAGNITUDE:g}: standardize them (e.g. (x - mean) / std)")
+
+
 def _check_fraction(fraction) -> None:
   if (not isinstance(fraction, numbers.Real) or isinstance(fraction, bool)
       or not 0 <= fraction < 1):
@@ -334,6 +365,12 @@ def _as_labels(y, what: str) -> np.ndarray:
     raise JaxmemError(f"{what} must hold integer class labels, got dtype {y.dtype}")
   if y.ndim != 1:
     raise JaxmemError(f"{what} must be 1-D, got shape {y.shape}")
+  # Checked before the cast, which would wrap such a label into range and quote a value not in the file.
+  info = np.iinfo(np.int32)
+  outside = (y < info.min) | (y > info.max) if y.size and np.iinfo(y.dtype).max > info.max else None
+  if outside is not None and outside.any():
+    raise JaxmemError(f"{what} contains label {int(y[outside][0])}, outside the int32 range of class labels "
+                      f"({int(outside.sum())} such labels); labels must be 0 .. num_classes-1")
   return y.astype(np.int32)
 
 
@@ -447,6 +484,13 @@ def _load_npz(path: str) -> Dataset:
   """Reads ``x_train, y_train, x_test, y_test`` (and optional ``num_classes``) from an .npz."""
   if not os.path.isfile(path):
     raise JaxmemError(f"dataset file {path!r} does not exist")
+  # np.load takes anything that is not a zip for a pickle, and says so: name the real problem.
+  if os.path.getsize(path) == 0:
+    raise JaxmemError(f"dataset file {path!r} is empty (0 bytes); an .npz dataset is a zip of "
+                      f"{', '.join(_NPZ_KEYS)}")
+  if not zipfile.is_zipfile(path):
+    raise JaxmemError(f"dataset file {path!r} is not an .npz file (not a zip archive); save one with "
+                      f"numpy.savez(path, x_train=..., y_train=..., x_test=..., y_test=...)")
   try:
     with np.load(path, allow_pickle=False) as npz:
       missing = [k for k in _NPZ_KEYS if k not in npz.files]
@@ -457,7 +501,7 @@ def _load_npz(path: str) -> Dataset:
       num_classes = npz["num_classes"] if "num_classes" in npz.files else None
   except JaxmemError:
     raise
-  except (OSError, ValueError) as e:  # not a zip, pickled objects, truncated file
+  except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:  # pickled objects, truncated file
     raise JaxmemError(f"cannot read {path!r} as .npz: {_one_line(e)}") from e
   if num_classes is not None:
     if num_classes.shape != () or not np.issubdtype(num_classes.dtype, np.integer):
@@ -509,7 +553,8 @@ def _load_tfds(tfds_name: str, *, name: str, data_dir, download: bool) -> Datase
                       f"tensorflow-datasets array_record") from e
   root = _tfds_data_dir(data_dir)
   try:
-    builder = tfds.builder(tfds_name, data_dir=root)
+    with _quiet_absl():  # TFDS logs a WARNING for a missing folder before the error said below
+      builder = tfds.builder(tfds_name, data_dir=root)
   except Exception as e:  # DatasetNotFoundError and friends; TFDS messages are multi-line.
     raise JaxmemError(f"unknown TFDS dataset {tfds_name!r} (not a TFDS builder and not prepared "
                       f"in {root}): {_one_line(e)}") from e
@@ -519,7 +564,7 @@ def _load_tfds(tfds_name: str, *, name: str, data_dir, download: bool) -> Datase
           f"dataset {tfds_name!r} is not prepared in {root}; prepare it on a machine with "
           f"internet: python -c \"import tensorflow_datasets as tfds; "
           f"tfds.data_source('{tfds_name}', data_dir='{root}', download=True)\" and copy the "
-          f"folder, or pass download=True")
+          f"folder here (or pass its location with --data-dir)")
     try:
       tfds.data_source(tfds_name, split="train", data_dir=root, download=True)
     except Exception as e:
@@ -548,6 +593,18 @@ def _load_tfds(tfds_name: str, *, name: str, data_dir, download: bool) -> Datase
                                                           f"{tfds_name}/{split}")
   num_classes = getattr(features[label_key], "num_classes", None)
   return from_arrays(name, num_classes=num_classes, **arrays)
+
+
+@contextlib.contextmanager
+def _quiet_absl():
+  """Within the block, absl (TFDS's logger) says only errors; its level is restored after."""
+  logger = logging.getLogger("absl")
+  level = logger.level
+  logger.setLevel(logging.ERROR)
+  try:
+    yield
+  finally:
+    logger.setLevel(level)
 
 
 def _read_source(source, image_key: str, label_key: str, what: str):

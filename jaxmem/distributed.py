@@ -8,7 +8,7 @@ After initialization, :func:`jaxmem.run.run` splits the run's chunks over proces
 trains the chunks c with c % P == i on a mesh of its local devices and writes only those; process 0
 waits for the others' chunks and writes the scores). The models are independent, so a global mesh
 over all hosts would add lockstep and cross-host gathers and nothing else. Orbax checkpoints are
-written by each process alone (``store._this_process_only``).
+written by each process alone (``jaxmem.records.checkpoints._this_process_only``).
 
 Job arrays are a different thing: independent single-process jobs that share a run directory and
 split its chunks with ``--shard i/k`` (see ``experiments/slurm_array.sh``); they need no

@@ -22,6 +22,7 @@ import dataclasses
 import html
 import json
 import math
+import re
 import shutil
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -29,8 +30,9 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from jaxmem.errors import JaxmemError
+from jaxmem.scores.lira import VARIANT_LABELS
 from jaxmem.scoring import SCORES_CSV, read_index, read_scores_csv, stale_tables
-from jaxmem.store import RunDir, write_bytes_atomic
+from jaxmem.records import RunDir, make_dirs, write_bytes_atomic
 
 REPORT_DIR = "report"
 
@@ -71,12 +73,19 @@ def write_report(run_dir: str | Path, *, dataset=None, data_dir: str | None = No
     data_dir: TFDS data directory to reload from, overriding the one in the manifest's config.
     top: how many examples each gallery shows.
   """
+  if not isinstance(top, int) or top < 1:
+    raise JaxmemError(f"top must be a positive number of examples per gallery, got {top!r}")
   run = RunDir.open(run_dir)
   manifest = run.manifest()
   if not (run.path / SCORES_CSV).is_file():
     raise JaxmemError(f"run directory {str(run.path)!r} has no {SCORES_CSV} yet; run `jaxmem scores "
                       f"{run.path}` first")
   scores = read_scores_csv(run.path / SCORES_CSV)
+  num_train = manifest.get("dataset", {}).get("num_train")
+  if "index" not in scores or not np.array_equal(scores["index"], np.arange(num_train if num_train is not None else -1)):
+    rows = len(scores["index"]) if "index" in scores else 0
+    raise JaxmemError(f"{SCORES_CSV} in {str(run.path)!r} is damaged or from another run ({rows} rows, the run has "
+                      f"{num_train} training examples); rerun `jaxmem scores {run.path}`")
   # A table computed from other records than the run holds now (or a file an earlier scoring left)
   # is not shown: its columns are dropped here and its sections check ``ctx.stale``.
   stale = stale_tables(run.path)
@@ -85,8 +94,7 @@ def write_report(run_dir: str | Path, *, dataset=None, data_dir: str | None = No
     for column in read_index(run.path)["tables"].get(name, {}).get("columns", []):
       scores.pop(column, None)
   summary = _read_json(run.path / "summary.json")
-  out = run.path / REPORT_DIR
-  out.mkdir(exist_ok=True)
+  out = make_dirs(run.path / REPORT_DIR, "report directory")
   if dataset is None:
     dataset, note = reload_dataset(manifest, data_dir=data_dir)
   else:
@@ -106,6 +114,10 @@ def write_report(run_dir: str | Path, *, dataset=None, data_dir: str | None = No
       _influence_section(ctx),
       _cscore_section(ctx),
       _lira_section(ctx),
+      _rmia_section(ctx),
+      _attack_refs_section(ctx),
+      _lds_section(ctx),
+      _proxies_section(ctx),
       _dynamics_section(ctx),
       _correlation_section(ctx),
   ) if s is not None]
@@ -257,8 +269,22 @@ def _facts_section(ctx: _Context, note: str) -> _Section:
   rows.append(("created", m.get("created", "")))
   if note:
     rows.append(("images", note))
-  body = _table(None, rows, "facts")
+  body = _few_models_warning(models.get("finished"), s.get("memorization_median_se")) + _table(None, rows, "facts")
   return _Section("facts", "Run", body)
+
+
+#: Below this many finished models a report opens with a warning: each example then has only a
+#: handful of models with and without it, and every per-example estimate is mostly noise.
+FEW_MODELS = 16
+
+
+def _few_models_warning(finished, median_se) -> str:
+  if not isinstance(finished, int) or finished >= FEW_MODELS:
+    return ""
+  se = f" (median memorization standard error ±{median_se:.2f})" if isinstance(median_se, float) else ""
+  return (f'<p class="warning"><strong>Warning: only {finished} models.</strong> Each example was held in and out '
+          f"by only a few of them, so the standard errors are wide{se}: rankings, galleries and pairs below are "
+          f"mostly noise. Grow the run (same command, larger --num-models) to at least {FEW_MODELS * 4} models.</p>")
 
 
 def _memorization_section(ctx: _Context) -> _Section | None:
@@ -300,6 +326,7 @@ def _memorization_section(ctx: _Context) -> _Section | None:
       a.set_title(f"label {c}: mean {np.mean(mem[in_class]):.2f}", fontsize=9)
       a.tick_params(labelsize=7)
     fig.supxlabel("memorization (training label as trained on)", fontsize=9)
+    fig.supylabel("training examples (log scale)", fontsize=9)
   else:  # many classes: one bar per class, sorted, instead of unreadable small multiples
     means = np.array([np.nanmean(mem[labels == c]) for c in classes])
     order = np.argsort(means)
@@ -345,13 +372,34 @@ def _gallery(ctx: _Context, indices: np.ndarray, column: str, title: str, name: 
   return ctx.save(fig, name, title)
 
 
+def tie_sample(values: np.ndarray, k: int, seed: int = 0) -> np.ndarray:
+  """The k smallest values' indices; when more than k examples tie at the minimum (often hundreds
+  at memorization 0), k of the tie drawn at random (fixed seed, so reports are stable) in index
+  order, instead of the first k indices, which say nothing about the tie."""
+  v = values.astype(float)
+  finite = np.isfinite(v)
+  if not finite.any():
+    return _order(v, False)[:k]
+  tie = np.flatnonzero(finite & (v == np.nanmin(v)))
+  if tie.size <= k:
+    return _order(v, False)[:k]
+  return np.sort(np.random.default_rng(seed).choice(tie, size=k, replace=False))
+
+
+def _tie_note(values: np.ndarray, k: int) -> str:
+  v = values.astype(float)
+  ties = int(np.sum(v == np.nanmin(v))) if np.isfinite(v).any() else 0
+  return (f" ({k} of the {ties} examples tied at the minimum {np.nanmin(v):.2f}, drawn at random)"
+          if ties > k else "")
+
+
 def _gallery_section(ctx: _Context) -> _Section | None:
   if not ctx.has("memorization"):
     return None
   mem = ctx.scores["memorization"]
   finite = np.flatnonzero(np.isfinite(mem.astype(float)))
   k = min(ctx.top, len(finite))
-  most, least = _order(mem, True)[:k], _order(mem, False)[:k]
+  most, least = _order(mem, True)[:k], tie_sample(mem, k)
   legend = ("<p>Each image: training index, label trained on (a flipped label in red, with the original), "
             "memorization ± standard error.</p>")
   noisy = ctx.scores["noisy"].astype(bool) if "noisy" in ctx.scores else np.zeros(len(mem), bool)
@@ -363,9 +411,8 @@ def _gallery_section(ctx: _Context) -> _Section | None:
     if most_clean:
       body += _gallery(ctx, np.asarray(most_clean), "memorization",
                        f"{len(most_clean)} most memorized training examples with clean labels", "gallery_most_clean.png")
-    ties = int(np.sum(mem == np.nanmin(mem)))
-    tie_note = f" ({ties} tie at the minimum {np.nanmin(mem):.2f}; the first by index)" if ties > k else ""
-    body += _gallery(ctx, least, "memorization", f"{k} least memorized training examples{tie_note}", "gallery_least.png")
+    body += _gallery(ctx, least, "memorization", f"{k} least memorized training examples{_tie_note(mem, k)}",
+                     "gallery_least.png")
   else:
     s = ctx.scores
     header = ("index", "label", "clean label", "flipped", "memorization", "standard error")
@@ -377,6 +424,8 @@ def _gallery_section(ctx: _Context) -> _Section | None:
     body = f"<h3>{k} most memorized</h3>" + _table(header, rows(most))
     if most_clean:
       body += f"<h3>{len(most_clean)} most memorized with clean labels</h3>" + _table(header, rows(most_clean))
+    note = _tie_note(mem, k)
+    body += (f"<p>Least memorized:{html.escape(note[1:-1])}.</p>" if note else "")
     body += f"<h3>{k} least memorized</h3>" + _table(header, rows(least))
   return _Section("gallery", "Most and least memorized training examples", body)
 
@@ -412,17 +461,22 @@ def _influence_section(ctx: _Context) -> _Section | None:
     n = len(order)
     cols = min(4, n)
     rows = -(-n // cols)
-    fig = _figure(2.9 * cols, 1.75 * rows + 0.3)
-    grid = fig.add_gridspec(rows, 2 * cols)
+    fig = _figure(3.2 * cols, 1.9 * rows + 0.3)
+    # Each pair gets two image columns and a narrow gap column, and its value is the x-label of a
+    # frameless axes spanning both images: centred under its own pair, not between two pairs.
+    grid = fig.add_gridspec(rows, 3 * cols - 1, width_ratios=([1, 1, 0.35] * cols)[:-1])
     for p, r in enumerate(order):
       i, j = int(table["train_index"][r]), int(table["test_index"][r])
       row, col = divmod(p, cols)
-      a_train, a_test = fig.add_subplot(grid[row, 2 * col]), fig.add_subplot(grid[row, 2 * col + 1])
+      a_pair = fig.add_subplot(grid[row, 3 * col: 3 * col + 2], frameon=False)
+      a_pair.set_xticks([])
+      a_pair.set_yticks([])
+      a_pair.set_xlabel(f"infl {float(table['influence'][r]):.2f}", fontsize=8)
+      a_train, a_test = fig.add_subplot(grid[row, 3 * col]), fig.add_subplot(grid[row, 3 * col + 1])
       _show_image(a_train, ctx.dataset.x_train[i])
       _show_image(a_test, ctx.dataset.x_test[j])
       a_train.set_title(f"train #{i} y={int(ctx.scores['label'][i])}", fontsize=7)
       a_test.set_title(f"→ test #{j} y={int(test_labels[j])}", fontsize=7)
-      a_test.set_xlabel(f"infl {float(table['influence'][r]):.2f}", fontsize=7)
     fig.suptitle("highest-influence pairs: training image → test image", fontsize=10)
     body += ctx.save(fig, "influence_pairs.png", "influence pairs")
   columns = [c for c in ("train_index", "test_index", "influence", "influence_se", "memorization") if c in table]
@@ -460,19 +514,48 @@ def _cscore_section(ctx: _Context) -> _Section | None:
   return _Section("cscore", "C-score", body)
 
 
-def _flatten(obj, prefix: str = "") -> list[tuple[str, Any]]:
-  out = []
-  if isinstance(obj, dict):
-    for k, v in obj.items():
-      out.extend(_flatten(v, f"{prefix}.{k}" if prefix else str(k)))
-  elif isinstance(obj, list):
-    if all(isinstance(v, (int, float)) for v in obj) and len(obj) <= 8:
-      out.append((prefix, ", ".join(_fmt(v) for v in obj)))
-    else:
-      out.append((prefix, f"list of {len(obj)}"))
-  else:
-    out.append((prefix, obj))
-  return out
+#: The attack metrics' TPR keys (jaxmem.scores.attack_metrics.tpr_key): ``tpr_at_0.1%_fpr``.
+TPR_KEY = r"tpr_at_([0-9.e+-]+)%_fpr"
+
+
+def _lira_tables(summary: dict[str, Any]) -> str:
+  """``lira.json`` as the CLI prints it: one row per attack, one column per metric (value and 95%
+  bootstrap interval), then the facts of the evaluation and the most exposed examples."""
+  body = ""
+  attacks = summary.get("attack")
+  if not isinstance(attacks, dict):  # an older or hand-written file: its top-level entries with an AUC
+    attacks = {k: v for k, v in summary.items() if isinstance(v, dict) and "auc" in v}
+  if attacks:
+    first = next(iter(attacks.values()))
+    tprs = [k for k in first if re.fullmatch(TPR_KEY, k)]
+    tprs.sort(key=lambda k: float(re.fullmatch(TPR_KEY, k).group(1)))
+    metrics = ([("auc", "AUC")] + [(k, f"TPR@{re.fullmatch(TPR_KEY, k).group(1)}%FPR") for k in tprs]
+               + [("balanced_accuracy", "balanced acc")])
+    metrics = [(key, header) for key, header in metrics if key in first]
+
+    def cell(metric) -> str:
+      if isinstance(metric, dict) and "value" in metric:
+        interval = f" [{metric['low']:.3f}, {metric['high']:.3f}]" if "low" in metric and "high" in metric else ""
+        return f"{metric['value']:.3f}{interval}"
+      return _fmt(metric)
+    rows = [[VARIANT_LABELS.get(name, name)] + [cell(values.get(key, float("nan"))) for key, _ in metrics]
+            for name, values in attacks.items() if isinstance(values, dict)]
+    body += ("<p>Attack metrics, 95% bootstrap intervals over examples.</p>"
+             + _table(["attack"] + [header for _, header in metrics], rows))
+  facts = [(label, summary[key]) for key, label in (
+      ("models", "models"), ("pairs_evaluated", "(target, example) pairs evaluated"), ("queries", "queries per example"),
+      ("center", "center"), ("unscored_examples", "examples without enough in or out shadow models"),
+      ("fully_exposed_examples", "examples with per-example AUC 1.0"),
+      ("spearman_lira_online_memorization", "Spearman of lira_online with memorization")) if key in summary]
+  if "targets" in summary and isinstance(summary["targets"], list):
+    facts.insert(1, ("target models", len(summary["targets"])))
+  if facts:
+    body += _table(None, facts, "facts")
+  exposed = summary.get("most_exposed")
+  if isinstance(exposed, list) and exposed and isinstance(exposed[0], dict):
+    columns = [c for c in ("index", "label", "noisy", "lira_online", "lira_offline", "memorization") if c in exposed[0]]
+    body += "<h3>Most exposed training examples</h3>" + _table(columns, [[row.get(c) for c in columns] for row in exposed])
+  return body
 
 
 def _lira_section(ctx: _Context) -> _Section | None:
@@ -490,8 +573,7 @@ def _lira_section(ctx: _Context) -> _Section | None:
     ctx.images.append("lira_roc.png")
     body += '<img src="lira_roc.png" alt="LiRA ROC" style="max-width:640px">'
   if lira_json.is_file():
-    rows = [(k, v) for k, v in _flatten(_read_json(lira_json))][:60]
-    body += _table(("LiRA result", "value"), rows)
+    body += _lira_tables(_read_json(lira_json))
   if columns:
     fig = _figure(7, 3)
     ax = fig.add_subplot()
@@ -501,8 +583,96 @@ def _lira_section(ctx: _Context) -> _Section | None:
     ax.set_yscale("log")
     ax.legend()
     ax.set_xlabel("LiRA score per training example")
+    ax.set_ylabel("training examples (log scale)")
     body += ctx.save(fig, "lira_scores.png", "LiRA score histogram")
   return _Section("lira", "Membership inference (LiRA)", body)
+
+
+def _interval(entry: dict[str, Any], value: str = "value", low: str = "low", high: str = "high") -> str:
+  """"value [low, high]", or an empty cell when the value is missing."""
+  return _with_interval(*(entry.get(k, float("nan")) for k in (value, low, high)))
+
+
+def _with_interval(value, low, high) -> str:
+  if not isinstance(value, (int, float, np.number)) or not np.isfinite(value):
+    return ""
+  return f"{_fmt(value)} [{_fmt(low)}, {_fmt(high)}]"
+
+
+def _copy_image(ctx: _Context, source: Path, name: str, alt: str) -> str:
+  shutil.copyfile(source, ctx.out / name)
+  ctx.images.append(name)
+  return f'<img src="{name}" alt="{html.escape(alt)}" style="max-width:900px">'
+
+
+def _rmia_section(ctx: _Context) -> _Section | None:
+  if "rmia" in ctx.stale:
+    return None
+  summary = _read_json(ctx.run_path / "rmia.json")
+  if not summary:
+    return None
+  body = (f"<p>RMIA (Zarifzadeh et al. 2024): score(x) = Pr<sub>z</sub>[LR(x, z) ≥ γ] over "
+          f"{summary.get('population')} test examples as population; a = {_fmt(summary.get('a'))} (tuned), "
+          f"γ = {_fmt(summary.get('gamma'))}; {len(summary.get('targets', []))} targets, all other models as "
+          f"references; 95% bootstrap intervals over examples.</p>")
+  if (ctx.run_path / "rmia_roc.png").is_file():
+    body += _copy_image(ctx, ctx.run_path / "rmia_roc.png", "rmia_roc.png", "RMIA ROC")
+  eps = summary.get("eps_lower_bound", {})
+  rows = [(name, _interval(m.get("auc", {})), _interval(m.get("tpr_at_0.1%_fpr", {})), _interval(m.get("tpr_at_1%_fpr", {})),
+           eps.get(name, {}).get("eps", float("nan"))) for name, m in summary.get("attack", {}).items()]
+  body += _table(("attack", "AUC", "TPR@0.1%FPR", "TPR@1%FPR", "ε lower bound"), rows)
+  if summary.get("eps_caveat"):
+    body += f"<p><small>{html.escape(summary['eps_caveat'])}</small></p>"
+  return _Section("rmia", "Membership inference (RMIA)", body)
+
+
+def _attack_refs_section(ctx: _Context) -> _Section | None:
+  table, plot = ctx.run_path / "attack_refs" / "attack_refs.csv", ctx.run_path / "attack_refs" / "attack_refs.png"
+  if not table.is_file():
+    return None
+  body = ("<p>Attack power against the number K of reference models per target "
+          "(<code>jaxmem study attack-refs</code>); each attack on the pairs it can score (coverage).</p>")
+  if plot.is_file():
+    body += _copy_image(ctx, plot, "attack_refs.png", "attack power vs reference models")
+  data = read_scores_csv(table)
+  rows = [(int(k), a, _with_interval(auc, lo, hi), t1, t2, e, c) for k, a, auc, lo, hi, t1, t2, e, c in zip(
+      data["refs"], data["attack"], data["auc"], data["auc_low"], data["auc_high"], data["tpr_at_0.1pct_fpr"],
+      data["tpr_at_1pct_fpr"], data["eps_lower_bound"], data["coverage"])]
+  body += _table(("K", "attack", "AUC", "TPR@0.1%FPR", "TPR@1%FPR", "ε lower bound", "coverage"), rows)
+  return _Section("attack_refs", "Attack power vs reference models", body)
+
+
+def _lds_section(ctx: _Context) -> _Section | None:
+  if "lds" in ctx.stale:
+    return None
+  summary = _read_json(ctx.run_path / "lds.json")
+  if not summary:
+    return None
+  settings = summary.get("settings", {})
+  body = (f"<p>Linear datamodeling score (Park et al. 2023): Spearman correlation over "
+          f"{settings.get('evaluation_models')} held-out models between the summed attribution of each model's "
+          f"subset and its test margin, averaged over test examples; attributions from the other "
+          f"{settings.get('estimation_models')} models. 95% bootstrap intervals over test examples.</p>")
+  rows = [(name, _interval(e, "lds", "lds_low", "lds_high"), f"{e.get('test_examples_used')} of {e.get('test_examples')}")
+          for name, e in summary.items() if name != "settings"]
+  body += _table(("attribution", "LDS", "test examples used"), rows)
+  return _Section("lds", "Data attribution: linear datamodeling score", body)
+
+
+def _proxies_section(ctx: _Context) -> _Section | None:
+  table = ctx.run_path / "proxies" / "proxies.csv"
+  if not table.is_file():
+    return None
+  data = read_scores_csv(table)
+  body = ("<p>Cheap memorization proxies from k models (<code>jaxmem study proxies</code>) against the run's "
+          "memorization from all models; 95% bootstrap intervals over examples; cost relative to the full "
+          "estimate in model-epochs. Proxies, not memorization.</p>")
+  rows = [(int(k), name, _with_interval(sp, lo, hi), pe, au, int(n), c)
+          for k, name, sp, lo, hi, pe, au, n, c in zip(
+              data["models"], data["proxy"], data["spearman"], data["spearman_low"], data["spearman_high"],
+              data["pearson"], data["auroc_flipped"], data["examples_used"], data["cost_ratio"])]
+  body += _table(("k", "proxy", "Spearman", "Pearson", "AUROC flipped", "examples", "cost ratio"), rows)
+  return _Section("proxies", "Memorization proxies", body)
 
 
 def _dynamics_section(ctx: _Context) -> _Section | None:
@@ -574,6 +744,7 @@ nav a{margin-right:1em} img{max-width:100%;height:auto;display:block;margin:0.8e
 table{border-collapse:collapse;margin:0.8em 0;font-size:0.9em} td,th{border:1px solid #ddd;padding:0.25em 0.6em;text-align:right}
 table.facts td{text-align:left} table.facts td:first-child{font-weight:600;white-space:nowrap}
 th{background:#f4f4f4} code{background:#f4f4f4;padding:0 0.2em}
+p.warning{background:#fff4e5;border-left:4px solid #e69500;padding:0.5em 0.8em}
 """
 
 

@@ -6,12 +6,12 @@ checksum) and only missing or corrupt ones are trained.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
+import os
 import platform
+import shutil
 import signal
 import sys
-import threading
 import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -21,10 +21,13 @@ import numpy as np
 from jaxmem.config import RunConfig
 from jaxmem.data import Dataset, load_dataset
 from jaxmem.errors import JaxmemError
+from jaxmem.lock import RunLock
 from jaxmem.masks import make_masks
 from jaxmem.scores import auroc
 from jaxmem.scoring import ScoreTable, score_records, write_scores
-from jaxmem.store import FORMAT_VERSION, Records, RunDir, utc_now, write_json_atomic
+from jaxmem.records import (ChunkCheckpoint, FORMAT_VERSION, Records, RunDir, append_event, atomic_path,
+                            identity_differences, save_params, utc_now, write_bytes_atomic, write_json_atomic)
+from jaxmem.signals import StopRequest, stop_on_signals, training_phase  # noqa: F401 (stop_on_signals: re-exported)
 
 
 @dataclasses.dataclass
@@ -44,52 +47,6 @@ class RunInterrupted(JaxmemError):
   def __init__(self, message: str, *, exit_code: int):
     super().__init__(message)
     self.exit_code = exit_code
-
-
-class StopRequest:
-  """Set by a signal (see :func:`stop_on_signals`); polled by the trainer between host calls."""
-
-  def __init__(self):
-    self._event = threading.Event()
-    self.signal_name: str | None = None
-
-  def set(self, signal_name: str = "stop") -> None:
-    self.signal_name = self.signal_name or signal_name
-    self._event.set()
-
-  def __call__(self) -> bool:
-    return self._event.is_set()
-
-
-@contextlib.contextmanager
-def stop_on_signals(signals=(signal.SIGINT, signal.SIGTERM), log: Callable[[str], None] = print):
-  """Within the block, SIGTERM/SIGINT set the yielded :class:`StopRequest` instead of killing the
-  process: training saves the chunk in progress at the next host-call boundary and stops cleanly.
-  A second signal restores the default handlers (a second Ctrl-C aborts at once). Handlers are
-  restored on exit; outside the main thread this does nothing."""
-  stop = StopRequest()
-  if threading.current_thread() is not threading.main_thread():
-    yield stop
-    return
-  previous = {s: signal.getsignal(s) for s in signals}
-
-  def handler(signum, frame):
-    if stop():
-      for s, h in previous.items():
-        signal.signal(s, h)
-      signal.raise_signal(signum)
-      return
-    stop.set(signal.Signals(signum).name)
-    log(f"jaxmem: {signal.Signals(signum).name} received: saving the chunk in progress at the next "
-        "epoch boundary, then stopping (send it again to abort at once)")
-
-  for s in signals:
-    signal.signal(s, handler)
-  try:
-    yield stop
-  finally:
-    for s, h in previous.items():
-      signal.signal(s, h)
 
 
 def _process_layout() -> tuple[int, int]:
@@ -187,9 +144,43 @@ def check_config_against_dataset(config: RunConfig, dataset: Dataset) -> None:
   if config.batch_size > smallest:
     raise JaxmemError(f"batch_size {config.batch_size} is larger than the smallest training subset "
                       f"({smallest} examples); use --batch-size <= {smallest}")
+  mask_bytes = config.num_models * dataset.num_train  # keep (M, N) bool, held whole on the host
+  memory = _host_memory_bytes()
+  if memory and mask_bytes > memory // 2:
+    raise JaxmemError(f"num_models {config.num_models} x {dataset.num_train} training examples needs a "
+                      f"{mask_bytes / 2**30:.1f} GiB membership mask, more than half of this machine's "
+                      f"{memory / 2**30:.0f} GiB; use fewer models (or --shard the run over machines)")
+  check_model_builds(config, dataset)
+  if config.augment and not dataset.is_image:
+    raise JaxmemError(f"--augment (random flips and crops) needs image data; dataset {dataset.name!r} has inputs "
+                      f"of shape {dataset.input_shape}: drop --augment")
   if config.queries > 1 and not dataset.is_image:
     raise JaxmemError(f"queries {config.queries} (flips and shifts) need image data; dataset "
                       f"{dataset.name!r} has inputs of shape {dataset.input_shape}: use --queries 1")
+
+
+def _host_memory_bytes() -> int | None:
+  try:
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+  except (ValueError, OSError, AttributeError):
+    return None
+
+
+def check_model_builds(config: RunConfig, dataset: Dataset) -> None:
+  """Builds the model and its parameter shapes for one example (``jax.eval_shape``: nothing is
+  computed or allocated) before anything is written: bad model options (e.g. ``hidden_sizes``
+  given as a string) fail here in one line, not inside the first training step after the run
+  directory exists."""
+  import jax
+  from jaxmem.models import build_model
+  model = build_model(config.model, dataset.num_classes, config.model_options, dtype=config.compute_dtype)
+  x = jax.ShapeDtypeStruct((1, *dataset.input_shape), np.float32)
+  try:
+    jax.eval_shape(lambda x: model.init(jax.random.PRNGKey(0), x), x)
+  except Exception as e:  # flax and JAX raise TypeError, ValueError, ScopeParamShapeError, ...
+    first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+    raise JaxmemError(f"model {config.model!r} with options {config.model_options!r} cannot be built for inputs of "
+                      f"shape {dataset.input_shape}: {first}") from None
 
 
 def build_manifest(config: RunConfig, dataset: Dataset, chunks: list[list[int]]) -> dict[str, Any]:
@@ -214,8 +205,20 @@ def run(config: RunConfig, out: str | Path, *, overwrite: bool = False, progress
   then cover whatever is complete, see :func:`merge`). ``should_stop`` (e.g. a
   :class:`StopRequest`) is polled between host calls: the chunk in progress is checkpointed and
   :class:`RunInterrupted` raised. A chunk interrupted before (signal or kill) resumes from its last
-  checkpoint, bitwise as if never interrupted.
+  checkpoint, bitwise as if never interrupted. ``out`` is locked while the run holds it (see
+  :class:`jaxmem.lock.RunLock`): a second run on it raises a :class:`JaxmemError` naming the holder.
   """
+  process, num_processes = _process_layout()
+  # One writer per directory (a shard per shard): a second run on it is refused in one line.
+  with RunLock(out, shard=(process, num_processes) if num_processes > 1 else shard, log=log):
+    return _run(config, out, overwrite=overwrite, progress=progress, log=log, devices=devices, dataset=dataset,
+                estimators=estimators, shard=shard, should_stop=should_stop, score_options=score_options)
+
+
+def _run(config: RunConfig, out: str | Path, *, overwrite: bool, progress: bool, log: Callable[[str], None],
+         devices: Sequence[Any] | None, dataset: Dataset | None, estimators: Sequence[str] | None,
+         shard: tuple[int, int] | None, should_stop: Callable[[], bool] | None,
+         score_options: dict[str, dict[str, Any]] | None) -> RunResult:
   config.validate()
   start = time.perf_counter()
   process, num_processes = _process_layout()
@@ -236,7 +239,7 @@ def run(config: RunConfig, out: str | Path, *, overwrite: bool = False, progress
   keep_MxN, ratio_M = make_masks(config.mask_design, config.num_models, dataset.num_train,
                                  config.subset_ratios, config.seed)
   chunks = plan_chunks(config.num_models, len(config.subset_ratios), config.chunk_size)
-  run_dir = RunDir.create_or_open(out, build_manifest(config, dataset, chunks), overwrite=overwrite)
+  run_dir = RunDir.create_or_open(out, build_manifest(config, dataset, chunks), overwrite=overwrite, log=log)
   run_dir.write_design({
       "keep": keep_MxN, "subset_ratio": ratio_M, "train_labels": dataset.y_train,
       "clean_train_labels": dataset.clean_y_train, "test_labels": dataset.y_test, "noisy": dataset.noisy})
@@ -266,9 +269,14 @@ def run(config: RunConfig, out: str | Path, *, overwrite: bool = False, progress
     engine = Engine(dataset, config, devices=devices, log=log)
     run_dir.update_manifest(strategy=str(engine.resolve_strategy(keep_MxN[chunks[todo[0]]])),
                             probe_seconds=engine.probe_seconds, devices=[str(d) for d in engine.devices])
-    _train_chunks(engine, run_dir, chunks, todo, keep_MxN, progress=progress,
-                  done_models=sum(len(chunks[c]) for c in skipped), should_stop=should_stop,
-                  after_chunk=None if target is None else (lambda c, r: target.add(r["keep"], r["train_correct"])))
+    with training_phase(should_stop):
+      _train_chunks(engine, run_dir, chunks, todo, keep_MxN, progress=progress,
+                    done_models=sum(len(chunks[c]) for c in skipped), should_stop=should_stop,
+                    after_chunk=None if target is None else (lambda c, r: target.add(r["keep"], r["train_correct"])))
+    if isinstance(should_stop, StopRequest) and should_stop():  # the signal came after the last poll
+      name = should_stop.signal_name
+      raise RunInterrupted(f"interrupted by {name} after training: all chunks are saved, scores not written",
+                           exit_code=128 + int(signal.Signals[name]) if name in signal.Signals.__members__ else 130)
     if target is not None and target.reached():
       todo = [c for c in todo if run_dir.chunk_status(c) == "complete"]
       log(f"--target-se {target.target:g} reached: median memorization standard error {target.median_se:.4f} "
@@ -306,7 +314,6 @@ def merge(run_dir: str | Path, sources: Sequence[str | Path] = (), *, estimators
   Writes ``scores.csv`` and ``summary.json`` and returns the summary.
   """
   from jaxmem.scoring import parse_estimator_names, score_run
-  from jaxmem.store import identity_differences, write_bytes_atomic
   run = RunDir.open(run_dir)
   for source in sources:
     other = RunDir.open(source)
@@ -318,7 +325,8 @@ def merge(run_dir: str | Path, sources: Sequence[str | Path] = (), *, estimators
                         f"{str(run.path)!r}")
     copied = [c for c in other.completed_chunks() if run.chunk_status(c) != "complete"]
     for c in copied:
-      write_bytes_atomic(run.chunk_path(c), other.chunk_path(c).read_bytes())
+      with atomic_path(run.chunk_path(c)) as tmp:  # copied by the OS, not through memory
+        shutil.copyfile(other.chunk_path(c), tmp)
       write_bytes_atomic(run.chunk_path(c).with_suffix(".json"), other.chunk_path(c).with_suffix(".json").read_bytes())
     log(f"merged {len(copied)} chunks from {source}")
   for c in range(len(run.chunk_plan())):
@@ -364,7 +372,6 @@ def _train_chunks(engine, run_dir: RunDir, chunks, todo, keep_MxN, *, progress: 
                   after_chunk: Callable[[int, dict], bool] | None = None) -> None:
   from tqdm.auto import tqdm
   from jaxmem.engine.trainer import TrainingStopped
-  from jaxmem.store import ChunkCheckpoint, append_event, save_params
   keep_ids = kept_param_ids(str(engine.config.keep_params), engine.config.num_models)
   total = sum(len(c) for c in chunks)
   epochs = engine.config.epochs
@@ -448,10 +455,13 @@ def summarize(records: Records, table: ScoreTable, *, dataset: Dataset | None = 
 def format_summary(summary: dict[str, Any]) -> str:
   """The human summary printed at the end of ``jaxmem run``."""
   acc = summary["accuracy"]
+  models = f"models: {summary['models']['finished']} of {summary['models']['planned']} finished"
+  chunks = summary["chunks"]
+  if chunks["trained_now"] or chunks["already_complete"]:  # a run; `jaxmem scores` and `merge` train nothing
+    models += (f" ({chunks['trained_now']} chunks trained now, {chunks['already_complete']} resumed) "
+               f"in {summary['seconds']:.1f}s")
   lines = [
-      f"models: {summary['models']['finished']} of {summary['models']['planned']} finished "
-      f"({summary['chunks']['trained_now']} chunks trained now, {summary['chunks']['already_complete']} resumed) "
-      f"in {summary['seconds']:.1f}s",
+      models,
       f"accuracy of the subset models: own subset {acc['train_subset']:.3f}, held-out training examples "
       f"{acc['train_held_out']:.3f}, test {acc['test']:.3f}"]
   if "memorization_median_se" in summary:

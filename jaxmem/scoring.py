@@ -10,8 +10,9 @@ Layout under a run directory:
   registry order, then the studies'. Rebuilt whenever a table changes, so recomputing one estimator
   replaces only its own columns, and a column disappears only when its table is removed on purpose.
 * Extra outputs beside them as before: ``influence_topk.csv``, ``influence_pairs.csv``,
-  ``influence.npy``, ``lira.json``, ``lira_roc.csv``, ``correlations.csv`` (the correlations of the
-  joined table, recomputed with every join), ``scores_summary.json``.
+  ``influence.npy``, ``lira.json``, ``lira_roc.csv``/``.png``, ``rmia.json``, ``rmia_roc.csv``/``.png``,
+  ``lds.json``, ``lds_per_test.csv``, ``correlations.csv`` (the correlations of the joined table,
+  recomputed with every join), ``scores_summary.json``.
 
 Per-example estimators run block by block over ``records.example_blocks(block_size)`` with the block
 size from a memory budget, reading only the records they need for that block
@@ -38,7 +39,7 @@ from jaxmem.scores import ESTIMATOR_LIST, ESTIMATORS, Estimator, EstimatorResult
 from jaxmem.scores.attack_metrics import DEFAULT_FPRS, tpr_key
 from jaxmem.scores.correlations import correlations_result
 from jaxmem.scores.lira import VARIANT_LABELS
-from jaxmem.store import Records, RunDir, atomic_path, utc_now, write_bytes_atomic, write_json_atomic
+from jaxmem.records import Records, RunDir, atomic_path, utc_now, write_bytes_atomic, write_json_atomic
 
 SCORES_CSV = "scores.csv"
 TABLES = "scores"
@@ -227,6 +228,7 @@ def lira_lines(summary: dict, fprs: Sequence[float] = DEFAULT_FPRS) -> list[str]
   if summary.get("unscored_attack_examples"):
     lines.append(f"  warning: {summary['unscored_attack_examples']} examples lack enough in or out shadow models for "
                  "some target and were left out of these metrics")
+  lines.extend(eps_lines(summary))
   if summary.get("unscored_examples"):
     lines.append(f"  warning: {summary['unscored_examples']} examples have fewer than {summary['min_models']} in or out "
                  "shadow models; their lira_online is empty")
@@ -243,6 +245,52 @@ def lira_lines(summary: dict, fprs: Sequence[float] = DEFAULT_FPRS) -> list[str]
   if "spearman_lira_online_memorization" in summary:
     lines.append(f"Spearman rank correlation of lira_online with memorization: "
                  f"{summary['spearman_lira_online_memorization']:.3f} ({summary['spearman_examples']} examples)")
+  return lines
+
+
+def eps_lines(summary: dict) -> list[str]:
+  """The empirical ε lower bound of each attack variant in an attack summary, with its caveat."""
+  bounds = summary.get("eps_lower_bound") or {}
+  if not bounds:
+    return []
+  first = next(iter(bounds.values()))
+  return [f"  eps lower bound (delta {first.get('delta', float('nan')):g}, "
+          f"{100 * first.get('confidence', 0.95):g}% one-sided Clopper-Pearson): "
+          + ", ".join(f"{name} {bound['eps']:.2f}" for name, bound in bounds.items()),
+          f"  ({summary.get('eps_caveat', '')})"]
+
+
+def rmia_lines(summary: dict, fprs: Sequence[float] = DEFAULT_FPRS) -> list[str]:
+  """The RMIA attack rows (with ε lower bounds), LiRA on the same targets, and the correlation."""
+  lines = [f"RMIA attack: {len(summary['targets'])} target models, each attacked with the other models as references; "
+           f"population: {summary['population']} test examples; a = {summary['a']:g} (tuned on model "
+           f"{summary['a_tuning']['tuning_model']}), gamma = {summary['gamma']:g}; 95% bootstrap intervals over examples"]
+  fmt = lambda m: f"{m['value']:.3f} [{m['low']:.3f}, {m['high']:.3f}]"
+  for name, metric in summary["attack"].items():
+    row = f"  {name:<28} AUC {fmt(metric['auc'])}"
+    for alpha in fprs:
+      row += f"  TPR@{100 * alpha:g}%FPR {fmt(metric[tpr_key(alpha)])}"
+    bound = summary["eps_lower_bound"][name]
+    row += f"  eps >= {bound['eps']:.2f} (delta {bound['delta']:g}, {100 * bound['confidence']:g}% one-sided)"
+    lines.append(row)
+  lines.append(f"  ({summary['eps_caveat']})")
+  for name, metric in summary.get("lira_same_targets", {}).items():
+    lines.append(f"  {'lira_' + name:<28} AUC {fmt(metric['auc'])}  TPR@0.1%FPR {fmt(metric[tpr_key(0.001)])}  "
+                 f"TPR@1%FPR {fmt(metric[tpr_key(0.01)])}  (same targets)")
+  if "spearman_rmia_online_memorization" in summary:
+    lines.append(f"Spearman rank correlation of rmia_online with memorization: "
+                 f"{summary['spearman_rmia_online_memorization']:.3f}")
+  return lines
+
+
+def lds_lines(summary: dict) -> list[str]:
+  """Each attribution method's LDS with its interval."""
+  settings = summary["settings"]
+  lines = [f"LDS (Spearman over {settings['evaluation_models']} held-out models of the summed attribution vs the test "
+           f"margin; attributions from the other {settings['estimation_models']}; 95% bootstrap over test examples):"]
+  for method, entry in ((k, v) for k, v in summary.items() if k != "settings"):
+    lines.append(f"  {method:<22} {entry['lds']:.3f} [{entry['lds_low']:.3f}, {entry['lds_high']:.3f}]  "
+                 f"({entry['test_examples_used']} of {entry['test_examples']} test examples)")
   return lines
 
 
@@ -285,6 +333,12 @@ def format_lines(name: str, summary: dict, options: dict | None = None) -> list[
     return influence_lines(summary)
   if name == "lira":
     return lira_lines(summary)
+  if name == "rmia":
+    return rmia_lines(summary)
+  if name == "lds":
+    return lds_lines(summary)
+  if name == "csl" and summary:
+    return ["cumulative sample loss (a proxy): " + ", ".join(f"{k} {v:.3f}" for k, v in summary.items())]
   if name == "correlations":
     return correlation_lines(summary)
   return []
@@ -415,7 +469,8 @@ def _write_matrix(path: Path, matrix) -> None:
 
 def write_outputs(path: Path, table: ScoreTable) -> list[Path]:
   """The estimators' extra outputs in ``path``: their tables as ``<name>.csv``, matrices as
-  ``<name>.npy`` and LiRA's summary as ``lira.json``."""
+  ``<name>.npy``, the summaries of :data:`SUMMARY_FILES` as ``<name>.json`` and the ROC plots of
+  :data:`ROC_PLOTS`."""
   written = []
   for result in table.results.values():
     for name, columns in result.tables.items():
@@ -424,19 +479,39 @@ def write_outputs(path: Path, table: ScoreTable) -> list[Path]:
     for name, matrix in result.matrices.items():
       _write_matrix(path / f"{name}.npy", matrix)
       written.append(path / f"{name}.npy")
-  if "lira" in table.summary:
-    write_json_atomic(path / "lira.json", table.summary["lira"])
-    written.append(path / "lira.json")
-    if "lira" in table.results and "lira_roc" in table.results["lira"].tables:
-      with atomic_path(path / "lira_roc.png") as tmp:
-        plot_roc(table.results["lira"].tables["lira_roc"], table.summary["lira"], tmp)
-      written.append(path / "lira_roc.png")
+  for name in SUMMARY_FILES:
+    if name in table.summary and name in table.estimators:
+      write_json_atomic(path / f"{name}.json", table.summary[name])
+      written.append(path / f"{name}.json")
+  for name, title in ROC_PLOTS.items():
+    result = table.results.get(name)
+    if result is not None and f"{name}_roc" in result.tables:
+      with atomic_path(path / f"{name}_roc.png") as tmp:
+        plot_roc(result.tables[f"{name}_roc"], table.summary[name], tmp, title=title)
+      written.append(path / f"{name}_roc.png")
   return written
+
+
+def output_names(table: ScoreTable) -> list[str]:
+  """The names of the extra files :func:`write_outputs` writes for ``table``."""
+  names = [f"{name}.csv" for r in table.results.values() for name in r.tables]
+  names += [f"{name}.npy" for r in table.results.values() for name in r.matrices]
+  names += [f"{name}.json" for name in SUMMARY_FILES if name in table.summary]
+  names += [f"{name}_roc.png" for name in ROC_PLOTS if f"{name}_roc" in getattr(table.results.get(name), "tables", {})]
+  return names
+
+
+#: Estimators whose summary is also written whole as ``<name>.json`` beside the tables.
+SUMMARY_FILES = ("lira", "rmia", "lds")
+#: Estimators whose ``<name>_roc`` table is drawn as ``<name>_roc.png``, with the plot's title.
+ROC_PLOTS = {"lira": "LiRA on jaxmem subset models", "rmia": "RMIA and LiRA on the same jaxmem targets"}
 
 
 def plot_roc(roc: dict[str, np.ndarray], summary: dict[str, Any], path, *,
              title: str = "LiRA on jaxmem subset models") -> None:
-  """Log-log ROC curves of every LiRA variant (PNG, matplotlib's Agg canvas, never pyplot)."""
+  """Log-log ROC curves of every variant in ``roc`` (PNG, matplotlib's Agg canvas, never pyplot);
+  legend numbers from the summary's ``attack`` metrics (and ``lira_same_targets``, RMIA's LiRA
+  comparison on the same pairs)."""
   # matplotlib takes about a second to import; only runs that score LiRA pay for it.
   from matplotlib.backends.backend_agg import FigureCanvasAgg
   from matplotlib.figure import Figure
@@ -452,7 +527,7 @@ def plot_roc(roc: dict[str, np.ndarray], summary: dict[str, Any], path, *,
   for name in variants:
     rows = np.asarray(roc["variant"]) == name
     fpr, tpr = np.asarray(roc["fpr"])[rows], np.asarray(roc["tpr"])[rows]
-    metrics = summary["attack"][name]
+    metrics = {**summary.get("lira_same_targets", {}), **summary["attack"]}[name]
     low = metrics[tpr_key(0.01)]["value"] if tpr_key(0.01) in metrics else float("nan")
     ax.plot(np.maximum(fpr, floor / 2), np.maximum(tpr, floor / 2),
             label=f"{VARIANT_LABELS.get(name, name)} (AUC {metrics['auc']['value']:.3f}, TPR@1% {low:.3f})",
@@ -584,7 +659,9 @@ def rebuild_join(run: RunDir) -> tuple[dict[str, np.ndarray], dict | None]:
 
 #: Files an estimator writes beside the tables, so that a stale one can be recognized.
 ESTIMATOR_FILES = {"influence": ("influence_topk.csv", "influence_pairs.csv", "influence.npy"),
-                   "lira": ("lira.json", "lira_roc.png", "lira_roc.csv")}
+                   "lira": ("lira.json", "lira_roc.png", "lira_roc.csv"),
+                   "rmia": ("rmia.json", "rmia_roc.png", "rmia_roc.csv"),
+                   "lds": ("lds.json", "lds_per_test.csv")}
 
 
 def stale_tables(run_path: str | Path) -> dict[str, str]:

@@ -37,8 +37,8 @@ def test_run_scores_export_end_to_end(tmp_path):
     (["run", "--batch-size", "5000"], "batch_size 5000 is larger than the smallest training subset"),
     (["run", "--label-noise", "2"], "label_noise must be in [0, 1), got 2.0"),
     (["run", "--epochs", "three"], "invalid int value: 'three'"),
-    (["scores", "/nonexistent/run"], "is not a jaxmem run directory"),
-    (["export", "/nonexistent/run", "x.npz"], "is not a jaxmem run directory"),
+    (["scores", "/nonexistent/run"], "run directory '/nonexistent/run' does not exist"),
+    (["export", "/nonexistent/run", "x.npz"], "run directory '/nonexistent/run' does not exist"),
     (["frobnicate"], "invalid choice: 'frobnicate'"),
 ])
 def test_bad_input_one_line_error_no_traceback(args, needle, tmp_path):

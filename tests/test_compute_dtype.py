@@ -20,7 +20,7 @@ from jaxmem.data import from_arrays
 from jaxmem.engine import Engine
 from jaxmem.errors import JaxmemError
 from jaxmem.models import build_model
-from jaxmem.store import RunDir
+from jaxmem.records import RunDir
 
 MODELS = {
     "mlp": ("mlp", {"hidden_sizes": (32,)}),

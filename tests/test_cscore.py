@@ -7,7 +7,7 @@ from jaxmem.errors import JaxmemError
 from jaxmem.scores.counterfactual import counterfactual_from_margin, measure_from_margin, parse_metrics
 from jaxmem.scores.cscore import cscore, learning_speed
 from jaxmem.scoring import score_records
-from jaxmem.store import Records
+from jaxmem.records import Records
 
 
 def make_records(keep, train_correct, ratio, **arrays):

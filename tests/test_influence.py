@@ -6,7 +6,7 @@ import pytest
 
 from jaxmem.scores.influence import InfluenceComputation, influence, influence_topk
 from jaxmem.scoring import score_records, write_outputs
-from jaxmem.store import Records
+from jaxmem.records import Records
 
 
 def make_records(keep, train_correct, test_correct, ratio=None, **arrays):

@@ -13,7 +13,7 @@ from jaxmem.scores import memorization
 from jaxmem.scores._stats import ratio_name
 from jaxmem.scores.influence import influence
 from jaxmem.scoring import score_records
-from jaxmem.store import Records
+from jaxmem.records import Records
 
 RATIOS = tuple(round(0.1 * k, 1) for k in range(1, 10))
 

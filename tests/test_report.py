@@ -155,3 +155,72 @@ def test_report_of_a_run_without_scores_is_a_one_line_error(tiny_run, tmp_path):
   path = copy_run(tiny_run, tmp_path)
   (path / "scores.csv").unlink()
   assert cli_main(["report", str(path)]) == 2
+
+
+def _capture_figures(monkeypatch) -> dict:
+  """name -> matplotlib Figure of every image the report saves."""
+  from jaxmem import report
+  figures = {}
+  save = report._Context.save
+
+  def capture(self, fig, name, alt, width=None):
+    figures[name] = fig
+    return save(self, fig, name, alt, width)
+  monkeypatch.setattr(report._Context, "save", capture)
+  return figures
+
+
+def test_report_presentation(tiny_run, tmp_path, monkeypatch):
+  """What a reader needs: LiRA as the attack x metric table the CLI prints (not a flattened dump),
+  histograms with a y-axis label, a warning for a run with very few models, the influence value
+  under the pair it belongs to."""
+  from jaxmem.scores.lira import VARIANT_LABELS, lira_report
+  from jaxmem.records import write_json_atomic
+  path = copy_run(tiny_run, tmp_path)
+  add_estimator_outputs(path, tiny_run.records)
+  _, summary, _ = lira_report(tiny_run.records, num_bootstrap=20)
+  write_json_atomic(path / "lira.json", summary)
+  scores = read_scores_csv(path / "scores.csv")
+  scores["lira_online"] = scores["lira_offline"] = np.linspace(0, 1, len(scores["index"]))
+  (path / "scores.csv").write_bytes(table_to_csv(scores))
+  figures = _capture_figures(monkeypatch)
+  html = write_report(path, log=lambda m: None).path.read_text()
+  lira = html[html.index('id="lira"'):]
+  assert "attack.online" not in lira and "auc.high" not in lira
+  assert "<th>AUC</th>" in lira and "<th>TPR@1%FPR</th>" in lira and "<th>balanced acc</th>" in lira
+  for name in summary["attack"]:
+    value = summary["attack"][name]["auc"]
+    assert f"<td>{VARIANT_LABELS.get(name, name)}</td><td>{value['value']:.3f} [{value['low']:.3f}, {value['high']:.3f}]</td>" in lira
+  # A histogram without a y-axis label: either its axes or its figure (small multiples) names it.
+  for name, fig in figures.items():
+    for ax in fig.axes:
+      if ax.get_visible() and ax.patches and "hist" in name or name in ("memorization_per_class.png", "lira_scores.png"):
+        assert ax.get_ylabel() or (fig._supylabel is not None and fig._supylabel.get_text()), name
+  assert "only 8 models" in html and "standard errors" in html
+  fig = figures["influence_pairs.png"]
+  labelled = [ax for ax in fig.axes if ax.get_xlabel().startswith("infl")]
+  images = [ax for ax in fig.axes if ax.images]
+  assert labelled and len(images) == 2 * len(labelled)
+  for label, (train, test) in zip(labelled, zip(images[0::2], images[1::2])):
+    centre = (label.get_position().x0 + label.get_position().x1) / 2
+    assert train.get_position().x1 <= centre <= test.get_position().x0 + 1e-9 or \
+        abs(centre - (train.get_position().x0 + test.get_position().x1) / 2) < 1e-6, name
+
+
+def test_least_memorized_gallery_samples_a_tie(tiny_run, tmp_path, monkeypatch):
+  """Hundreds of examples tie at the minimum: the gallery says so and draws from the whole tie,
+  not indices 0..k-1."""
+  path = copy_run(tiny_run, tmp_path)
+  scores = read_scores_csv(path / "scores.csv")
+  n = len(scores["index"])
+  scores["memorization"] = np.where(np.arange(n) % 3 == 0, 0.5, 0.0)
+  (path / "scores.csv").write_bytes(table_to_csv(scores))
+  report = write_report(path, top=8, log=lambda m: None)
+  html = report.path.read_text()
+  tied = int(np.sum(scores["memorization"] == 0))
+  assert f"8 of the {tied} examples tied at the minimum 0.00, drawn at random" in html
+  shown = [int(i) for i in re.findall(r"#(\d+) y=", html)] if "#" in html else []
+  from jaxmem.report import tie_sample
+  sample = tie_sample(scores["memorization"], 8)
+  assert len(sample) == 8 and (scores["memorization"][sample] == 0).all()
+  assert sample.max() > 8 * 3  # drawn from across the tie, not the first indices

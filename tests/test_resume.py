@@ -16,7 +16,7 @@ import pytest
 
 import jaxmem
 from jaxmem.run import RunInterrupted
-from jaxmem.store import ChunkCheckpoint, RunDir, load_model_params, read_events, save_params
+from jaxmem.records import ChunkCheckpoint, RunDir, load_model_params, read_events, save_params
 
 from conftest import jaxmem_cli
 

@@ -16,7 +16,7 @@ import pytest
 from jaxmem.distributed import ClusterSpec, detect_cluster, first_host
 from jaxmem.errors import JaxmemError
 from jaxmem.run import missing_chunks_line, parse_shard, shard_of
-from jaxmem.store import RunDir, read_events
+from jaxmem.records import RunDir, read_events
 
 from conftest import jaxmem_cli
 

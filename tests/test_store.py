@@ -5,7 +5,7 @@ import pytest
 
 import jaxmem
 from jaxmem.errors import JaxmemError
-from jaxmem.store import EXPORT_KEYS, RunDir, atomic_path, export_records
+from jaxmem.records import EXPORT_KEYS, RunDir, atomic_path, export_records
 
 
 def test_tiny_run_layout_and_records(tiny_run, tiny_config):

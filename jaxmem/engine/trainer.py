@@ -215,7 +215,7 @@ class Engine:
                   should_stop: Callable[[], bool] | None = None) -> dict[str, np.ndarray]:
     """Train and evaluate the given models; returns records with a leading model axis.
 
-    ``checkpoint`` (a :class:`jaxmem.store.ChunkCheckpoint`): training continues from its latest
+    ``checkpoint`` (a :class:`jaxmem.records.ChunkCheckpoint`): training continues from its latest
     save if any, and saves when due at host-call boundaries. ``should_stop`` is polled after each
     host call: when it turns true, the state is saved (waiting for the write) and
     :class:`TrainingStopped` is raised. A resumed chunk runs the same host calls with the same

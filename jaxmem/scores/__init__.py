@@ -1,6 +1,6 @@
 """Estimators: pure functions of records, and the one explicit registry of their adapters.
 
-An adapter takes :class:`jaxmem.store.Records` (or a block of its examples) and keyword options and
+An adapter takes :class:`jaxmem.records.Records` (or a block of its examples) and keyword options and
 returns an :class:`EstimatorResult`: arrays and numbers only. Reading records, writing tables and
 files, and formatting text are the scoring driver's (:mod:`jaxmem.scoring`).
 """
@@ -8,7 +8,7 @@ files, and formatting text are the scoring driver's (:mod:`jaxmem.scoring`).
 from __future__ import annotations
 
 from jaxmem.registry import Registry
-from jaxmem.scores import correlations, counterfactual, cscore, dynamics, influence, lira, uncertainty
+from jaxmem.scores import correlations, counterfactual, cscore, dynamics, influence, lds, lira, proxies, rmia, uncertainty
 from jaxmem.scores import memorization as _memorization
 from jaxmem.scores._result import Estimator, EstimatorResult
 from jaxmem.scores._stats import InOutDifference, auroc, in_out_difference
@@ -33,6 +33,9 @@ ESTIMATOR_LIST = (
               per_example=True, summarize=dynamics.el2n_grand_summary),
     Estimator("influence", influence.influence_estimator, ("train_correct", "test_correct")),
     Estimator("lira", lira.lira_estimator, ("train_margin",), default=False),
+    Estimator("rmia", rmia.rmia_estimator, ("train_margin", "test_margin"), default=False),
+    Estimator("lds", lds.lds_estimator, ("test_correct", "test_margin"), default=False),
+    Estimator("csl", proxies.csl_estimator, ("train_margin_epochs",), default=False),
     Estimator("correlations", lambda records, *, context=None, **options: correlations.correlations_result(
         context or {}, records.noisy)),
 )

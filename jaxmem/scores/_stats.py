@@ -181,6 +181,17 @@ def masked_mean(values_MxN: np.ndarray, mask_MxN: np.ndarray) -> MaskedMean:
   return MaskedMean(mean, se, n.astype(np.int64))
 
 
+def masked_mean_float64(values_MxN: np.ndarray, mask_MxN: np.ndarray) -> np.ndarray:
+  """Per-column mean (N,) over the rows where ``mask`` holds, in float64 on the host (NaN where no
+  row does): for values such as losses summed over epochs, whose float32 mean would lose the digits
+  their reference comparisons pin; everything with an in/out contrast or an SE uses the kernel."""
+  values = np.asarray(values_MxN, np.float64)
+  mask = np.asarray(mask_MxN, bool)
+  n = mask.sum(axis=0)
+  total = np.where(mask, values, 0.0).sum(axis=0)
+  return np.where(n > 0, total / np.maximum(n, 1), np.nan)
+
+
 def successes(side: GroupStats) -> np.ndarray:
   """Σ of a 0/1 measure, recovered exactly from the float32 mean and count (counts < 2^23)."""
   return np.rint(np.asarray(side.mean, np.float64) * np.asarray(side.n, np.float64))

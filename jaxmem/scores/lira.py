@@ -60,6 +60,7 @@ from jaxmem.errors import JaxmemError
 from jaxmem.scores._result import EstimatorResult
 from jaxmem.scores._stats import ratio_key, spearman
 from jaxmem.scores.attack_metrics import DEFAULT_FPRS, bootstrap_attack_metrics, per_example_auc, roc
+from jaxmem.scores.privacy_bounds import DEFAULT_DELTA, POOLED_CAVEAT, eps_lower_bound
 
 CENTERS = ("mean", "median")
 VARIANTS = ("online", "online_fixed_variance", "offline", "offline_fixed_variance", "offline_pdf",
@@ -433,6 +434,7 @@ def margin_record(records, queries: str = "auto") -> str:
 def lira_report(records, *, memorization: np.ndarray | None = None, targets: int | str | Sequence[int] | None = None,
                 center: str = "mean", min_models: int = 2, num_bootstrap: int = 200, seed: int = 0,
                 queries: str = "auto", top: int = 10, block_size: int | None = None,
+                delta: float = DEFAULT_DELTA,
                 ) -> tuple[dict[str, np.ndarray], dict[str, Any], LiraAttack]:
   """Everything ``jaxmem scores --estimators lira`` reports: per-example columns, the summary
   (written to ``lira.json``) and the attack (for the ROC curves).
@@ -489,6 +491,11 @@ def lira_report(records, *, memorization: np.ndarray | None = None, targets: int
       "per_example_definition": "per-example AUC of the attack score over all models as targets (leave-one-out)"}
   summary["member_percent"] = int(attack.members[attack.evaluated].mean() * 100) if attack.evaluated.any() else 0
   summary["unscored_attack_examples"] = int(attack.unscored_examples)
+  # Empirical ε lower bound of each variant on the same pairs (jaxmem.scores.privacy_bounds).
+  summary["eps_lower_bound"] = {
+      variant: eps_lower_bound(np.where(attack.evaluated, s, np.nan), attack.members, delta=delta, seed=seed)
+      for variant, s in attack.scores.items()}
+  summary["eps_caveat"] = POOLED_CAVEAT
   # Most exposed first; ties (many examples reach AUC 1) broken by the mean log-ratio gap.
   order = np.lexsort((-np.nan_to_num(gap, nan=-np.inf), -np.nan_to_num(online, nan=-np.inf)))[:top]
   summary["fully_exposed_examples"] = int(np.sum(online == 1.0))
@@ -521,15 +528,15 @@ def roc_table(attack: LiraAttack) -> dict[str, np.ndarray]:
 
 def lira_estimator(records, *, context=None, targets=None, center: str = "mean", min_models: int = 2,
                    num_bootstrap: int = 200, seed: int = 0, queries: str = "auto", top: int = 10,
-                   block_values: int = 8_000_000) -> EstimatorResult:
+                   block_values: int = 8_000_000, delta: float = DEFAULT_DELTA) -> EstimatorResult:
   """Adapter: ``lira_online``/``lira_offline`` columns, the attack summary and the ROC table; opt-in
   (``--estimators ...,lira``) because the leave-one-out attack over all models and the bootstrap
-  take seconds, not milliseconds. Margins are read in blocks of about ``block_values`` values."""
+  take seconds, not milliseconds. ``delta``: of the ε lower bounds in the summary. Margins are read in blocks of about ``block_values`` values."""
   memorization = None if context is None else context.get("memorization")
   name = margin_record(records, queries)
   per_example = records.num_models * max(1, int(np.prod(np.shape(records.read(name, examples=slice(0, 1)))[2:])))
   columns, summary, attack = lira_report(
       records, memorization=memorization, targets=targets, center=center, min_models=min_models,
-      num_bootstrap=num_bootstrap, seed=seed, queries=queries, top=top,
+      num_bootstrap=num_bootstrap, seed=seed, queries=queries, top=top, delta=delta,
       block_size=max(1, block_values // max(per_example, 1)))
   return EstimatorResult(columns=columns, summary=summary, tables={"lira_roc": roc_table(attack)})

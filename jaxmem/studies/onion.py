@@ -35,7 +35,7 @@ from jaxmem.config import RunConfig
 from jaxmem.data import Dataset, load_run_dataset, training_subset
 from jaxmem.errors import JaxmemError
 from jaxmem.scores.lira import as_queries, per_example_risk, select_margins
-from jaxmem.store import RunDir, write_bytes_atomic, write_json_atomic
+from jaxmem.records import RunDir, make_dirs, write_bytes_atomic, write_json_atomic
 
 RANDOM_TAG = 0x0410  # separates the control's draw from the models' seed stream
 
@@ -52,6 +52,8 @@ class OnionPoint:
   mean_risk_before: float       # over remaining examples with both values
   mean_risk_after: float
   run_dir: str
+  undefined_after: int = 0      # remaining examples scored before but with no risk after retraining
+                                # (too few retrained models with or without them); not in the counts
 
   @property
   def became_exposed_fraction(self) -> float:
@@ -111,8 +113,8 @@ def onion(run_dir: str | Path, out: str | Path, *, ks: Sequence[int] = (50,), nu
                         epochs=base.epochs if epochs is None else int(epochs)).validate()
   random_order = np.random.default_rng([seed, RANDOM_TAG]).permutation(n)
 
-  out = Path(out)
-  (out / "runs").mkdir(parents=True, exist_ok=True)
+  out = make_dirs(Path(out), "study directory")
+  (out / "runs").mkdir(exist_ok=True)
   points, risk_after = [], {}
   removals = [("top", order)] + ([("random", random_order)] if control else [])
   for k in ks:
@@ -150,7 +152,8 @@ def _point(removal: str, k: int, kept: np.ndarray, before: np.ndarray, after: np
   return OnionPoint(
       removal, k, int(kept.size), int(safe.sum()), int((safe & (a >= threshold)).sum()), int(exposed.sum()),
       int((exposed & (a < threshold)).sum()), float(b[both].mean()) if both.any() else float("nan"),
-      float(a[both].mean()) if both.any() else float("nan"), run_dir)
+      float(a[both].mean()) if both.any() else float("nan"), run_dir,
+      undefined_after=int((~np.isnan(b) & np.isnan(a)).sum()))
 
 
 def _table_csv(before: np.ndarray, after: dict[str, np.ndarray], dataset: Dataset) -> str:
@@ -173,4 +176,9 @@ def format_onion(result: OnionResult) -> list[str]:
     lines.append(f"  {p.removal:<7} {p.k:>4} {p.num_train:>6} {p.safe_before:>12} {p.became_exposed:>8} "
                  f"({100 * p.became_exposed_fraction:5.1f}%) {p.exposed_before:>15} {p.became_safe:>12}  "
                  f"{p.mean_risk_before:.3f} -> {p.mean_risk_after:.3f}")
+  for p in result.points:
+    if p.undefined_after:
+      lines.append(f"  {p.removal} k={p.k}: {p.undefined_after} of the {p.num_train} examples left have no risk after "
+                   f"retraining (too few retrained models with or without them) and are not counted above; "
+                   "retrain more models (--num-models) to score them")
   return lines

@@ -45,7 +45,7 @@ from jaxmem.config import RunConfig
 from jaxmem.data import Dataset, load_run_dataset, training_subset
 from jaxmem.errors import JaxmemError
 from jaxmem.scoring import SCORES_CSV, read_scores_csv
-from jaxmem.store import RunDir, write_bytes_atomic, write_json_atomic
+from jaxmem.records import RunDir, make_dirs, write_bytes_atomic, write_json_atomic
 
 # Scores for which a LOW value marks the examples to remove first (hard / atypical).
 ASCENDING = ("cscore", "learning_speed", "cumulative_accuracy")
@@ -158,8 +158,8 @@ def remove_top(run_dir: str | Path, out: str | Path, *, ks: Sequence[int], by: S
                         chunk_size=min(base.chunk_size, int(num_models)), seed=int(seed),
                         epochs=base.epochs if epochs is None else int(epochs)).validate()
 
-  out = Path(out)
-  (out / "runs").mkdir(parents=True, exist_ok=True)
+  out = make_dirs(Path(out), "study directory")
+  (out / "runs").mkdir(exist_ok=True)
   cache: dict[int, Point] = {}  # k=0 is one run whatever the ranking
   points = []
   for b in by:

@@ -48,7 +48,7 @@ from jaxmem.errors import JaxmemError
 from jaxmem.scores.correlations import correlation_table
 from jaxmem.scores.dynamics import forgotten_forever_epoch, learned_forever_epoch, masked_mean
 from jaxmem.scoring import SCORES_CSV, read_scores_csv, table_to_csv, write_study_table
-from jaxmem.store import RunDir, write_bytes_atomic, write_json_atomic, write_npz_atomic
+from jaxmem.records import RunDir, make_dirs, write_bytes_atomic, write_json_atomic, write_npz_atomic
 
 
 @dataclasses.dataclass
@@ -93,8 +93,7 @@ def ssft_study(config: RunConfig, out: str | Path, *, num_models: int = 8, first
   config.validate()
   if dataset is None:
     dataset = load_dataset(config.dataset, data_dir=config.data_dir, seed=config.seed, label_noise=config.label_noise)
-  out = Path(out)
-  out.mkdir(parents=True, exist_ok=True)
+  out = make_dirs(Path(out), "study directory")
   settings = {"config": config.identity(), "dataset_fingerprint": dataset.fingerprint, "num_models": num_models,
               "first_epochs": first_epochs, "second_epochs": second_epochs}
   columns, summary = _reuse(out, settings)
