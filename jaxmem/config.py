@@ -18,6 +18,10 @@ from jaxmem.errors import JaxmemError
 
 #: Fields that do not change results (up to float tolerance): allowed to differ on resume.
 EXECUTION_FIELDS = frozenset({"strategy", "data_dir", "checkpoint_every", "keep_params", "target_se"})
+#: Fields that say how far a run goes, not what each model is: model m depends only on (seed, m)
+#: (its mask row and its key), so a run directory may be rerun with a larger ``num_models`` to add
+#: models (never a smaller one; see :func:`jaxmem.run.run`).
+GROWTH_FIELDS = frozenset({"num_models"})
 
 OPTIMIZERS = ("adam", "sgd")
 SCHEDULES = ("constant", "cosine", "warmup_cosine", "linear")
@@ -90,9 +94,11 @@ class RunConfig:
     return d
 
   def identity(self) -> dict[str, Any]:
-    """The fields that determine results, in JSON form (tuples as lists) so that a config compares
-    equal to the one stored in a manifest: a run directory is tied to these."""
-    return json.loads(json.dumps({k: v for k, v in self.to_dict().items() if k not in EXECUTION_FIELDS}))
+    """The fields that determine each model's results, in JSON form (tuples as lists) so that a
+    config compares equal to the one stored in a manifest: a run directory is tied to these. The
+    number of models is not among them (a run may grow)."""
+    return json.loads(json.dumps({k: v for k, v in self.to_dict().items()
+                                  if k not in EXECUTION_FIELDS | GROWTH_FIELDS}))
 
   @classmethod
   def from_dict(cls, d: dict[str, Any]) -> "RunConfig":

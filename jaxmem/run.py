@@ -145,15 +145,40 @@ def missing_chunks_line(run_dir: RunDir, num_shards: int | None = None) -> str |
   return line
 
 
-def plan_chunks(num_models: int, num_ratios: int, chunk_size: int) -> list[list[int]]:
-  """Groups model ids into chunks of one subset ratio each (so a chunk has one step count), and
-  orders chunks round-robin over ratios so an unfinished run already covers every ratio."""
-  blocks = [list(range(r, num_models, num_ratios)) for r in range(num_ratios)]
+def plan_chunks(num_models: int, num_ratios: int, chunk_size: int, first_model: int = 0) -> list[list[int]]:
+  """Groups model ids ``first_model .. num_models - 1`` into chunks of one subset ratio each (so a
+  chunk has one step count), and orders chunks round-robin over ratios so an unfinished run
+  already covers every ratio."""
+  blocks = [[m for m in range(first_model, num_models) if m % num_ratios == r] for r in range(num_ratios)]
+  blocks = [b for b in blocks if b]
+  if not blocks:
+    return []
   per_block = [[b[i: i + chunk_size] for i in range(0, len(b), chunk_size)] for b in blocks]
   chunks = []
   for position in range(max(len(p) for p in per_block)):
     chunks.extend(p[position] for p in per_block if position < len(p))
   return chunks
+
+
+def grow_chunk_plan(plan: list[list[int]], old_num_models: int, num_models: int, num_ratios: int,
+                    chunk_size: int) -> list[list[int]]:
+  """A grown run's chunk plan: the old chunks unchanged (their files stay valid), then chunks of
+  the new models ``old_num_models .. num_models - 1`` planned like a fresh run's. Model m's result
+  does not depend on its chunk (every chunk is padded to one program size), so the grown run's
+  records equal a fresh run's with ``num_models`` models."""
+  return [list(c) for c in plan] + plan_chunks(num_models, num_ratios, chunk_size, first_model=old_num_models)
+
+
+def _previous_run(out: str | Path, manifest: dict[str, Any], overwrite: bool) -> dict[str, Any] | None:
+  """The manifest of the same run (same identity) already in ``out``, or None."""
+  from jaxmem.store import identity_differences
+  existing_dir = RunDir(out)
+  if overwrite or not existing_dir.manifest_path.is_file():
+    return None
+  existing = existing_dir.manifest()
+  if identity_differences(existing, manifest):
+    return None  # RunDir.create_or_open refuses it with the differences
+  return existing
 
 
 def versions() -> dict[str, str]:
@@ -236,6 +261,18 @@ def run(config: RunConfig, out: str | Path, *, overwrite: bool = False, progress
   keep_MxN, ratio_M = make_masks(config.mask_design, config.num_models, dataset.num_train,
                                  config.subset_ratios, config.seed)
   chunks = plan_chunks(config.num_models, len(config.subset_ratios), config.chunk_size)
+  previous = _previous_run(out, build_manifest(config, dataset, chunks), overwrite)
+  if previous is not None:
+    old_num_models, old_chunks = int(previous["config"]["num_models"]), previous["chunks"]
+    if config.num_models < old_num_models:
+      raise JaxmemError(f"run directory {str(out)!r} holds {old_num_models} models; --num-models "
+                        f"{config.num_models} would shrink it (runs only grow): use --num-models >= "
+                        f"{old_num_models}, or score a subset of models another way")
+    chunks = grow_chunk_plan(old_chunks, old_num_models, config.num_models, len(config.subset_ratios),
+                             config.chunk_size)
+    if config.num_models > old_num_models:
+      log(f"growing {out}: {old_num_models} -> {config.num_models} models "
+          f"({len(chunks) - len(old_chunks)} new chunks)")
   run_dir = RunDir.create_or_open(out, build_manifest(config, dataset, chunks), overwrite=overwrite)
   run_dir.write_design({
       "keep": keep_MxN, "subset_ratio": ratio_M, "train_labels": dataset.y_train,
@@ -259,11 +296,13 @@ def run(config: RunConfig, out: str | Path, *, overwrite: bool = False, progress
     log(epoch_record_estimate(config, dataset.num_train))
   if todo:
     from jaxmem.engine import Engine  # imported here: scoring an existing run needs no engine
-    previous = run_dir.manifest().get("strategy")
-    if config.strategy == "auto" and previous:
-      # A resumed run keeps the strategy it started with, so a resumed chunk is bitwise the same.
-      config = config.replace(strategy=previous)
-    engine = Engine(dataset, config, devices=devices, log=log)
+    started_with = (previous or {}).get("strategy")
+    if config.strategy == "auto" and started_with:
+      # A resumed or grown run keeps the strategy it started with, so its chunks are bitwise the same.
+      config = config.replace(strategy=started_with)
+    # Every chunk runs in one program of chunk_size models (short chunks padded): one compile, and
+    # model m's result is the same in whichever chunk it lands, so a grown run equals a fresh one.
+    engine = Engine(dataset, config, devices=devices, log=log, chunk_models=config.chunk_size)
     run_dir.update_manifest(strategy=str(engine.resolve_strategy(keep_MxN[chunks[todo[0]]])),
                             probe_seconds=engine.probe_seconds, devices=[str(d) for d in engine.devices])
     _train_chunks(engine, run_dir, chunks, todo, keep_MxN, progress=progress,

@@ -358,13 +358,14 @@ def unpack_bit_records(arrays: dict[str, np.ndarray], *, num_examples: int) -> d
 
 def identity_differences(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
   """Human-readable differences between two manifests' result-determining parts."""
-  from jaxmem.config import RunConfig
+  from jaxmem.config import GROWTH_FIELDS, RunConfig
   # A field that a manifest lacks was added to jaxmem after that run was made: the run used the
   # field's default, so a missing field equals the default (old run directories stay resumable).
   defaults = RunConfig().identity()
   out = []
   config_a, config_b = a.get("identity", {}), b.get("identity", {})
-  for key in sorted(set(config_a) | set(config_b)):
+  # Manifests made before runs could grow list num_models in their identity: it is not one.
+  for key in sorted((set(config_a) | set(config_b)) - GROWTH_FIELDS):
     value_a, value_b = config_a.get(key, defaults.get(key)), config_b.get(key, defaults.get(key))
     if value_a != value_b:
       out.append(f"{key}: {value_a!r} there, {value_b!r} now")

@@ -74,7 +74,13 @@ class Engine:
   """
 
   def __init__(self, dataset: Dataset, config: RunConfig, *, devices: Sequence[jax.Device] | None = None,
-               probe_cache: Any = "default", log: Callable[[str], None] | None = None):
+               probe_cache: Any = "default", log: Callable[[str], None] | None = None,
+               chunk_models: int | None = None):
+    """``chunk_models``: compile programs for at least this many models and pad shorter chunks up
+    to it (padding models are discarded). A vmapped program's floating-point results depend on its
+    model count (XLA picks kernels by shape) but not on a model's position in it, so with a fixed
+    count model m's result is bitwise the same in whichever chunk it lands (a run that grows
+    equals a fresh one) and a run compiles one training program. None: each chunk's own size."""
     self.dataset = dataset
     self.config = config
     self.strategy = lifting.parse_strategy(config.strategy)  # None until auto has probed
@@ -88,6 +94,7 @@ class Engine:
     self.probe_cache = lifting.default_cache_path() if probe_cache == "default" else probe_cache
     self.log = log or (lambda message: None)
     self.probe_seconds: dict[str, float] = {}
+    self.chunk_models = chunk_models or 0
     x_train, x_test = standardize(dataset)
     replicated = NamedSharding(self.mesh, P())
     self.data = jax.device_put(
@@ -99,7 +106,9 @@ class Engine:
     return len(self.devices)
 
   def padded_size(self, num_models: int) -> int:
-    """Chunks are padded to a multiple of the device count (padding models are discarded)."""
+    """Chunks are padded to ``chunk_models`` and to a multiple of the device count (padding models
+    are discarded)."""
+    num_models = max(num_models, self.chunk_models)
     return -(-num_models // self.num_devices) * self.num_devices
 
   def _grad_batch(self, strategy: lifting.Strategy, budget_bytes: int = 256 << 20) -> int:
