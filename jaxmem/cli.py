@@ -48,6 +48,7 @@ RUN_FLAGS = {
     "checkpoint_every": ("--checkpoint-every", int, "save the chunk in progress every K epochs (0: only on SIGTERM/SIGINT)"),
     "keep_params": ("--keep-params", str, "keep final parameters of none, all or the first N models"),
     "target_se": ("--target-se", float, "stop adding chunks once the median memorization standard error is below this"),
+    "device_memory_gib": ("--device-memory-gib", float, "memory per device in GiB for sizing strategies and evaluation batches (default: what the device reports; CPUs report none)"),
 }
 
 

@@ -294,6 +294,7 @@ def run(config: RunConfig, out: str | Path, *, overwrite: bool = False, progress
     todo = []
   if todo and config.record_epochs:
     log(epoch_record_estimate(config, dataset.num_train))
+  compiles: dict[str, int] = {}
   if todo:
     from jaxmem.engine import Engine  # imported here: scoring an existing run needs no engine
     started_with = (previous or {}).get("strategy")
@@ -302,12 +303,19 @@ def run(config: RunConfig, out: str | Path, *, overwrite: bool = False, progress
       config = config.replace(strategy=started_with)
     # Every chunk runs in one program of chunk_size models (short chunks padded): one compile, and
     # model m's result is the same in whichever chunk it lands, so a grown run equals a fresh one.
-    engine = Engine(dataset, config, devices=devices, log=log, chunk_models=config.chunk_size)
+    # Member lists padded to the largest subset: one program serves every subset ratio.
+    engine = Engine(dataset, config, devices=devices, log=log, chunk_models=config.chunk_size,
+                    max_members=int(keep_MxN.sum(axis=1).max()))
     run_dir.update_manifest(strategy=str(engine.resolve_strategy(keep_MxN[chunks[todo[0]]])),
                             probe_seconds=engine.probe_seconds, devices=[str(d) for d in engine.devices])
     _train_chunks(engine, run_dir, chunks, todo, keep_MxN, progress=progress,
                   done_models=sum(len(chunks[c]) for c in skipped), should_stop=should_stop,
                   after_chunk=None if target is None else (lambda c, r: target.add(r["keep"], r["train_correct"])))
+    # Programs compiled by this process (the probe's candidates included): the training program
+    # should be compiled once per strategy, whatever the ratios, chunks and epoch segments.
+    compiles = {name: n for name, n in engine.compile_counts().items() if n}
+    from jaxmem.store import append_event
+    append_event(run_dir, event="compiles", **compiles)
     if target is not None and target.reached():
       todo = [c for c in todo if run_dir.chunk_status(c) == "complete"]
       log(f"--target-se {target.target:g} reached: median memorization standard error {target.median_se:.4f} "
@@ -329,6 +337,7 @@ def run(config: RunConfig, out: str | Path, *, overwrite: bool = False, progress
                       trained=len(todo), skipped=len(skipped))
   summary["files"] = output_files(run_dir.path)
   summary["process"] = {"index": process, "count": num_processes}
+  summary["compiles"] = compiles
   if process == 0:  # in a multi-process run only process 0 writes shared files
     write_scores(run_dir, table)
     write_json_atomic(run_dir.path / "summary.json", summary)
@@ -408,7 +417,7 @@ def _train_chunks(engine, run_dir: RunDir, chunks, todo, keep_MxN, *, progress: 
   total = sum(len(c) for c in chunks)
   epochs = engine.config.epochs
   # A few host calls per chunk give a live progress bar; results do not depend on this split.
-  per_call = max(d for d in range(1, epochs + 1) if epochs % d == 0 and d <= max(1, -(-epochs // 4)))
+  per_call = engine.epochs_per_call
   with tqdm(total=total, initial=done_models, unit="model", disable=not progress, dynamic_ncols=True,
             desc="training", smoothing=0.3,
             bar_format="{desc}: {percentage:3.0f}%|{bar}| {n:.0f}/{total:.0f} models [{elapsed}<{remaining}, {rate_fmt}]") as bar:
@@ -498,6 +507,8 @@ def format_summary(summary: dict[str, Any]) -> str:
   if "noisy_label_auroc" in summary:
     lines.append(f"flipped labels found by memorization: AUROC {summary['noisy_label_auroc']:.3f} "
                  f"({summary['flipped_labels']} flipped)")
+  if summary.get("compiles"):
+    lines.append("compiled programs: " + ", ".join(f"{name} {n}" for name, n in summary["compiles"].items()))
   lines.extend(summary.get("lines", []))
   if summary.get("most_memorized"):
     lines.append("most memorized training examples:")
