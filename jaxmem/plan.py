@@ -17,14 +17,16 @@ from jaxmem.errors import JaxmemError
 from jaxmem.masks import make_masks
 
 
-def shape_dataset(name: str, input_shape, num_train: int, num_test: int, num_classes: int) -> Dataset:
+def shape_dataset(name: str, input_shape, num_train: int, num_test: int, num_classes: int,
+                  dtype=np.float32) -> Dataset:
   """A dataset with the given shapes whose arrays take no memory (zero-stride broadcasts of one
-  value): enough for an abstract :class:`jaxmem.engine.Engine` to compile and analyze programs."""
+  value): enough for an abstract :class:`jaxmem.engine.Engine` to compile and analyze programs.
+  ``dtype``: of the inputs (uint8 for images as stored)."""
   shape = tuple(int(d) for d in input_shape)
   zeros = lambda n, dtype, *rest: np.broadcast_to(np.zeros((), dtype), (n,) + rest)
   labels = lambda n: np.broadcast_to(np.zeros((), np.int32), (n,))
-  return Dataset(name=name, x_train=zeros(num_train, np.float32, *shape), y_train=labels(num_train),
-                 x_test=zeros(num_test, np.float32, *shape), y_test=labels(num_test), num_classes=int(num_classes),
+  return Dataset(name=name, x_train=zeros(num_train, dtype, *shape), y_train=labels(num_train),
+                 x_test=zeros(num_test, dtype, *shape), y_test=labels(num_test), num_classes=int(num_classes),
                  noisy=np.broadcast_to(np.zeros((), bool), (num_train,)), clean_y_train=labels(num_train))
 
 
@@ -44,7 +46,8 @@ def _tfds_shapes(config: RunConfig, num_train: int | None, num_test: int | None)
   label = next((f for f in features.values() if isinstance(f, tfds.features.ClassLabel)), None)
   if image is None or label is None:
     raise JaxmemError(f"TFDS dataset {name!r} has no image and class label to plan from")
-  return shape_dataset(config.dataset, image.shape, num_train, num_test, label.num_classes)
+  return shape_dataset(config.dataset, image.shape, num_train, num_test, label.num_classes,
+                       dtype=np.uint8 if np.dtype(image.dtype) == np.uint8 else np.float32)
 
 
 def plan_dataset(config: RunConfig, *, num_train: int | None = None, num_test: int | None = None) -> tuple[Dataset, str]:

@@ -82,7 +82,7 @@ def test_cifar_cnn_at_experiment_size_fits_16_gib(monkeypatch):
   accelerator's evaluation batch of 4096 shrinks where it must."""
   full = load_config_file("experiments/cifar10_memorization.py").replace(device_memory_gib=16.0)
   members = int(round(max(full.subset_ratios) * 50000))
-  engine = _abstract_engine(full, shape_dataset("cifar10", (32, 32, 3), 50000, 10000, 10), members)
+  engine = _abstract_engine(full, shape_dataset("cifar10", (32, 32, 3), 50000, 10000, 10, dtype=np.uint8), members)
   offered, rows = _check_auto_respects(engine, full.chunk_size, monkeypatch)
   assert "vmap" not in map(str, offered)  # 50 vmapped CNNs need more than 16 GiB to train
   assert any(row["fits"] and row["eval_batch"] < GPU_EVAL_BATCH for row in rows.values())

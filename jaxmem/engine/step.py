@@ -26,11 +26,27 @@ class TrainState(NamedTuple):
 
 
 class DeviceData(NamedTuple):
-  """The whole dataset, resident on every device; batches are gathered from it by index."""
+  """The whole dataset, resident on every device; batches are gathered from it by index.
+
+  Inputs are either ready for the model (float, ``mean``/``std`` None) or uint8 images as stored,
+  with per-channel ``mean`` and ``std`` of the [0, 1]-scaled training images: :func:`features`
+  scales and standardizes each gathered batch on the device, so a device holds one byte per pixel.
+  """
   x_train: jax.Array
   y_train: jax.Array
   x_test: jax.Array
   y_test: jax.Array
+  mean: jax.Array | None = None
+  std: jax.Array | None = None
+
+
+def features(data: DeviceData, x: jax.Array) -> jax.Array:
+  """Model inputs from stored inputs gathered from ``data``: uint8 images become float32
+  ``(x / 255 - mean) / std`` (float32 whatever the compute dtype: the model casts its inputs, and
+  standardizing in bf16 would round pixels the float32 host path kept); other inputs as they are."""
+  if data.mean is None:
+    return x
+  return (x.astype(jnp.float32) / jnp.float32(255) - data.mean) / data.std
 
 
 class ModelFunctions(NamedTuple):
@@ -252,7 +268,7 @@ def make_model_functions(model: nn.Module, tx: optax.GradientTransformation, *, 
   tx = optax.with_extra_args_support(tx)
 
   def init(key: jax.Array, data: DeviceData) -> TrainState:
-    params = model.init(jax.random.fold_in(key, _INIT), data.x_train[:1])["params"]
+    params = model.init(jax.random.fold_in(key, _INIT), features(data, data.x_train[:1]))["params"]
     return TrainState(params, tx.init(params))
 
   def loss_fn(params, x, y, weight_B):
@@ -272,7 +288,7 @@ def make_model_functions(model: nn.Module, tx: optax.GradientTransformation, *, 
       def one_step(step, carry):
         state, losses_S = carry
         index_B, weight_B = index_SxB[step], weight_SxB[step]
-        x = data.x_train[index_B]
+        x = features(data, data.x_train[index_B])
         if augment:
           x = augment_images(jax.random.fold_in(augment_key, step), x, augment_pad)
         loss, grads = jax.value_and_grad(loss_fn)(state.params, x, data.y_train[index_B], weight_B)
@@ -286,7 +302,7 @@ def make_model_functions(model: nn.Module, tx: optax.GradientTransformation, *, 
       state, losses_S = jax.lax.fori_loop(0, steps, one_step, (state, losses_S))
       per_epoch = {"loss": jnp.sum(losses_S) / steps.astype(jnp.float32)}
       if record_epochs:  # every training example after the epoch's last update (as Maini et al.)
-        apply = lambda x: model.apply({"params": state.params}, x)
+        apply = lambda x: model.apply({"params": state.params}, features(data, x))
         margin, correct = margin_and_correct(apply_in_batches(apply, data.x_train, eval_batch), data.y_train)
         per_epoch["train_correct"] = correct
         if record_epoch_margin:
@@ -329,12 +345,12 @@ def make_model_functions(model: nn.Module, tx: optax.GradientTransformation, *, 
       return jnp.sqrt(sum(squares))
 
     index_N = jnp.arange(data.x_train.shape[0])
-    by_index = lambda fn: lambda i_B: fn(data.x_train[i_B], data.y_train[i_B])
+    by_index = lambda fn: lambda i_B: fn(features(data, data.x_train[i_B]), data.y_train[i_B])
     return {"train_el2n": apply_in_batches(by_index(el2n_of), index_N, eval_batch),
             "train_grand": apply_in_batches(by_index(grand_of), index_N, grad_batch)}
 
   def evaluate(params, data: DeviceData) -> dict[str, jax.Array]:
-    apply = lambda x: model.apply({"params": params}, x)
+    apply = lambda x: model.apply({"params": params}, features(data, x))
     out = {}
     for split, x, y in (("train", data.x_train, data.y_train), ("test", data.x_test, data.y_test)):
       margin, correct = margin_and_correct(apply_in_batches(apply, x, eval_batch), y)
@@ -345,8 +361,8 @@ def make_model_functions(model: nn.Module, tx: optax.GradientTransformation, *, 
       # indices so memory is bounded by ``eval_batch`` images, not A copies of the dataset.
       for split, x, y in (("train", data.x_train, data.y_train), ("test", data.x_test, data.y_test)):
         def margins_of(index_B, x=x, y=y):
-          views = query_views(x[index_B], queries)
-          logits = apply(views.reshape((-1,) + views.shape[2:]))
+          views = query_views(features(data, x[index_B]), queries)
+          logits = model.apply({"params": params}, views.reshape((-1,) + views.shape[2:]))
           margin, _ = margin_and_correct(logits, jnp.tile(y[index_B], queries))
           return margin.reshape(queries, -1).T
         out[f"{split}_margin_aug"] = apply_in_batches(

@@ -51,8 +51,30 @@ def members_from_keep(keep_KxN: np.ndarray, length: int = 0) -> tuple[np.ndarray
   return members_KxS, counts_K
 
 
+def image_statistics(x_uint8: np.ndarray, block: int = 4096) -> tuple[np.ndarray, np.ndarray]:
+  """Per-channel mean and standard deviation (+1e-6) of uint8 images scaled to [0, 1], with
+  float64 sums over blocks of examples: no float copy of the dataset on the host."""
+  channels = x_uint8.shape[-1]
+  total, squares, count = np.zeros(channels), np.zeros(channels), 0
+  for start in range(0, x_uint8.shape[0], block):
+    part = x_uint8[start: start + block].reshape(-1, channels).astype(np.float64) / 255
+    total += part.sum(axis=0)
+    squares += np.square(part).sum(axis=0)
+    count += part.shape[0]
+  mean = total / count
+  std = np.sqrt(np.maximum(squares / count - mean ** 2, 0)) + 1e-6
+  shape = (1,) * (x_uint8.ndim - 1) + (channels,)
+  return mean.astype(np.float32).reshape(shape), std.astype(np.float32).reshape(shape)
+
+
 def standardize(dataset: Dataset) -> tuple[np.ndarray, np.ndarray]:
-  """Per-channel standardization with train statistics (last axis = channels/features)."""
+  """Per-channel standardization with train statistics (last axis = channels/features), as
+  float32 host arrays (uint8 images are scaled to [0, 1] first; the engine itself keeps them
+  uint8 and standardizes on the device, see :func:`jaxmem.engine.step.features`)."""
+  if dataset.x_train.dtype == np.uint8:
+    mean, std = image_statistics(dataset.x_train)
+    scale = lambda x: ((x.astype(np.float32) / np.float32(255) - mean) / std).astype(np.float32)
+    return scale(dataset.x_train), scale(dataset.x_test)
   axes = tuple(range(dataset.x_train.ndim - 1))
   mean = dataset.x_train.mean(axis=axes, keepdims=True)
   std = dataset.x_train.std(axis=axes, keepdims=True) + 1e-6
@@ -125,10 +147,19 @@ class Engine:
     self.chunk_models = chunk_models or 0
     self.max_members = max_members or 0
     replicated = NamedSharding(self.mesh, P())
+    stored = dataset.x_train.dtype == np.uint8  # images stay uint8 on the devices
     if abstract:
       spec = lambda x, dtype: jax.ShapeDtypeStruct(x.shape, dtype, sharding=replicated)
-      self.data = DeviceData(spec(dataset.x_train, jnp.float32), spec(dataset.y_train, jnp.int32),
-                             spec(dataset.x_test, jnp.float32), spec(dataset.y_test, jnp.int32))
+      x_dtype = np.uint8 if stored else jnp.float32
+      channel = jax.ShapeDtypeStruct((1,) * (dataset.x_train.ndim - 1) + dataset.x_train.shape[-1:], jnp.float32,
+                                     sharding=replicated) if stored else None
+      self.data = DeviceData(spec(dataset.x_train, x_dtype), spec(dataset.y_train, jnp.int32),
+                             spec(dataset.x_test, x_dtype), spec(dataset.y_test, jnp.int32), channel, channel)
+    elif stored:
+      mean, std = image_statistics(dataset.x_train)
+      self.data = jax.device_put(
+          DeviceData(dataset.x_train, dataset.y_train.astype(np.int32), dataset.x_test,
+                     dataset.y_test.astype(np.int32), mean, std), replicated)
     else:
       x_train, x_test = standardize(dataset)
       self.data = jax.device_put(
@@ -156,7 +187,7 @@ class Engine:
   def _grad_batch(self, strategy: lifting.Strategy, budget_bytes: int = 256 << 20) -> int:
     """GraNd's per-example gradients per batch: as many as fit ``budget_bytes`` (float32) for the
     models that run at once on a device under ``strategy``."""
-    one_example = jax.ShapeDtypeStruct((1,) + tuple(self.data.x_train.shape[1:]), self.data.x_train.dtype)
+    one_example = jax.ShapeDtypeStruct((1,) + tuple(self.data.x_train.shape[1:]), jnp.float32)
     shapes = jax.eval_shape(lambda x: self.model.init(jax.random.PRNGKey(0), x), one_example)
     num_params = sum(int(np.prod(leaf.shape)) for leaf in jax.tree.leaves(shapes))
     at_once = {"vmap": self.padded_size(self.config.chunk_size) // self.num_devices,
