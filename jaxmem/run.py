@@ -31,8 +31,8 @@ from jaxmem.store import FORMAT_VERSION, Records, RunDir, utc_now, write_json_at
 class RunResult:
   run_dir: Path
   config: RunConfig
-  records: Records
-  scores: ScoreTable
+  records: Records | None  # None in processes other than 0 of a multi-process run (they do not score)
+  scores: ScoreTable | None
   summary: dict[str, Any]
   trained_chunks: list[int]
   skipped_chunks: list[int]
@@ -322,7 +322,12 @@ def run(config: RunConfig, out: str | Path, *, overwrite: bool = False, progress
           f"with {target.num_models} models; stopped adding chunks (rerun with a smaller target or none to add more)")
 
   if num_processes > 1 and process != 0:
+    # Only process 0 reads the records and runs the estimators: the others would throw it away.
     log(f"process {process} of {num_processes}: its chunks are done; process 0 writes the scores")
+    summary = {"process": {"index": process, "count": num_processes}, "compiles": compiles,
+               "chunks": {"trained_now": len(todo), "already_complete": len(skipped)},
+               "seconds": round(time.perf_counter() - start, 2)}
+    return RunResult(run_dir.path, config, None, None, summary, todo, skipped)
   elif num_processes > 1:
     _wait_for_chunks(run_dir, len(chunks), log=log, should_stop=should_stop)
   missing = missing_chunks_line(run_dir, shard[1] if shard else None) if process == 0 else None
@@ -332,6 +337,8 @@ def run(config: RunConfig, out: str | Path, *, overwrite: bool = False, progress
   options = {"uncertainty": {"target_se": config.target_se, "seed": config.seed}}
   for name, values in (score_options or {}).items():
     options[name] = {**options.get(name, {}), **values}
+  from jaxmem.store import append_event
+  append_event(run_dir, event="scoring", process=process, models=records.num_models)
   table = score_records(records, estimators, options, carried=study_columns(run_dir, records.num_train))
   summary = summarize(records, table, dataset=dataset, seconds=time.perf_counter() - start,
                       trained=len(todo), skipped=len(skipped))
