@@ -7,14 +7,20 @@ programs' device memory from XLA's analysis of the compiled training and evaluat
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
+import jax
 import numpy as np
 
 from jaxmem.config import RunConfig
 from jaxmem.data import Dataset, load_dataset
+from jaxmem.engine import Engine
+from jaxmem.engine.lift import candidate_strategies, parse_strategy
+from jaxmem.engine.step import steps_per_epoch
 from jaxmem.errors import JaxmemError
 from jaxmem.masks import make_masks
+from jaxmem.run import check_config_against_dataset, plan_chunks
 
 
 def shape_dataset(name: str, input_shape, num_train: int, num_test: int, num_classes: int,
@@ -37,7 +43,7 @@ def _tfds_shapes(config: RunConfig, num_train: int | None, num_test: int | None)
   if num_train is None or num_test is None:
     raise JaxmemError(f"dataset {config.dataset!r} is not prepared in --data-dir {config.data_dir!r}: plan from "
                       "its shapes with --num-train N --num-test T (its split sizes)")
-  import tensorflow_datasets as tfds
+  import tensorflow_datasets as tfds  # here: heavy, and needed only for TFDS configs
   try:
     features = tfds.builder(name, data_dir=config.data_dir, try_gcs=False).info.features
   except Exception as e:  # unknown name, broken install: one line
@@ -107,11 +113,6 @@ def plan(config: RunConfig, *, devices=None, num_train: int | None = None, num_t
   """Everything :func:`jaxmem.run.run` would use, without training: sizes, the chunk plan and,
   per candidate strategy, XLA's memory analysis of the training and evaluation programs (per
   device). ``probe``: also train one chunk for a few epochs and extrapolate models/s and an ETA."""
-  import jax
-  from jaxmem.engine import Engine
-  from jaxmem.engine.lift import candidate_strategies, parse_strategy
-  from jaxmem.engine.step import steps_per_epoch
-  from jaxmem.run import check_config_against_dataset, plan_chunks
   config.validate()
   dataset, source = plan_dataset(config, num_train=num_train, num_test=num_test)
   check_config_against_dataset(config, dataset)
@@ -156,8 +157,6 @@ def plan(config: RunConfig, *, devices=None, num_train: int | None = None, num_t
 
 def _probe(config: RunConfig, dataset: Dataset, source: str, devices, keep_MxN, chunks, max_members) -> dict[str, Any]:
   """Train the first chunk for a few epochs (after one untimed call that compiles) and extrapolate."""
-  import time
-  from jaxmem.engine import Engine
   if source != "loaded":
     raise JaxmemError("--probe trains a chunk and needs the dataset itself; it is not prepared")
   epochs = min(config.epochs, 2)

@@ -24,7 +24,8 @@ from jaxmem.errors import JaxmemError
 from jaxmem.masks import make_masks
 from jaxmem.scores import auroc
 from jaxmem.scoring import ScoreTable, score_records, study_columns, write_scores
-from jaxmem.store import FORMAT_VERSION, Records, RunDir, utc_now, write_json_atomic
+from jaxmem.store import (FORMAT_VERSION, Records, RunDir, append_event, identity_differences, utc_now,
+                          write_json_atomic)
 
 
 @dataclasses.dataclass
@@ -171,7 +172,6 @@ def grow_chunk_plan(plan: list[list[int]], old_num_models: int, num_models: int,
 
 def _previous_run(out: str | Path, manifest: dict[str, Any], overwrite: bool) -> dict[str, Any] | None:
   """The manifest of the same run (same identity) already in ``out``, or None."""
-  from jaxmem.store import identity_differences
   existing_dir = RunDir(out)
   if overwrite or not existing_dir.manifest_path.is_file():
     return None
@@ -314,7 +314,6 @@ def run(config: RunConfig, out: str | Path, *, overwrite: bool = False, progress
     # Programs compiled by this process (the probe's candidates included): the training program
     # should be compiled once per strategy, whatever the ratios, chunks and epoch segments.
     compiles = {name: n for name, n in engine.compile_counts().items() if n}
-    from jaxmem.store import append_event
     append_event(run_dir, event="compiles", **compiles)
     if target is not None and target.reached():
       todo = [c for c in todo if run_dir.chunk_status(c) == "complete"]
@@ -337,7 +336,6 @@ def run(config: RunConfig, out: str | Path, *, overwrite: bool = False, progress
   options = {"uncertainty": {"target_se": config.target_se, "seed": config.seed}}
   for name, values in (score_options or {}).items():
     options[name] = {**options.get(name, {}), **values}
-  from jaxmem.store import append_event
   append_event(run_dir, event="scoring", process=process, models=records.num_models)
   table = score_records(records, estimators, options, carried=study_columns(run_dir, records.num_train))
   summary = summarize(records, table, dataset=dataset, seconds=time.perf_counter() - start,
