@@ -53,7 +53,7 @@ def _tfds_shapes(config: RunConfig, num_train: int | None, num_test: int | None)
   if image is None or label is None:
     raise JaxmemError(f"TFDS dataset {name!r} has no image and class label to plan from")
   return shape_dataset(config.dataset, image.shape, num_train, num_test, label.num_classes,
-                       dtype=np.uint8 if np.dtype(image.dtype) == np.uint8 else np.float32)
+                       dtype=np.uint8 if np.dtype(image.np_dtype) == np.uint8 else np.float32)
 
 
 def plan_dataset(config: RunConfig, *, num_train: int | None = None, num_test: int | None = None) -> tuple[Dataset, str]:
@@ -179,7 +179,7 @@ def format_plan(p: dict[str, Any]) -> str:
   lines = [
       f"dataset {d['name']} ({d['source']}): {d['num_train']} train, {d['num_test']} test, input {tuple(d['input_shape'])}, "
       f"{d['num_classes']} classes",
-      f"chunks: {c['count']} of {c['models_per_program']} models per program ({c['models_per_device']} per device on "
+      f"chunks: {c['count']}, {c['models_per_program']} models per program ({c['models_per_device']} per device on "
       f"{p['devices']['count']} {p['devices']['platform']} devices); steps per epoch by ratio: "
       + ", ".join(f"{r}: {s}" for r, s in c["steps_per_epoch"].items()),
       f"records on disk: {mib(p['disk_bytes']['total'])} (chunks {mib(p['disk_bytes']['chunks'])}, design "

@@ -27,7 +27,7 @@ def test_nine_ratio_cscore_config_compiles_its_training_program_once(tmp_path):
   full = load_config_file(CSCORE).validate()
   assert len(full.subset_ratios) == 9
   mock_tfds("cifar10", tmp_path / "tfds", NUM_TRAIN, NUM_TEST)
-  config = shrink(full, tmp_path / "tfds")  # all 9 ratios, 2 models each: 9 chunks, 9 step counts
+  config = shrink(full, tmp_path / "tfds").replace(chunk_size=2)  # all 9 ratios, 2 models each: 9 chunks, 9 step counts
   assert config.subset_ratios == full.subset_ratios
   result = jaxmem.run(config, tmp_path / "run", progress=False, log=lambda m: None)
   assert len(result.trained_chunks) == 9

@@ -27,11 +27,14 @@ def test_plan_of_the_cifar_experiment_from_shapes_prints_the_memory_table(tmp_pa
   split sizes (small ones, so that the CNN programs compile quickly on a CPU)."""
   result = jaxmem_cli("plan", "--config", "experiments/cifar10_memorization.py", "--data-dir", str(tmp_path),
                       "--num-train", "200", "--num-test", "50", "--chunk-size", "4", "--device-memory-gib", "16",
+                      "--strategy", "map",
                       cwd=Path(__file__).parent.parent)
   assert result.returncode == 0, result.stderr[-2000:]
   out = result.stdout
   assert "dataset tfds:cifar10 (shapes only (data not prepared)): 200 train, 50 test, input (32, 32, 3)" in out
-  assert "strategy" in out and "vmap" in out and "map" in out and "fits (eval batch)" in out
+  assert "strategy" in out and "fits (eval batch)" in out
+  row = next(line for line in out.splitlines() if line.strip().startswith("map "))
+  assert row.split()[-2:] == ["yes", "(256)"]  # CPU evaluation batch, fits 16 GiB
 
 
 def test_plan_without_data_or_sizes_is_one_line(tmp_path):

@@ -32,7 +32,7 @@ def test_uint8_images_stay_uint8_and_train_as_the_float_path():
   assert stored.x_train.dtype == np.uint8  # one byte per pixel on the host
   scaled = from_arrays("f32", x[:64].astype(np.float32) / 255, y[:64], x[64:].astype(np.float32) / 255, y[64:],
                        num_classes=3)
-  config = RunConfig(model="cnn", model_options={"channels": (4,)}, num_models=3, epochs=2, batch_size=8,
+  config = RunConfig(model="cnn", model_options={"channels": (4,)}, num_models=3, epochs=1, batch_size=8,
                      strategy="vmap", augment=True, queries=2, learning_rate=1e-2)
   keep, _ = make_masks("subset", 3, 64, (0.5,), 0)
   engine = Engine(stored, config, probe_cache=None)
