@@ -4,6 +4,7 @@ XLA's memory analysis decides which strategies and evaluation batches fit a devi
 import numpy as np
 import pytest
 
+import jaxmem
 from jaxmem import RunConfig
 from jaxmem.config import load_config_file
 from jaxmem.engine import Engine, memory
@@ -86,3 +87,41 @@ def test_cifar_cnn_at_experiment_size_fits_16_gib(monkeypatch):
   offered, rows = _check_auto_respects(engine, full.chunk_size, monkeypatch)
   assert "vmap" not in map(str, offered)  # 50 vmapped CNNs need more than 16 GiB to train
   assert any(row["fits"] and row["eval_batch"] < GPU_EVAL_BATCH for row in rows.values())
+
+
+class _RecordingCheckpoint:
+  def __init__(self):
+    self.saved = []
+
+  def restore(self, state):
+    return None
+
+  def due(self, epochs_done):
+    return False
+
+  def save(self, epochs_done, state, history, *, wait=False):
+    self.saved.append((epochs_done, wait, sorted(history)))
+
+
+def test_evaluation_out_of_memory_saves_the_trained_state_and_retries_with_half_the_batch():
+  dataset = jaxmem.load_dataset("digits")
+  config = RunConfig(num_models=2, epochs=2, chunk_size=2, strategy="vmap", model_options={"hidden_sizes": (8,)})
+  keep, _ = jaxmem.make_masks("subset", 2, dataset.num_train, (0.7,), 0)
+  engine = Engine(dataset, config, probe_cache=None)
+  reference = Engine(dataset, config, probe_cache=None).train_chunk(np.arange(2), keep)
+  build, failed = engine._build, []
+
+  def build_failing_once(strategy, num_steps, eval_batch=None):
+    programs = build(strategy, num_steps, eval_batch)
+    if not failed:
+      def evaluate(*args):
+        failed.append(engine.eval_batches.get("vmap", engine.default_eval_batch))
+        raise RuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate")
+      programs.evaluate = evaluate
+    return programs
+  engine._build = build_failing_once
+  checkpoint = _RecordingCheckpoint()
+  records = engine.train_chunk(np.arange(2), keep, checkpoint=checkpoint)
+  assert checkpoint.saved == [(2, True, ["per_epoch"])]  # the trained state, before any retry
+  assert engine.eval_batches["vmap"] == failed[0] // 2
+  np.testing.assert_array_equal(records["train_margin"], reference["train_margin"])
