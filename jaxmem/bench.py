@@ -242,7 +242,7 @@ class _EngineVariant:
     seconds = time.perf_counter() - start
     # Recording = evaluating every model on every train and test example and copying the records
     # to the host; timed again on its own with the same compiled program (train_chunk runs it too).
-    programs = [p for (name, _), p in self.engine._programs.items() if name == str(self.engine.strategy)]
+    programs = [p for (name, *_), p in self.engine._programs.items() if name == str(self.engine.strategy)]
     start = time.perf_counter()
     jax.device_get(programs[-1].evaluate(self.engine.last_state.params, self.engine.data))
     return seconds, time.perf_counter() - start

@@ -51,6 +51,7 @@ RUN_FLAGS = {
     "checkpoint_every": ("--checkpoint-every", int, "save the chunk in progress every K epochs (0: only on SIGTERM/SIGINT)"),
     "keep_params": ("--keep-params", str, "keep final parameters of none, all or the first N models"),
     "target_se": ("--target-se", float, "stop adding chunks once the median memorization standard error is below this"),
+    "device_memory_gib": ("--device-memory-gib", float, "memory per device in GiB for sizing strategies and evaluation batches (default: what the device reports; CPUs report none)"),
 }
 
 
@@ -160,6 +161,13 @@ def build_parser() -> argparse.ArgumentParser:
   _add_run_arguments(p)
   _add_score_arguments(p)
   p.set_defaults(handler=_cmd_run)
+
+  p = commands.add_parser("plan", help="what a run will cost, without training: sizes, chunk plan, device memory")
+  _add_run_arguments(p)
+  p.add_argument("--probe", action="store_true", help="also train one chunk briefly: models/s and an ETA")
+  p.add_argument("--num-train", type=int, default=None, help="training examples, to plan a TFDS run whose data is not prepared")
+  p.add_argument("--num-test", type=int, default=None, help="test examples, to plan a TFDS run whose data is not prepared")
+  p.set_defaults(handler=_cmd_plan)
 
   p = commands.add_parser("scores", help="(re)compute scores.csv from a run directory's records")
   p.add_argument("run_dir")
@@ -411,6 +419,13 @@ def _cmd_run(args) -> int:
     raise RunInterrupted(f"{e}; {resume}", exit_code=e.exit_code) from None
   if result.summary["process"]["index"] == 0:  # other processes of a multi-process run said their line
     print(format_summary(result.summary))
+  return 0
+
+
+def _cmd_plan(args) -> int:
+  from jaxmem.plan import format_plan, plan
+  config = config_from_args(args)
+  print(format_plan(plan(config, num_train=args.num_train, num_test=args.num_test, probe=args.probe)))
   return 0
 
 

@@ -54,9 +54,9 @@ class Dataset:
   """
 
   name: str
-  x_train: np.ndarray  # float32 (N, H, W, C) images or (N, D) vectors
+  x_train: np.ndarray  # (N, H, W, C) images, uint8 as stored (0-255), or float32; or float32 (N, D) vectors
   y_train: np.ndarray  # int32 (N,), the labels trained on (after label noise)
-  x_test: np.ndarray  # float32 (T, ...)
+  x_test: np.ndarray  # (T, ...), the dtype of x_train
   y_test: np.ndarray  # int32 (T,)
   num_classes: int
   noisy: np.ndarray  # bool (N,), which train labels label noise flipped
@@ -181,8 +181,9 @@ def from_arrays(name: str, x_train, y_train, x_test, y_test,
                 num_classes: int | None = None) -> Dataset:
   """Builds a validated dataset from array-likes, converting to the library's dtypes.
 
-  ``uint8`` features are taken as images in [0, 255] and scaled to [0, 1]; other features become
-  float32 unchanged. A 3-D ``x`` (N, H, W) gains a channel axis. Labels must be integers and
+  ``uint8`` images ((N, H, W) or (N, H, W, C)) stay uint8, as stored: the engine scales them to
+  [0, 1] and standardizes them on the device (one 1-byte copy on the host and per device, not a
+  4-byte one); other ``uint8`` features are scaled to [0, 1] as float32, others become float32. A 3-D ``x`` (N, H, W) gains a channel axis. Labels must be integers and
   become int32. ``num_classes`` defaults to the largest label (train or test) plus one.
   """
   x_train, x_test = _as_features(x_train, "x_train"), _as_features(x_test, "x_test")
@@ -223,8 +224,8 @@ def validate_dataset(ds: Dataset) -> None:
       raise JaxmemError(f"{split} split is empty (x_{split} has 0 examples)")
     if x.ndim < 2:
       raise JaxmemError(f"x_{split} must have shape (num_examples, ...), got {x.shape}")
-    if x.dtype != np.float32:
-      raise JaxmemError(f"x_{split} must be float32, got {x.dtype} (from_arrays converts)")
+    if x.dtype != np.float32 and not (x.dtype == np.uint8 and x.ndim == 4):
+      raise JaxmemError(f"x_{split} must be float32 (or uint8 images), got {x.dtype} (from_arrays converts)")
     if not np.issubdtype(y.dtype, np.integer):
       raise JaxmemError(f"y_{split} must hold integer labels, got dtype {y.dtype}")
   k = ds.num_classes
@@ -246,7 +247,7 @@ def validate_dataset(ds: Dataset) -> None:
   # Non-finite values last: the count is the one O(size) pass worth avoiding on obvious errors.
   for split in ("train", "test"):
     x = getattr(ds, f"x_{split}")
-    bad = x.size - int(np.count_nonzero(np.isfinite(x)))
+    bad = x.size - int(np.count_nonzero(np.isfinite(x))) if x.dtype.kind == "f" else 0
     if bad:
       raise JaxmemError(f"x_{split} has {bad} non-finite values (NaN or inf); all features must "
                         f"be finite")
@@ -348,7 +349,9 @@ def _check_seed(seed) -> None:
 
 def _as_features(x, what: str) -> np.ndarray:
   x = np.asarray(x)
-  if x.dtype == np.uint8:
+  if x.dtype == np.uint8 and x.ndim in (3, 4):
+    pass  # images stay in their stored dtype (4x smaller); the engine scales them on the device
+  elif x.dtype == np.uint8:
     x = x.astype(np.float32) / np.float32(255)
   elif x.dtype.kind in "biuf":
     x = x.astype(np.float32)

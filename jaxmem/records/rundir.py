@@ -32,7 +32,7 @@ from typing import Any
 
 import numpy as np
 
-from jaxmem.config import RunConfig
+from jaxmem.config import GROWTH_FIELDS, RunConfig
 from jaxmem.errors import JaxmemError
 from jaxmem.lock import LOCK_FILE
 from jaxmem.records.store import Records, records_from_chunks
@@ -378,7 +378,8 @@ def identity_differences(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
   defaults = RunConfig().identity()
   out = []
   config_a, config_b = a.get("identity", {}), b.get("identity", {})
-  for key in sorted(set(config_a) | set(config_b)):
+  # Manifests made before runs could grow list num_models in their identity: it is not one.
+  for key in sorted((set(config_a) | set(config_b)) - GROWTH_FIELDS):
     value_a, value_b = config_a.get(key, defaults.get(key)), config_b.get(key, defaults.get(key))
     if value_a != value_b:
       out.append(f"{key}: {value_a!r} there, {value_b!r} now")
