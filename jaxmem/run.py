@@ -22,6 +22,7 @@ from jaxmem.config import RunConfig
 from jaxmem.data import Dataset, load_dataset
 from jaxmem.errors import JaxmemError
 from jaxmem.masks import make_masks
+from jaxmem.models import TEXT_MODELS
 from jaxmem.scores import auroc
 from jaxmem.scoring import ScoreTable, score_records, study_columns, write_scores
 from jaxmem.store import FORMAT_VERSION, Records, RunDir, utc_now, write_json_atomic
@@ -190,6 +191,13 @@ def check_config_against_dataset(config: RunConfig, dataset: Dataset) -> None:
   if config.queries > 1 and not dataset.is_image:
     raise JaxmemError(f"queries {config.queries} (flips and shifts) need image data; dataset "
                       f"{dataset.name!r} has inputs of shape {dataset.input_shape}: use --queries 1")
+  if dataset.is_text != (config.model in TEXT_MODELS):
+    raise JaxmemError(f"model {config.model!r} cannot train on dataset {dataset.name!r}: text datasets need "
+                      f"--model {' or '.join(TEXT_MODELS)}, which trains on text only")
+  if dataset.is_text:
+    for field, off in (("record_epochs", False), ("score_epoch", None), ("augment", False), ("label_noise", 0.0)):
+      if getattr(config, field) != off:
+        raise JaxmemError(f"{field} is for classification; text dataset {dataset.name!r} needs {field}={off!r}")
 
 
 def build_manifest(config: RunConfig, dataset: Dataset, chunks: list[list[int]]) -> dict[str, Any]:
@@ -198,7 +206,8 @@ def build_manifest(config: RunConfig, dataset: Dataset, chunks: list[list[int]])
       "identity": config.identity(),
       "dataset": {"name": dataset.name, "fingerprint": dataset.fingerprint, "num_train": dataset.num_train,
                   "num_test": dataset.num_test, "num_classes": dataset.num_classes,
-                  "input_shape": list(dataset.input_shape)},
+                  "input_shape": list(dataset.input_shape),
+                  **({"text": dataset.describe()} if dataset.is_text else {})},
       "chunks": chunks, "versions": versions(), "created": utc_now()}
 
 
@@ -239,7 +248,8 @@ def run(config: RunConfig, out: str | Path, *, overwrite: bool = False, progress
   run_dir = RunDir.create_or_open(out, build_manifest(config, dataset, chunks), overwrite=overwrite)
   run_dir.write_design({
       "keep": keep_MxN, "subset_ratio": ratio_M, "train_labels": dataset.y_train,
-      "clean_train_labels": dataset.clean_y_train, "test_labels": dataset.y_test, "noisy": dataset.noisy})
+      "clean_train_labels": dataset.clean_y_train, "test_labels": dataset.y_test, "noisy": dataset.noisy,
+      **(dataset.example_info() if dataset.is_text else {})})
 
   status = {c: run_dir.chunk_status(c) for c in range(len(chunks))}
   for c, s in status.items():
@@ -415,6 +425,12 @@ def output_files(run_path: Path) -> dict[str, str]:
 def subset_accuracies(records: Records) -> dict[str, float]:
   """Mean accuracy of the subset models on their own subset, on held-out training examples, and
   on the test set (averaged over models)."""
+  if "train_token_accuracy" in records:  # a language model: next-token accuracy per sequence
+    accuracy, keep = records["train_token_accuracy"], records.keep
+    own = (accuracy * keep).sum(1) / np.maximum(keep.sum(1), 1)
+    held_out = (accuracy * ~keep).sum(1) / np.maximum((~keep).sum(1), 1)
+    return {"train_subset": float(own.mean()), "train_held_out": float(held_out.mean()),
+            "test": float(records["test_token_accuracy"].mean())}
   correct, keep = records["train_correct"], records.keep
   own = (correct & keep).sum(1) / np.maximum(keep.sum(1), 1)
   held_out = (correct & ~keep).sum(1) / np.maximum((~keep).sum(1), 1)

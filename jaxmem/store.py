@@ -92,6 +92,10 @@ RECORD_AXES = {
     "keep": "MN", "train_correct": "MN", "train_margin": "MN", "test_correct": "MT", "test_margin": "MT",
     "epoch_loss": "ME", "train_correct_epochs": "MEN", "train_margin_epochs": "MEN",
     "train_el2n": "MN", "train_grand": "MN",
+    # language models (jaxmem.engine.text); L here is the L − 1 predicted tokens of a sequence,
+    # and the candidate secrets of the canaries' space R have no axis letter
+    "train_token_accuracy": "MN", "test_token_accuracy": "MT", "train_loglik": "MN", "test_loglik": "MT",
+    "train_extractable": "MN", "train_token_logprob": "MNL", "candidate_logperp": "M?",
 }
 
 
@@ -124,6 +128,9 @@ class Records:
   noisy: np.ndarray            # (N,) bool
   arrays: dict[str, np.ndarray]
   num_models_planned: int
+  # Per-training-example facts of the dataset beyond labels, kept in the design (text: copies,
+  # canary, prefix_len, zlib_bytes, num_tokens, secret_index); empty for classification.
+  example_info: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
 
   def __getitem__(self, name: str) -> np.ndarray:
     return self.arrays[name]
@@ -341,7 +348,11 @@ class RunDir:
         keep=keep[order], model_ids=ids[order], subset_ratio=design["subset_ratio"][ids[order]],
         train_labels=design["train_labels"], clean_train_labels=design["clean_train_labels"],
         test_labels=design["test_labels"], noisy=design["noisy"], arrays=arrays,
-        num_models_planned=int(design["keep"].shape[0]))
+        num_models_planned=int(design["keep"].shape[0]),
+        example_info={k: v for k, v in design.items() if k not in _DESIGN_KEYS})
+
+
+_DESIGN_KEYS = ("keep", "subset_ratio", "train_labels", "clean_train_labels", "test_labels", "noisy")
 
 
 def unpack_bit_records(arrays: dict[str, np.ndarray], *, num_examples: int) -> dict[str, np.ndarray]:

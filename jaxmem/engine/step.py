@@ -33,6 +33,18 @@ class DeviceData(NamedTuple):
   y_test: jax.Array
 
 
+class Task(NamedTuple):
+  """What a model is trained for, apart from classification (the default when no task is given).
+
+  ``loss(apply, x_B, y_B, weight_B) -> scalar``: the training loss of a batch, ``apply`` mapping
+  inputs to the model's outputs under the current parameters. ``evaluate(apply, data, eval_batch)
+  -> {record name: per-example array}``: the records of one model (leading axis: the examples).
+  See :mod:`jaxmem.engine.text` for next-token prediction.
+  """
+  loss: Callable[..., jax.Array]
+  evaluate: Callable[..., dict[str, jax.Array]]
+
+
 class ModelFunctions(NamedTuple):
   """Pure single-model functions; ``data`` is passed explicitly so it is an argument of the
   compiled program rather than a constant baked into it.
@@ -140,7 +152,7 @@ def apply_in_batches(apply_fn: Callable[[jax.Array], jax.Array], x: jax.Array, b
   batch = -(-n // num_batches)  # equal batches, at most num_batches - 1 padding rows
   padded = jnp.pad(x, ((0, num_batches * batch - n),) + ((0, 0),) * (x.ndim - 1))
   out = jax.lax.map(apply_fn, padded.reshape((num_batches, batch) + x.shape[1:]))
-  return out.reshape((num_batches * batch,) + out.shape[2:])[:n]
+  return jax.tree.map(lambda o: o.reshape((num_batches * batch,) + o.shape[2:])[:n], out)
 
 
 def epoch_batches(key: jax.Array, members: jax.Array, count: jax.Array, epoch: jax.Array,
@@ -163,7 +175,7 @@ def make_model_functions(model: nn.Module, tx: optax.GradientTransformation, *, 
                          num_steps: int, augment: bool = False, augment_pad: int = 2,
                          eval_batch: int = 4096, record_epochs: bool = False,
                          record_epoch_margin: bool = False, grad_batch: int = 32,
-                         queries: int = 1) -> ModelFunctions:
+                         queries: int = 1, task: Task | None = None) -> ModelFunctions:
   """Single-model ``init``, ``train`` (a ``lax.scan`` over epochs of ``num_steps`` steps) and
   ``evaluate``.
 
@@ -176,6 +188,9 @@ def make_model_functions(model: nn.Module, tx: optax.GradientTransformation, *, 
   its correctness (and with ``record_epoch_margin`` its margin) for the learning-dynamics scores
   (:mod:`jaxmem.scores.dynamics`). ``grad_batch`` bounds GraNd's per-example gradients in memory
   (``grad_batch`` x parameters per model at a time).
+
+  ``task``: another loss and other records than classification's (e.g. next-token prediction,
+  :func:`jaxmem.engine.text.make_text_task`); batching, optimizer and randomness stay the same.
   """
 
   def init(key: jax.Array, data: DeviceData) -> TrainState:
@@ -183,6 +198,8 @@ def make_model_functions(model: nn.Module, tx: optax.GradientTransformation, *, 
     return TrainState(params, tx.init(params))
 
   def loss_fn(params, x, y, weight_B):
+    if task is not None:
+      return task.loss(lambda inputs: model.apply({"params": params}, inputs), x, y, weight_B)
     logits = model.apply({"params": params}, x)
     loss_B = optax.softmax_cross_entropy_with_integer_labels(logits, y)
     return jnp.sum(loss_B * weight_B) / jnp.maximum(jnp.sum(weight_B), 1.0)
@@ -245,6 +262,8 @@ def make_model_functions(model: nn.Module, tx: optax.GradientTransformation, *, 
 
   def evaluate(params, data: DeviceData) -> dict[str, jax.Array]:
     apply = lambda x: model.apply({"params": params}, x)
+    if task is not None:
+      return task.evaluate(apply, data, eval_batch)
     out = {}
     for split, x, y in (("train", data.x_train, data.y_train), ("test", data.x_test, data.y_test)):
       margin, correct = margin_and_correct(apply_in_batches(apply, x, eval_batch), y)

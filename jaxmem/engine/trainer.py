@@ -21,6 +21,7 @@ from jaxmem.config import RunConfig
 from jaxmem.data import Dataset
 from jaxmem.engine import lift as lifting
 from jaxmem.engine.step import DeviceData, make_model_functions, make_optimizer, steps_per_epoch
+from jaxmem.engine.text import make_text_task
 from jaxmem.models import build_model
 
 MODEL_AXIS = "models"
@@ -39,12 +40,16 @@ def model_keys(seed: int, model_ids: Sequence[int]) -> jax.Array:
   return jax.vmap(lambda m: jax.random.fold_in(base, m))(jnp.asarray(model_ids, dtype=jnp.uint32))
 
 
-def members_from_keep(keep_KxN: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-  """Per-model member indices padded to a common length, and the true counts."""
-  counts_K = keep_KxN.sum(axis=1).astype(np.int32)
+def members_from_keep(keep_KxN: np.ndarray, copies_N: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+  """Per-model member indices padded to a common length, and the true counts. With ``copies_N``
+  (a text corpus's duplicates) example i appears ``copies_N[i]`` times among a model's members:
+  membership is per unique example, and a member is trained on every copy, every epoch."""
+  rows = [np.flatnonzero(row) for row in keep_KxN]
+  if copies_N is not None:
+    rows = [np.repeat(idx, np.asarray(copies_N)[idx]) for idx in rows]
+  counts_K = np.asarray([idx.size for idx in rows], dtype=np.int32)
   members_KxS = np.zeros((keep_KxN.shape[0], max(int(counts_K.max()), 1)), dtype=np.int32)
-  for k, row in enumerate(keep_KxN):
-    idx = np.flatnonzero(row)
+  for k, idx in enumerate(rows):
     members_KxS[k, : idx.size] = idx
   return members_KxS, counts_K
 
@@ -88,10 +93,16 @@ class Engine:
     self.probe_cache = lifting.default_cache_path() if probe_cache == "default" else probe_cache
     self.log = log or (lambda message: None)
     self.probe_seconds: dict[str, float] = {}
-    x_train, x_test = standardize(dataset)
     replicated = NamedSharding(self.mesh, P())
-    self.data = jax.device_put(
-        DeviceData(x_train, dataset.y_train.astype(np.int32), x_test, dataset.y_test.astype(np.int32)), replicated)
+    if dataset.is_text:  # tokens as they are; per sequence, the task needs its extraction prefix
+      self.task = make_text_task(dataset.secrets)
+      self.copies = np.asarray(dataset.copies)
+      data = DeviceData(dataset.x_train, dataset.prefix_len, dataset.x_test, np.ones(dataset.num_test, np.int32))
+    else:
+      self.task, self.copies = None, None
+      x_train, x_test = standardize(dataset)
+      data = DeviceData(x_train, dataset.y_train.astype(np.int32), x_test, dataset.y_test.astype(np.int32))
+    self.data = jax.device_put(data, replicated)
     self._programs: dict[tuple[str, int], _Programs] = {}
 
   @property
@@ -101,6 +112,12 @@ class Engine:
   def padded_size(self, num_models: int) -> int:
     """Chunks are padded to a multiple of the device count (padding models are discarded)."""
     return -(-num_models // self.num_devices) * self.num_devices
+
+  def max_subset_size(self, keep_KxN: np.ndarray) -> int:
+    """The most training examples (copies counted) any of these models sees per epoch."""
+    if self.copies is None:
+      return int(keep_KxN.sum(axis=1).max())
+    return int((keep_KxN * self.copies[None, :]).sum(axis=1).max())
 
   def _grad_batch(self, strategy: lifting.Strategy, budget_bytes: int = 256 << 20) -> int:
     """GraNd's per-example gradients per batch: as many as fit ``budget_bytes`` (float32) for the
@@ -125,7 +142,8 @@ class Engine:
                                eval_batch=EVAL_BATCH.get(self.devices[0].platform, DEFAULT_EVAL_BATCH),
                                record_epoch_margin=cfg.record_epoch_margin,
                                grad_batch=self._grad_batch(strategy),
-                               queries=cfg.queries)  # >1: train/test_margin_aug (K,N,A)
+                               queries=cfg.queries,  # >1: train/test_margin_aug (K,N,A)
+                               task=self.task)
     if strategy.kind == "loop":
       programs = _loop_programs(fns)
     else:
@@ -174,7 +192,7 @@ class Engine:
         "device_kind": self.devices[0].device_kind, "platform": self.devices[0].platform,
         "jax": jax.__version__}
     keys_K, members_K, counts_K = self._device_inputs(np.arange(keep_KxN.shape[0]), keep_KxN)
-    num_steps = min(PROBE_STEPS, steps_per_epoch(int(keep_KxN.sum(axis=1).max()), cfg.batch_size))
+    num_steps = min(PROBE_STEPS, steps_per_epoch(self.max_subset_size(keep_KxN), cfg.batch_size))
 
     def time_candidate(strategy: lifting.Strategy) -> float:
       programs = self._build(strategy, num_steps)
@@ -203,7 +221,7 @@ class Engine:
     pad = padded - len(model_ids)
     ids = np.concatenate([model_ids, np.repeat(model_ids[-1:], pad)])
     keep = np.concatenate([keep_KxN, np.repeat(keep_KxN[-1:], pad, axis=0)])
-    members_K, counts_K = members_from_keep(keep)
+    members_K, counts_K = members_from_keep(keep, self.copies)
     sharded = NamedSharding(self.mesh, P(MODEL_AXIS))
     keys_K = jax.device_put(model_keys(self.config.seed, ids), sharded)
     return keys_K, jax.device_put(members_K, sharded), jax.device_put(counts_K, sharded)
@@ -239,7 +257,7 @@ class Engine:
     model_ids = np.asarray(model_ids, dtype=np.int64)
     keep_KxN = np.asarray(keep_KxN, dtype=bool)
     strategy = self.resolve_strategy(keep_KxN)
-    num_steps = steps_per_epoch(int(keep_KxN.sum(axis=1).max()), self.config.batch_size)
+    num_steps = steps_per_epoch(self.max_subset_size(keep_KxN), self.config.batch_size)
     programs = self._build(strategy, num_steps)
     keys_K, members_K, counts_K = self._device_inputs(model_ids, keep_KxN)
     start = time.perf_counter()
