@@ -60,3 +60,4 @@ __all__ = ["ESTIMATORS", "Estimator", "EstimatorResult", "InOutDifference", "aur
 from jaxmem.scores import counterfactual, cscore, influence, uncertainty  # noqa: E402,F401  (issue 3: registers estimators)
 from jaxmem.scores import lira  # noqa: E402,F401  (issue 4: registers the lira estimator)
 from jaxmem.scores import correlations, dynamics  # noqa: E402,F401  (issue 5: registers dynamics, el2n_grand, correlations)
+from jaxmem.scores import lm  # noqa: E402,F401  (registers text_memorization, exposure, lm_attacks)
