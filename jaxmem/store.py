@@ -92,8 +92,8 @@ RECORD_AXES = {
     "keep": "MN", "train_correct": "MN", "train_margin": "MN", "test_correct": "MT", "test_margin": "MT",
     "epoch_loss": "ME", "train_correct_epochs": "MEN", "train_margin_epochs": "MEN",
     "train_el2n": "MN", "train_grand": "MN",
-    # language models (jaxmem.engine.text); L here is the L − 1 predicted tokens of a sequence,
-    # and the candidate secrets of the canaries' space R have no axis letter
+    # language models (jaxmem.engine.text); L here is the L − 1 predicted tokens of a sequence;
+    # candidate_logperp is (models, candidates of the canaries' space R): no letter
     "train_token_accuracy": "MN", "test_token_accuracy": "MT", "train_loglik": "MN", "test_loglik": "MT",
     "train_extractable": "MN", "train_token_logprob": "MNL", "candidate_logperp": "M?",
 }

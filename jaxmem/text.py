@@ -43,6 +43,11 @@ BYTE_OFFSET = len(SPECIAL_TOKENS)  # byte b is token b + 3
 DEFAULT_CONTEXT = 64
 #: Held-out documents of a .txt file: the last fraction of its distinct documents.
 TXT_TEST_FRACTION = 0.1
+#: The recipe ``jaxmem run --model transformer`` starts from (flags given win over it): enough
+#: models for in/out estimates at half-size subsets, epochs enough that 16 copies of a canary are
+#: memorized and one copy only partly, on a 2-core CPU in minutes (README, "Language models").
+TEXT_RUN_DEFAULTS = {"num_models": 64, "epochs": 10, "batch_size": 32, "learning_rate": 3e-3,
+                     "subset_ratios": (0.5,), "chunk_size": 64}
 
 
 @dataclasses.dataclass(frozen=True, eq=False, repr=False)
@@ -119,14 +124,12 @@ class TextDataset(Dataset):
             f"canaries={int(np.sum(self.canary))})")
 
   def secret_index(self) -> np.ndarray:
-    """(N,) each canary's secret as an index into the enumerated space R (the digit string read
-    in base |symbols|, i.e. the candidate's position in ``candidate_logperp``), -1 elsewhere."""
+    """(N,) each canary's secret as an index into the enumerated space R (the number its digits
+    spell, i.e. the candidate's position in ``candidate_logperp``), -1 elsewhere."""
     out = np.full(self.num_train, -1, np.int64)
     if self.secrets is not None:
-      base = len(self.secrets["symbols"])
       for entry in self.secrets["canaries"]:
-        out[entry["index"]] = int(np.ravel_multi_index(
-            [self.secrets["symbols"].index(ch) for ch in entry["secret"]], (base,) * len(entry["secret"])))
+        out[entry["index"]] = int(entry["secret"])
     return out
 
   def decode(self, tokens_L: np.ndarray) -> str:
@@ -158,11 +161,6 @@ class TextDataset(Dataset):
     if self.secrets is not None:
       out["secrets"] = self.secrets
     return out
-
-
-def secret_space_size(secrets: dict[str, Any]) -> int:
-  """|R|: every string of ``length`` symbols from ``symbols``."""
-  return len(secrets["symbols"]) ** int(secrets["length"])
 
 
 def make_text_dataset(name: str, train_docs: Sequence[Sequence[int]], test_docs: Sequence[Sequence[int]], *,
@@ -230,8 +228,18 @@ def make_canaries(*, num_frequent: int = 240, num_rare: int = 48, duplicated: Se
 
   Canaries (Carlini et al. 2019): ``my pin is`` followed by ``secret_length`` digit tokens drawn
   uniformly from R = all digit strings (|R| = 10^secret_length, enumerable), for each count in
-  ``repetitions`` ``canaries_per_repetition`` distinct canaries occurring that many times. A canary's
+  ``repetitions`` ``canaries_per_repetition`` distinct canaries occurring that many times; all share
+  the format and the digit tokens, so one candidate space R serves every canary. A canary's
   extraction prefix is its format (``BOS my pin is``): extracting it means emitting the secret.
+
+  The control: a model that did not train on canary A still trained on other canaries and prefers
+  their digits, so A's rank under it depends on how A's digits happen to resemble theirs. Averaged
+  over the random draw of A the rank is uniform (A is independent of the model), but for a fixed
+  corpus the out-models share most of their training data, so their mean exposure for one canary
+  varies from canary to canary by about the 1.44-bit spread of one uniform rank, far more than the
+  standard error over out-models says; the mean over all canaries is the chance check. (Giving each
+  canary digits of its own, tried to remove this, gives the secret away instead: a model ranks a
+  canary's candidates by which of its symbols it has ever seen, so one copy reaches the maximum.)
   The test set is ``num_test`` further frequent-template sentences. Word-level tokens. The corpus is
   fixed (not seeded by the run seed), so runs with different seeds score the same sequences.
   """
@@ -280,12 +288,14 @@ def make_canaries(*, num_frequent: int = 240, num_rare: int = 48, duplicated: Se
   docs, copies = [docs[i] for i in order], [copies[i] for i in order]
   is_canary = [i >= num_frequent + num_rare for i in order]
   prefix = [1 + len(CANARY_FORMAT) if c else 1 + len(doc) // 2 for doc, c in zip(docs, is_canary)]
-  for entry, position in zip(secrets, sorted(range(len(order)), key=lambda j: order[j])[num_frequent + num_rare:]):
-    entry["index"] = int(position)
+  position_of = np.argsort(order)
+  for c, entry in enumerate(secrets):
+    entry["index"] = int(position_of[num_frequent + num_rare + c])
   seq_len = max(len(doc) for doc in docs + test) + 2
-  description = {"format": list(CANARY_FORMAT), "symbols": list(DIGITS), "symbol_tokens": encode(DIGITS),
-                 "format_tokens": [BOS] + encode(CANARY_FORMAT), "length": int(secret_length),
-                 "space_size": 10 ** int(secret_length), "canaries": sorted(secrets, key=lambda e: e["index"])}
+  description = {"format": list(CANARY_FORMAT), "format_tokens": [BOS] + encode(CANARY_FORMAT),
+                 "symbols": list(DIGITS), "symbol_tokens": encode(DIGITS),
+                 "length": int(secret_length), "space_size": 10 ** int(secret_length),
+                 "canaries": sorted(secrets, key=lambda e: e["index"])}
   return make_text_dataset(name, [encode(d) for d in docs], [encode(d) for d in test], vocab=vocab, tokenizer="word",
                            seq_len=seq_len, copies=copies, canary=is_canary, prefix_len=prefix, secrets=description)
 
@@ -388,4 +398,4 @@ def load_tfds_text(source_of, *, name: str, text_key: str, splits: Sequence[str]
 register_file_loader(".txt", lambda path: load_txt(path))
 register_tfds_text_loader(load_tfds_text)
 __all__ = ["BOS", "EOS", "PAD", "TextDataset", "load_txt", "make_canaries", "make_text_dataset",
-           "secret_space_size", "text_dataset_from_documents"]
+           "text_dataset_from_documents"]

@@ -37,11 +37,14 @@ def test_unseen_secrets_have_chance_exposure():
 def test_extrapolated_exposure_agrees_with_exact_on_an_enumerable_space():
   """Candidates whose log-perplexities are skew-normal (as Carlini et al. found them). The stated
   tolerance is the exact value's own sampling noise: a rank r among |R| draws is a binomial count,
-  so log2 r has a standard deviation of about 1 / (ln 2 · sqrt(r)); the extrapolation must agree
-  within 3 of those plus 0.05 bits (0.1 and 4 for a fit to a 2000-candidate sample). Past the top
+  so log2 r has a standard deviation of about 1 / (ln 2 · sqrt(r)) around the true CDF; the
+  extrapolation must agree within 4 of those plus 0.1 bits for the fit (5 and 0.15 for a fit to a
+  2000-candidate sample). Four, not three: the test makes 84 comparisons, and at 3 standard
+  deviations one of them would stray about one time in five (with this seed the empirical rank 100
+  of model 2 sits 3.5 standard deviations from the true skew-normal CDF itself). Past the top
   ranks the exact value is capped at log2 |R| and only the extrapolation keeps going."""
   rng = np.random.default_rng(2)
-  logperp = skewnorm.rvs(4.0, loc=20.0, scale=3.0, size=(3, 10_000), random_state=rng)
+  logperp = skewnorm.rvs(4.0, loc=20.0, scale=3.0, size=(3, 2, 10_000), random_state=rng)[:, 0]
   order = np.argsort(logperp, axis=1)
   ranks = np.array([10, 30, 100, 300, 1000, 3000, 9000])
   noise = 1 / (np.log(2) * np.sqrt(ranks))
@@ -50,10 +53,22 @@ def test_extrapolated_exposure_agrees_with_exact_on_an_enumerable_space():
     exact = exposure_exact(logperp[m: m + 1], secrets)
     fitted = exposure_extrapolated(logperp[m: m + 1], secrets)
     sampled = exposure_extrapolated(logperp[m: m + 1], secrets, sample_size=2000, seed=m)
-    assert (np.abs(fitted - exact) <= 3 * noise + 0.05).all(), (fitted, exact)
-    assert (np.abs(sampled - exact) <= 4 * noise + 0.1).all(), (sampled, exact)
-  top = exposure_extrapolated(logperp[:1], order[0, :1])
-  assert top[0, 0] > np.log2(10_000) - 1  # the favourite is extrapolated past where ranks run out
+    assert (np.abs(fitted - exact) <= 4 * noise + 0.1).all(), (fitted, exact)
+    assert (np.abs(sampled - exact) <= 5 * noise + 0.15).all(), (sampled, exact)
+    top = exposure_extrapolated(logperp[m: m + 1], order[m, :1])
+    assert top[0, 0] > np.log2(10_000) - 1  # the favourite is extrapolated past where ranks run out
+  # one space per secret (M, S, C) gives what each space alone gives
+  logperp = skewnorm.rvs(4.0, loc=20.0, scale=3.0, size=(3, 2, 10_000), random_state=rng)
+  per_secret = logperp.copy()
+  only = np.array([[True, False], [False, True], [True, True]])
+  partial = exposure_extrapolated(per_secret, np.array([5, 9]), models=only)
+  assert np.isnan(partial[~only]).all() and np.isfinite(partial[only]).all()
+  np.testing.assert_allclose(exposure_extrapolated(per_secret, np.array([5, 9])),
+                             np.stack([exposure_extrapolated(logperp[:, 0], [5])[:, 0],
+                                       exposure_extrapolated(logperp[:, 1], [9])[:, 0]], axis=1))
+  np.testing.assert_allclose(exposure_exact(per_secret, np.array([5, 9])),
+                             np.stack([exposure_exact(logperp[:, 0], [5])[:, 0],
+                                       exposure_exact(logperp[:, 1], [9])[:, 0]], axis=1))
 
 
 def test_canary_exposure_means_and_standard_errors_equal_a_loop():

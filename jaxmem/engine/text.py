@@ -77,40 +77,43 @@ def candidate_rows(format_tokens, symbol_tokens, length: int) -> np.ndarray:
   return rows.astype(np.int32)
 
 
-def candidate_logperp(apply, rows_RxS: jax.Array, format_len: int, symbol_tokens, length: int,
+def candidate_logperp(apply, rows_RxS: jax.Array, symbols_RxB: jax.Array, format_len: int, length: int,
                       eval_batch: int) -> jax.Array:
-  """Log-perplexity −log P(secret | format) of every candidate in R = symbols^length, indexed as
-  the base-|symbols| number the secret spells (Carlini et al. 2019, "The Secret Sharer", §4: the
-  canary's rank among all candidates by log-perplexity). Only the secret's tokens are scored: the
-  format is the same for every candidate, so the ranking is the paper's.
+  """Log-perplexity −log P(secret | format) of every candidate (Carlini et al. 2019, "The Secret
+  Sharer", §4: the canary's rank among all candidates by log-perplexity), for rows made by
+  :func:`candidate_rows`; ``symbols_RxB`` holds each row's alphabet (B symbols). Returns
+  (rows · B,): row r's candidates are r·B + the last symbol's index, i.e. the base-B number the
+  secret spells when the rows of one alphabet are consecutive. Only the secret's tokens are scored:
+  the format is the same for every candidate, so the ranking is the paper's.
 
   A causal model's prediction of symbol j depends only on the symbols before it, so one row per
-  string of the first ``length − 1`` symbols gives all |symbols| completions at once:
-  |R| / |symbols| forward passes instead of |R|."""
-  base = len(symbol_tokens)
-  symbol_tokens = jnp.asarray(symbol_tokens, jnp.int32)
+  string of the first ``length − 1`` symbols gives all B completions at once: |R| / B forward
+  passes instead of |R|."""
 
-  def row_logprobs(rows):
+  def row_logprobs(row_index_B):
+    rows, symbols_BxB = rows_RxS[row_index_B], symbols_RxB[row_index_B]
     logits_BxSxV = apply(rows[:, :-1])
     logp = jax.nn.log_softmax(logits_BxSxV[:, format_len - 1:, :], axis=-1)   # (B, length, V)
-    return logp[:, :, symbol_tokens]                                            # (B, length, base)
+    return jnp.take_along_axis(logp, symbols_BxB[:, None, :], axis=-1)          # (B, length, symbols)
 
-  logp_RxKxS = apply_in_batches(row_logprobs, rows_RxS, eval_batch)
+  logp_RxKxB = apply_in_batches(row_logprobs, jnp.arange(rows_RxS.shape[0]), eval_batch)
   digits_RxK1 = rows_RxS[:, format_len: format_len + length - 1]
-  digit_index = jnp.argmax(digits_RxK1[..., None] == symbol_tokens[None, None, :], axis=-1)  # (R, length-1)
-  prefix_R = jnp.take_along_axis(logp_RxKxS[:, : length - 1, :], digit_index[..., None], axis=-1)[..., 0].sum(axis=1)
-  logp_RxS = prefix_R[:, None] + logp_RxKxS[:, length - 1, :]
-  return -logp_RxS.reshape(-1)
+  digit_index = jnp.argmax(digits_RxK1[..., None] == symbols_RxB[:, None, :], axis=-1)  # (R, length-1)
+  prefix_R = jnp.take_along_axis(logp_RxKxB[:, : length - 1, :], digit_index[..., None], axis=-1)[..., 0].sum(axis=1)
+  logp_RxB = prefix_R[:, None] + logp_RxKxB[:, length - 1, :]
+  return -logp_RxB.reshape(-1)
 
 
 def make_text_task(secrets: dict[str, Any] | None) -> Task:
   """The LM task: ``loss`` = :func:`next_token_loss`; ``evaluate`` gives, per model,
   ``train_token_accuracy``, ``train_loglik``, ``train_extractable`` (N,), ``train_token_logprob``
   (N, L−1) (0 at padding; min-k% and per-token log-likelihood are computed from it),
-  ``test_token_accuracy``, ``test_loglik`` (T,), and with canaries ``candidate_logperp`` (|R|,)."""
-  rows = None
-  if secrets is not None:
+  ``test_token_accuracy``, ``test_loglik`` (T,), and with canaries ``candidate_logperp`` (|R|,),
+  the candidate space all canaries share."""
+  rows = symbols = None
+  if secrets is not None and secrets["canaries"]:
     rows = candidate_rows(secrets["format_tokens"], secrets["symbol_tokens"], int(secrets["length"]))
+    symbols = np.tile(np.asarray(secrets["symbol_tokens"], np.int32), (len(rows), 1))
 
   def evaluate(apply, data: DeviceData, eval_batch: int) -> dict[str, jax.Array]:
     out = {}
@@ -128,9 +131,9 @@ def make_text_task(secrets: dict[str, Any] | None) -> Task:
         out["train_extractable"] = records["extractable"]
         out["train_token_logprob"] = records["token_logprob"]
     if rows is not None:
-      out["candidate_logperp"] = candidate_logperp(
-          apply, jnp.asarray(rows), len(secrets["format_tokens"]), secrets["symbol_tokens"], int(secrets["length"]),
-          eval_batch)
+      logperp = candidate_logperp(apply, jnp.asarray(rows), jnp.asarray(symbols), len(secrets["format_tokens"]),
+                                  int(secrets["length"]), eval_batch)
+      out["candidate_logperp"] = logperp
     return out
 
   return Task(loss=next_token_loss, evaluate=evaluate)

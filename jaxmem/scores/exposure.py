@@ -13,14 +13,18 @@ model that never saw it, the rank is uniform on 1..|R| and E[exposure] → 1/ln 
 large to enumerate, fit a skew-normal distribution to the log-perplexities of candidates (the
 paper: a sample of them) and take exposure ≈ −log2 F(Px(s[r])), F the fitted CDF. It continues
 past the largest exact value log2 |R| (it needs no candidate to rank below the canary).
+``tests/test_text_scores.py`` checks it against the exact exposure within the exact rank's own
+sampling noise. (A method-of-moments fit, tried for speed, strays by up to 1.2 bits at rank 100 of
+10^4 when fitted to a 2000-candidate sample — the sample's third moment is noisy — so the fit is
+maximum likelihood, as the paper's.)
 
 Differences from tensorflow/privacy's ``secret_sharer`` (``compute_exposure_interpolation`` /
 ``compute_exposure_extrapolation``): that code takes the perplexities of one model and returns one
 exposure per canary; here every model of a run gives one, and a canary's score is the mean over the
 models that trained on it with its standard error, beside the same mean over the models that did
 not (the control, which should sit near 1.44 bits). Ties count against the canary (≤ in the rank), as
-the definition and the reference's interpolation do. The skew-normal is fitted by maximum
-likelihood (``scipy.stats.skewnorm.fit``) on all candidates or a seeded sample of them.
+the definition and the reference's interpolation do. The skew-normal is fitted to all candidates or
+to a seeded sample of them.
 """
 
 from __future__ import annotations
@@ -34,28 +38,44 @@ from scipy.stats import skewnorm
 CHANCE_EXPOSURE = 1.0 / np.log(2.0)
 
 
-def exposure_exact(candidate_logperp_MxC: np.ndarray, secret_index_S: np.ndarray) -> np.ndarray:
-  """(M, S) exposure of S secrets (their positions in the candidate axis) under M models."""
-  logperp_MxC = np.asarray(candidate_logperp_MxC, np.float64)
-  secret_index_S = np.asarray(secret_index_S, np.int64)
-  secret_MxS = logperp_MxC[:, secret_index_S]
-  sorted_MxC = np.sort(logperp_MxC, axis=1)
-  rank_MxS = np.stack([np.searchsorted(row, secret, side="right") for row, secret in zip(sorted_MxC, secret_MxS)])
-  return np.log2(logperp_MxC.shape[1]) - np.log2(rank_MxS.reshape(secret_MxS.shape))
+def _per_secret(candidate_logperp, num_secrets: int) -> np.ndarray:
+  """(M, S, C): one candidate space per secret; an (M, C) input is one space shared by all secrets."""
+  logperp = np.asarray(candidate_logperp, np.float64)
+  if logperp.ndim == 2:
+    return np.broadcast_to(logperp[:, None, :], (logperp.shape[0], num_secrets, logperp.shape[1]))
+  if logperp.ndim != 3 or logperp.shape[1] != num_secrets:
+    raise ValueError(f"candidate log-perplexities {logperp.shape} must be (M, C) or (M, {num_secrets}, C)")
+  return logperp
 
 
-def exposure_extrapolated(candidate_logperp_MxC: np.ndarray, secret_index_S: np.ndarray, *,
-                          sample_size: int | None = None, seed: int = 0) -> np.ndarray:
-  """(M, S) extrapolated exposure: −log2 of the skew-normal CDF (fitted per model to the candidates'
-  log-perplexities, or to ``sample_size`` of them drawn without replacement) at each secret's value."""
-  logperp_MxC = np.asarray(candidate_logperp_MxC, np.float64)
+def exposure_exact(candidate_logperp: np.ndarray, secret_index_S: np.ndarray) -> np.ndarray:
+  """(M, S) exposure of S secrets under M models. ``candidate_logperp``: (M, S, C), secret s's
+  own candidate space, or (M, C) shared by all; ``secret_index_S``: each secret's candidate."""
   secret_index_S = np.asarray(secret_index_S, np.int64)
-  rng = np.random.default_rng(seed)
-  out = np.empty((logperp_MxC.shape[0], len(secret_index_S)))
-  for m, row in enumerate(logperp_MxC):
-    fit_on = row if sample_size is None or sample_size >= row.size else rng.choice(row, sample_size, replace=False)
-    shape, loc, scale = skewnorm.fit(fit_on)
-    out[m] = -skewnorm.logcdf(row[secret_index_S], shape, loc, scale) / np.log(2.0)
+  logperp_MxSxC = _per_secret(candidate_logperp, len(secret_index_S))
+  secret_MxS = np.take_along_axis(logperp_MxSxC, secret_index_S[None, :, None], axis=2)[..., 0]
+  rank_MxS = (logperp_MxSxC <= secret_MxS[..., None]).sum(axis=2)
+  return np.log2(logperp_MxSxC.shape[2]) - np.log2(rank_MxS)
+
+
+def exposure_extrapolated(candidate_logperp: np.ndarray, secret_index_S: np.ndarray, *,
+                          sample_size: int | None = None, seed: int = 0, models: np.ndarray | None = None) -> np.ndarray:
+  """(M, S) extrapolated exposure: −log2 of the skew-normal CDF, fitted by maximum likelihood
+  (``scipy.stats.skewnorm.fit``) per model and space to the candidates' log-perplexities (or to
+  ``sample_size`` of them drawn without replacement), at each secret's value. ``models`` (M, S)
+  bool, optional: fit only these (model, secret) pairs, NaN elsewhere (a fit costs tens of ms)."""
+  secret_index_S = np.asarray(secret_index_S, np.int64)
+  logperp_MxSxC = _per_secret(candidate_logperp, len(secret_index_S))
+  secret_MxS = np.take_along_axis(logperp_MxSxC, secret_index_S[None, :, None], axis=2)[..., 0]
+  num_candidates = logperp_MxSxC.shape[2]
+  chosen = np.arange(num_candidates)
+  if sample_size is not None and sample_size < num_candidates:
+    chosen = np.random.default_rng(seed).choice(num_candidates, sample_size, replace=False)
+  wanted_MxS = np.ones(secret_MxS.shape, bool) if models is None else np.asarray(models, bool)
+  out = np.full(secret_MxS.shape, np.nan)
+  for m, s in zip(*np.nonzero(wanted_MxS)):
+    shape, loc, scale = skewnorm.fit(logperp_MxSxC[m, s, chosen])
+    out[m, s] = -skewnorm.logcdf(secret_MxS[m, s], shape, loc, scale) / np.log(2.0)
   return out
 
 

@@ -22,8 +22,8 @@ from jaxmem.scores.exposure import CHANCE_EXPOSURE, canary_exposure, exposure_ex
 from jaxmem.scores.text import (extraction_rates, loss_signal, min_k_signal, per_example_auc, per_token_loglik,
                                 text_memorization, zlib_signal)
 
-#: Candidates the extrapolated exposure's skew-normal is fitted to, per model (Carlini et al. fit a
-#: sample; an enumerable R is subsampled the same way so the estimate is the non-enumerable one).
+#: Candidates the extrapolated exposure's skew-normal is fitted to, per model and canary (Carlini et
+#: al. fit a sample; a larger enumerable R is subsampled the same way).
 EXTRAPOLATION_SAMPLE = 2000
 
 
@@ -60,8 +60,10 @@ def _exposure(records, *, sample_size: int = EXTRAPOLATION_SAMPLE, seed: int = 0
   secret_S = info["secret_index"][index_S]
   candidates = records["candidate_logperp"]
   exact = canary_exposure(records.keep[:, index_S], exposure_exact(candidates, secret_S))
-  extrapolated = canary_exposure(records.keep[:, index_S],
-                                 exposure_extrapolated(candidates, secret_S, sample_size=sample_size, seed=seed))
+  # fitted only where a model trained on the canary: the column is the in-model mean
+  keep_MxS = records.keep[:, index_S]
+  extrapolated = canary_exposure(keep_MxS, exposure_extrapolated(candidates, secret_S, sample_size=sample_size,
+                                                                 seed=seed, models=keep_MxS))
   n = records.num_train
   column = lambda values: _scatter(n, index_S, values)
   columns = {"exposure": column(exact.mean_in), "exposure_se": column(exact.se_in),
@@ -78,7 +80,7 @@ def _exposure(records, *, sample_size: int = EXTRAPOLATION_SAMPLE, seed: int = 0
         "exposure_out": float(np.nanmean(exact.mean_out[chosen])),
         "exposure_out_se": float(np.sqrt(np.nansum(exact.se_out[chosen] ** 2)) / chosen.sum()),
         "canaries": int(chosen.sum())}
-  log2_space = float(np.log2(candidates.shape[1]))
+  log2_space = float(np.log2(candidates.shape[-1]))
   out_mean = float(np.nanmean(exact.mean_out))
   summary = {"space_bits": log2_space, "chance": CHANCE_EXPOSURE, "by_copies": by_copies, "out_mean": out_mean}
   lines = [f"canary exposure (bits, of log2|R| = {log2_space:.2f}; models that did not train on a canary: "
