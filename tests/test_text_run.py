@@ -32,7 +32,8 @@ def test_text_run_scores_resume_study_and_export(tmp_path):
   result = jaxmem.run(TINY_TEXT_RUN, out, dataset=ds, progress=False, log=lambda m: None)
   table = read_scores_csv(out / "scores.csv")
   for column in ("index", "copies", "canary", "memorization", "memorization_se", "memorization_loglik",
-                 "exposure", "exposure_se", "extractable", "loss_auc", "zlib_auc", "mink_auc"):
+                 "exposure", "exposure_se", "extractable", "loss_auc", "zlib_auc", "mink_auc",
+                 "lira_loglik_online", "lira_loglik_offline"):
     assert column in table, column
   np.testing.assert_array_equal(table["index"], np.arange(ds.num_train))
   np.testing.assert_array_equal(table["copies"], ds.copies)
@@ -42,6 +43,8 @@ def test_text_run_scores_resume_study_and_export(tmp_path):
   assert np.isfinite(table["exposure_out"][canary]).all()
   assert (table["exposure_out"][canary] <= np.log2(100) + 1e-9).all()
   assert np.isfinite(table["memorization"]).all() and (np.abs(table["memorization"]) <= 1).all()
+  for column in ("loss_auc", "mink_auc", "lira_loglik_online"):
+    assert ((table[column] >= 0) & (table[column] <= 1)).all(), column
   manifest = RunDir.open(out).manifest()
   assert [c["secret"] for c in manifest["dataset"]["text"]["secrets"]["canaries"]] == \
       [c["secret"] for c in ds.secrets["canaries"]]

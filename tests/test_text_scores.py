@@ -7,10 +7,8 @@ import numpy as np
 import pytest
 from scipy.stats import skewnorm
 
-from jaxmem.scores import auroc
 from jaxmem.scores.exposure import CHANCE_EXPOSURE, canary_exposure, exposure_exact, exposure_extrapolated
-from jaxmem.scores.text import (extraction_rates, loss_signal, min_k_signal, per_example_auc, text_memorization,
-                                zlib_signal)
+from jaxmem.scores.text import extraction_rates, loss_signal, min_k_signal, text_memorization, zlib_signal
 
 
 def test_exposure_equals_naive_rank_with_ties():
@@ -123,13 +121,3 @@ def test_min_k_and_zlib_equal_hand_computed_values():
   zbytes = np.array([len(zlib.compress(text, 9)), 10])
   np.testing.assert_allclose(loss_signal(loglik, num_targets), [[-2.1, -1.05]])
   np.testing.assert_allclose(zlib_signal(loglik, num_targets, zbytes), [[-2.1 / (8 * zbytes[0]), -1.05 / 80]])
-
-
-def test_per_example_auc_equals_pooled_auroc_per_column():
-  rng = np.random.default_rng(5)
-  keep = rng.random((30, 6)) < 0.5
-  score = rng.normal(size=(30, 6)) + keep * np.arange(6)[None, :] * 0.5
-  score[:4, 2] = score[4, 2]  # ties
-  got = per_example_auc(keep, score)
-  for i in range(6):
-    assert got[i] == pytest.approx(auroc(score[:, i], keep[:, i]))

@@ -6,7 +6,9 @@ and call the pure functions of :mod:`jaxmem.scores.text` and :mod:`jaxmem.scores
 memorization, memorization_se, memorization_loglik(_se), extractable(_se), extractable_out``);
 ``exposure`` the canaries' (``exposure, exposure_se, exposure_out, exposure_out_se,
 exposure_extrapolated(_se)``, empty for other sequences); ``lm_attacks`` the membership signals'
-per-sequence AUROCs over models (``loss_auc, zlib_auc, mink_auc``) and their pooled AUROCs. Per
+per-sequence AUROCs over models (``loss_auc, zlib_auc, mink_auc``) and their pooled AUROCs, and
+LiRA's per-sequence AUROCs with the per-token log-likelihood as statistic
+(``lira_loglik_online, lira_loglik_offline``, :func:`jaxmem.scores.lira.per_example_risk`). Per
 sequence, ``zlib_auc`` equals ``loss_auc`` (zlib divides every model's score of a sequence by the
 same length); the two differ where sequences are pooled, as an attack on a corpus pools them.
 """
@@ -19,8 +21,10 @@ import numpy as np
 
 from jaxmem.scores import EstimatorResult, auroc, register_estimator
 from jaxmem.scores.exposure import CHANCE_EXPOSURE, canary_exposure, exposure_exact, exposure_extrapolated
-from jaxmem.scores.text import (extraction_rates, loss_signal, min_k_signal, per_example_auc, per_token_loglik,
-                                text_memorization, zlib_signal)
+from jaxmem.scores.attack_metrics import per_example_auc
+from jaxmem.scores.lira import per_example_risk
+from jaxmem.scores.text import (extraction_rates, loss_signal, min_k_signal, per_token_loglik, text_memorization,
+                                zlib_signal)
 
 #: Candidates the extrapolated exposure's skew-normal is fitted to, per model and canary (Carlini et
 #: al. fit a sample; a larger enumerable R is subsampled the same way).
@@ -97,10 +101,17 @@ def _lm_attacks(records, *, k: float = 0.2, **options) -> EstimatorResult:
   signals = {"loss": loss_signal(records["train_loglik"], targets),
              "zlib": zlib_signal(records["train_loglik"], targets, info["zlib_bytes"]),
              "mink": min_k_signal(records["train_token_logprob"], targets, k)}
-  columns = {f"{name}_auc": per_example_auc(keep, score) for name, score in signals.items()}
+  columns = {f"{name}_auc": per_example_auc(score, keep) for name, score in signals.items()}
   pooled = {name: auroc(score.ravel(), keep.ravel()) for name, score in signals.items()}
   lines = ["membership attacks on sequences, AUROC over all (model, sequence) pairs: "
            + ", ".join(f"{name} {value:.3f}" for name, value in pooled.items())]
+  if keep.shape[0] >= 3:  # LiRA needs a target and two shadow models
+    # LiRA (Carlini et al. 2022) with the per-token log-likelihood as its statistic, through the
+    # image attack's code: every model in turn the target, the others its shadows.
+    risk = per_example_risk(signals["loss"][..., None], keep)
+    columns["lira_loglik_online"], columns["lira_loglik_offline"] = risk["lira_online"], risk["lira_offline"]
+    lines.append("LiRA on the per-token log-likelihood, per-sequence AUROC over models: median online "
+                 f"{np.nanmedian(risk['lira_online']):.3f}, offline {np.nanmedian(risk['lira_offline']):.3f}")
   return EstimatorResult(columns=columns, summary={"pooled_auroc": pooled, "mink_k": k}, lines=lines)
 
 

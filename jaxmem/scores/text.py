@@ -24,8 +24,6 @@ sequence-level membership signals. Pure functions of record arrays.
 from __future__ import annotations
 
 import numpy as np
-from scipy.stats import rankdata
-
 from jaxmem.scores._stats import InOutDifference, in_out_difference, plus_two_se
 
 
@@ -74,13 +72,3 @@ def min_k_signal(token_logprob_MxNxL: np.ndarray, num_targets_N: np.ndarray, k: 
   take_N = np.maximum(1, (k * n_N).astype(np.int64))
   chosen_NxL = np.arange(logprob.shape[2])[None, :] < take_N[:, None]
   return np.where(chosen_NxL[None], ordered, 0.0).sum(axis=2) / take_N[None, :]
-
-
-def per_example_auc(keep_MxN: np.ndarray, score_MxN: np.ndarray) -> np.ndarray:
-  """For each example, the AUROC over models of ``score`` separating the models that trained on it
-  from those that did not (Mann-Whitney, ties one half); NaN without both kinds of model."""
-  keep_MxN = np.asarray(keep_MxN, bool)
-  ranks_MxN = rankdata(np.asarray(score_MxN, np.float64), axis=0)
-  n_in, n_out = keep_MxN.sum(0), (~keep_MxN).sum(0)
-  u = np.where(keep_MxN, ranks_MxN, 0.0).sum(0) - n_in * (n_in + 1) / 2
-  return np.where((n_in > 0) & (n_out > 0), u / np.maximum(n_in * n_out, 1), np.nan)
