@@ -450,6 +450,12 @@ def summarize(records: Records, table: ScoreTable, *, dataset: Dataset | None = 
     summary["most_memorized"] = [
         {"index": int(i), "label": int(records.train_labels[i]), "noisy": bool(records.noisy[i]),
          "memorization": float(mem[i]), "memorization_se": float(se[i])} for i in order]
+    if "copies" in table.columns:  # a text run: the sequence, its copies, whether it is a canary
+      for row in summary["most_memorized"]:
+        i = row["index"]
+        row.update(copies=int(table.columns["copies"][i]), canary=bool(table.columns["canary"][i]))
+        if dataset is not None and dataset.is_text:
+          row["text"] = dataset.decode(dataset.x_train[i])
     summary["memorization_median_se"] = float(np.nanmedian(se))
     if records.noisy.any():
       summary["noisy_label_auroc"] = auroc(mem, records.noisy)
@@ -476,7 +482,13 @@ def format_summary(summary: dict[str, Any]) -> str:
     lines.append(f"flipped labels found by memorization: AUROC {summary['noisy_label_auroc']:.3f} "
                  f"({summary['flipped_labels']} flipped)")
   lines.extend(summary.get("lines", []))
-  if summary.get("most_memorized"):
+  if summary.get("most_memorized") and "copies" in summary["most_memorized"][0]:
+    lines.append("most memorized training sequences (per-token accuracy, in−out):")
+    lines.append("  index  copies  canary  memorization    text")
+    for row in summary["most_memorized"]:
+      lines.append(f"  {row['index']:5d}  {row['copies']:6d}  {'yes' if row['canary'] else 'no':>6}  "
+                   f"{row['memorization']:.3f} ± {row['memorization_se']:.3f}  {row.get('text', '')}")
+  elif summary.get("most_memorized"):
     lines.append("most memorized training examples:")
     lines.append("  index  label  noisy  memorization")
     for row in summary["most_memorized"]:
