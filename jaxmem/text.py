@@ -118,6 +118,12 @@ class TextDataset(Dataset):
         raise JaxmemError(f"{field} must have shape ({n},), got {getattr(self, field).shape}")
     if (self.copies < 1).any():
       raise JaxmemError("copies must be >= 1 for every training sequence")
+    lengths = (self.x_train != PAD).sum(axis=1)
+    bad = (self.prefix_len < 1) | (self.prefix_len >= lengths - 1)
+    if bad.any():
+      i = int(np.flatnonzero(bad)[0])
+      raise JaxmemError(f"prefix_len of training sequence {i} is {int(self.prefix_len[i])}; it must leave a suffix "
+                        f"of text: 1 <= prefix_len < {int(lengths[i]) - 1} (its {int(lengths[i])} tokens include BOS and EOS)")
     if self.num_classes != len(self.vocab):
       raise JaxmemError(f"num_classes {self.num_classes} must equal the vocabulary size {len(self.vocab)}")
 

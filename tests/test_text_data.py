@@ -63,6 +63,9 @@ def test_missing_txt_and_too_long_sequences_are_errors(tmp_path):
     load_dataset(str(tmp_path / "nope.txt"))
   with pytest.raises(JaxmemError, match="exceeds the context"):
     make_text_dataset("t", [[5, 6, 7]], [[5]], vocab=[str(i) for i in range(8)], tokenizer="word", seq_len=4)
+  with pytest.raises(JaxmemError, match="must leave a suffix"):
+    make_text_dataset("t", [[5, 6]], [[5]], vocab=[str(i) for i in range(8)], tokenizer="word", seq_len=6,
+                      prefix_len=[3])  # BOS 5 6 EOS: a prefix of 3 leaves no text to extract
   with pytest.raises(JaxmemError, match="label noise"):
     load_dataset("canaries", label_noise=0.1)
 
