@@ -71,6 +71,10 @@ def test_text_data_needs_a_text_model_and_the_other_way_round(tmp_path):
     jaxmem.run(RunConfig(dataset="canaries", model="mlp"), tmp_path / "a", progress=False, log=lambda m: None)
   with pytest.raises(JaxmemError, match="cannot train on dataset 'digits'"):
     jaxmem.run(RunConfig(dataset="digits", model="transformer"), tmp_path / "b", progress=False, log=lambda m: None)
+  with pytest.raises(JaxmemError, match="record_epochs is for classification"):
+    jaxmem.run(TINY_TEXT_RUN.replace(record_epochs=True), tmp_path / "d", progress=False, log=lambda m: None)
+  with pytest.raises(JaxmemError, match="target_se is for classification"):
+    jaxmem.run(TINY_TEXT_RUN.replace(target_se=0.05), tmp_path / "e", progress=False, log=lambda m: None)
   result = jaxmem_cli("run", "--dataset", "canaries", "--out", str(tmp_path / "c"))
   assert result.returncode == 2 and result.stderr.count("\n") == 1 and "--model transformer" in result.stderr
 
@@ -107,7 +111,9 @@ def test_sigkill_then_resume_of_a_text_run_is_bitwise(tmp_path):
                              stderr=subprocess.PIPE, text=True)
   deadline = time.monotonic() + 600
   while time.monotonic() < deadline and process.poll() is None:
-    if any(e["event"] == "checkpoint" and e["epoch"] >= 2 for e in read_events(out)):
+    # a save is asynchronous and orbax finishes one before starting the next, so once the save
+    # after epoch 4 has started, the one after epoch 2 is complete on disk
+    if any(e["event"] == "checkpoint" and e["epoch"] >= 4 for e in read_events(out)):
       break
     time.sleep(0.05)
   process.send_signal(signal.SIGKILL)
