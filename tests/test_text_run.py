@@ -127,3 +127,15 @@ def test_sigkill_then_resume_of_a_text_run_is_bitwise(tmp_path):
     assert got[name].dtype == expected[name].dtype, name
     np.testing.assert_array_equal(got[name], expected[name], err_msg=name)
   assert any(e["event"] == "chunk_start" and e["from_epoch"] > 0 for e in read_events(out))
+
+
+@pytest.mark.slow
+def test_bench_text_workload_runs_engine_and_model_loop_side_by_side(monkeypatch):
+  from jaxmem import bench
+  monkeypatch.setattr(bench, "torch_available", lambda: True)  # reach the baseline's own text check
+  result = bench.bench("canaries-transformer", quick=True, repeats=1, strategies=["vmap"],
+                       baselines=["jax-model-loop", "jax-step-loop", "torch-loop"], engine_models=2, loop_models=1,
+                       epochs=1, peak_size=256)
+  assert [r.variant for r in result.rows] == ["engine:vmap", "jax-model-loop"]
+  assert "classifiers only" in result.skipped["jax-step-loop"] and "no transformer" in result.skipped["torch-loop"]
+  assert result.model_flops > 0 and all(r.median > 0 for r in result.rows)
