@@ -44,7 +44,9 @@ def test_text_run_scores_resume_study_and_export(tmp_path):
   assert (table["exposure_out"][canary] <= np.log2(100) + 1e-9).all()
   assert np.isfinite(table["memorization"]).all() and (np.abs(table["memorization"]) <= 1).all()
   for column in ("loss_auc", "mink_auc", "lira_loglik_online"):
-    assert ((table[column] >= 0) & (table[column] <= 1)).all(), column
+    # empty where a sequence lacks in- or out-models (LiRA: two of each besides the target)
+    values = table[column][np.isfinite(table[column])]
+    assert len(values) > 10 and ((values >= 0) & (values <= 1)).all(), column
   manifest = RunDir.open(out).manifest()
   assert [c["secret"] for c in manifest["dataset"]["text"]["secrets"]["canaries"]] == \
       [c["secret"] for c in ds.secrets["canaries"]]
