@@ -191,7 +191,7 @@ def load_dataset(name: str, *, data_dir: str | os.PathLike | None = None, downlo
   elif _is_tfds_name(name, data_dir):
     ds = _load_tfds(name, name=name, data_dir=data_dir, download=download)
   else:
-    raise one_of("dataset", name, dataset_names() + ["tfds:<name>", "<file>.npz"])
+    raise one_of("dataset", name, dataset_names() + ["tfds:<name>", "<file>.npz"] + [f"<file>{x}" for x in _FILE_LOADERS])
   if label_noise > 0:
     if ds.is_text:
       raise JaxmemError(f"label noise needs labels; text dataset {name!r} has none (use label_noise 0)")
