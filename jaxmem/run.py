@@ -23,6 +23,7 @@ from jaxmem.data import Dataset, load_dataset
 from jaxmem.errors import JaxmemError
 from jaxmem.lock import RunLock
 from jaxmem.masks import make_masks
+from jaxmem.models import TEXT_MODELS
 from jaxmem.scores import auroc
 from jaxmem.scoring import ScoreTable, score_records, study_columns, write_scores
 from jaxmem.records import (ChunkCheckpoint, FORMAT_VERSION, Records, RunDir, append_event, atomic_path,
@@ -181,6 +182,14 @@ def check_config_against_dataset(config: RunConfig, dataset: Dataset) -> None:
   if config.queries > 1 and not dataset.is_image:
     raise JaxmemError(f"queries {config.queries} (flips and shifts) need image data; dataset "
                       f"{dataset.name!r} has inputs of shape {dataset.input_shape}: use --queries 1")
+  if dataset.is_text != (config.model in TEXT_MODELS):
+    raise JaxmemError(f"model {config.model!r} cannot train on dataset {dataset.name!r}: text datasets need "
+                      f"--model {' or '.join(TEXT_MODELS)}, which trains on text only")
+  if dataset.is_text:
+    for field, off in (("record_epochs", False), ("score_epoch", None), ("augment", False), ("label_noise", 0.0),
+                       ("target_se", None)):
+      if getattr(config, field) != off:
+        raise JaxmemError(f"{field} is for classification; text dataset {dataset.name!r} needs {field}={off!r}")
 
 
 def _host_memory_bytes() -> int | None:
@@ -213,7 +222,8 @@ def build_manifest(config: RunConfig, dataset: Dataset, chunks: list[list[int]])
       "identity": config.identity(),
       "dataset": {"name": dataset.name, "fingerprint": dataset.fingerprint, "num_train": dataset.num_train,
                   "num_test": dataset.num_test, "num_classes": dataset.num_classes,
-                  "input_shape": list(dataset.input_shape)},
+                  "input_shape": list(dataset.input_shape),
+                  **({"text": dataset.describe()} if dataset.is_text else {})},
       "chunks": chunks, "versions": versions(), "created": utc_now()}
 
 
@@ -278,7 +288,8 @@ def _run(config: RunConfig, out: str | Path, *, overwrite: bool, progress: bool,
   run_dir = RunDir.create_or_open(out, build_manifest(config, dataset, chunks), overwrite=overwrite, log=log)
   run_dir.write_design({
       "keep": keep_MxN, "subset_ratio": ratio_M, "train_labels": dataset.y_train,
-      "clean_train_labels": dataset.clean_y_train, "test_labels": dataset.y_test, "noisy": dataset.noisy})
+      "clean_train_labels": dataset.clean_y_train, "test_labels": dataset.y_test, "noisy": dataset.noisy,
+      **(dataset.example_info() if dataset.is_text else {})})
 
   status = {c: run_dir.chunk_status(c) for c in range(len(chunks))}
   for c, s in status.items():
@@ -306,8 +317,9 @@ def _run(config: RunConfig, out: str | Path, *, overwrite: bool, progress: bool,
     # Every chunk runs in one program of chunk_size models (short chunks padded): one compile, and
     # model m's result is the same in whichever chunk it lands, so a grown run equals a fresh one.
     # Member lists padded to the largest subset: one program serves every subset ratio.
+    copies_N = np.asarray(dataset.copies) if dataset.is_text else 1  # a model trains on every copy of a sequence
     engine = Engine(dataset, config, devices=devices, log=log, chunk_models=config.chunk_size,
-                    max_members=int(keep_MxN.sum(axis=1).max()))
+                    max_members=int((keep_MxN * copies_N).sum(axis=1).max()))
     run_dir.update_manifest(strategy=str(engine.resolve_strategy(keep_MxN[chunks[todo[0]]])),
                             probe_seconds=engine.probe_seconds, devices=[str(d) for d in engine.devices])
     with training_phase(should_stop):
@@ -474,6 +486,12 @@ def output_files(run_path: Path) -> dict[str, str]:
 def subset_accuracies(records: Records) -> dict[str, float]:
   """Mean accuracy of the subset models on their own subset, on held-out training examples, and
   on the test set (averaged over models)."""
+  if "train_token_accuracy" in records:  # a language model: next-token accuracy per sequence
+    accuracy, keep = records["train_token_accuracy"], records.keep
+    own = (accuracy * keep).sum(1) / np.maximum(keep.sum(1), 1)
+    held_out = (accuracy * ~keep).sum(1) / np.maximum((~keep).sum(1), 1)
+    return {"train_subset": float(own.mean()), "train_held_out": float(held_out.mean()),
+            "test": float(records["test_token_accuracy"].mean())}
   correct, keep = records["train_correct"], records.keep
   own = (correct & keep).sum(1) / np.maximum(keep.sum(1), 1)
   held_out = (correct & ~keep).sum(1) / np.maximum((~keep).sum(1), 1)
@@ -493,6 +511,12 @@ def summarize(records: Records, table: ScoreTable, *, dataset: Dataset | None = 
     summary["most_memorized"] = [
         {"index": int(i), "label": int(records.train_labels[i]), "noisy": bool(records.noisy[i]),
          "memorization": float(mem[i]), "memorization_se": float(se[i])} for i in order]
+    if "copies" in table.columns:  # a text run: the sequence, its copies, whether it is a canary
+      for row in summary["most_memorized"]:
+        i = row["index"]
+        row.update(copies=int(table.columns["copies"][i]), canary=bool(table.columns["canary"][i]))
+        if dataset is not None and dataset.is_text:
+          row["text"] = dataset.decode(dataset.x_train[i])
     summary["memorization_median_se"] = float(np.nanmedian(se))
     if records.noisy.any():
       summary["noisy_label_auroc"] = auroc(mem, records.noisy)
@@ -524,7 +548,13 @@ def format_summary(summary: dict[str, Any]) -> str:
   if summary.get("compiles"):
     lines.append("compiled programs: " + ", ".join(f"{name} {n}" for name, n in summary["compiles"].items()))
   lines.extend(summary.get("lines", []))
-  if summary.get("most_memorized"):
+  if summary.get("most_memorized") and "copies" in summary["most_memorized"][0]:
+    lines.append("most memorized training sequences (per-token accuracy, in−out):")
+    lines.append("  index  copies  canary  memorization    text")
+    for row in summary["most_memorized"]:
+      lines.append(f"  {row['index']:5d}  {row['copies']:6d}  {'yes' if row['canary'] else 'no':>6}  "
+                   f"{row['memorization']:.3f} ± {row['memorization_se']:.3f}  {row.get('text', '')}")
+  elif summary.get("most_memorized"):
     lines.append("most memorized training examples:")
     lines.append("  index  label  noisy  memorization")
     for row in summary["most_memorized"]:

@@ -49,6 +49,18 @@ def features(data: DeviceData, x: jax.Array) -> jax.Array:
   return (x.astype(jnp.float32) / jnp.float32(255) - data.mean) / data.std
 
 
+class Task(NamedTuple):
+  """What a model is trained for, apart from classification (the default when no task is given).
+
+  ``loss(apply, x_B, y_B, weight_B) -> scalar``: the training loss of a batch, ``apply`` mapping
+  inputs to the model's outputs under the current parameters. ``evaluate(apply, data, eval_batch)
+  -> {record name: per-example array}``: the records of one model (leading axis: the examples).
+  See :mod:`jaxmem.engine.text` for next-token prediction.
+  """
+  loss: Callable[..., jax.Array]
+  evaluate: Callable[..., dict[str, jax.Array]]
+
+
 class ModelFunctions(NamedTuple):
   """Pure single-model functions; ``data`` is passed explicitly so it is an argument of the
   compiled program rather than a constant baked into it.
@@ -225,7 +237,7 @@ def apply_in_batches(apply_fn: Callable[[jax.Array], jax.Array], x: jax.Array, b
   batch = -(-n // num_batches)  # equal batches, at most num_batches - 1 padding rows
   padded = jnp.pad(x, ((0, num_batches * batch - n),) + ((0, 0),) * (x.ndim - 1))
   out = jax.lax.map(apply_fn, padded.reshape((num_batches, batch) + x.shape[1:]))
-  return out.reshape((num_batches * batch,) + out.shape[2:])[:n]
+  return jax.tree.map(lambda o: o.reshape((num_batches * batch,) + o.shape[2:])[:n], out)
 
 
 def epoch_batches(key: jax.Array, members: jax.Array, count: jax.Array, epoch: jax.Array,
@@ -248,7 +260,7 @@ def make_model_functions(model: nn.Module, tx: optax.GradientTransformation, *, 
                          num_steps: int, augment: bool = False, augment_pad: int = 2,
                          eval_batch: int = 4096, record_epochs: bool = False,
                          record_epoch_margin: bool = False, grad_batch: int = 32,
-                         queries: int = 1) -> ModelFunctions:
+                         queries: int = 1, task: Task | None = None) -> ModelFunctions:
   """Single-model ``init``, ``train`` (a ``lax.scan`` over epochs of ``steps <= num_steps`` steps,
   ``steps`` an argument) and ``evaluate``. ``tx`` is :func:`make_epoch_optimizer`'s (its schedule
   takes the steps per epoch as data) or any optax transformation.
@@ -262,6 +274,9 @@ def make_model_functions(model: nn.Module, tx: optax.GradientTransformation, *, 
   its correctness (and with ``record_epoch_margin`` its margin) for the learning-dynamics scores
   (:mod:`jaxmem.scores.dynamics`). ``grad_batch`` bounds GraNd's per-example gradients in memory
   (``grad_batch`` x parameters per model at a time).
+
+  ``task``: another loss and other records than classification's (e.g. next-token prediction,
+  :func:`jaxmem.engine.text.make_text_task`); batching, optimizer and randomness stay the same.
   """
 
   # A plain optax transformation ignores the extra argument (``steps_per_epoch``) the steps pass.
@@ -272,6 +287,8 @@ def make_model_functions(model: nn.Module, tx: optax.GradientTransformation, *, 
     return TrainState(params, tx.init(params))
 
   def loss_fn(params, x, y, weight_B):
+    if task is not None:
+      return task.loss(lambda inputs: model.apply({"params": params}, inputs), x, y, weight_B)
     logits = model.apply({"params": params}, x)
     loss_B = optax.softmax_cross_entropy_with_integer_labels(logits, y)
     return jnp.sum(loss_B * weight_B) / jnp.maximum(jnp.sum(weight_B), 1.0)
@@ -351,6 +368,8 @@ def make_model_functions(model: nn.Module, tx: optax.GradientTransformation, *, 
 
   def evaluate(params, data: DeviceData) -> dict[str, jax.Array]:
     apply = lambda x: model.apply({"params": params}, features(data, x))
+    if task is not None:
+      return task.evaluate(apply, data, eval_batch)
     out = {}
     for split, x, y in (("train", data.x_train, data.y_train), ("test", data.x_test, data.y_test)):
       margin, correct = margin_and_correct(apply_in_batches(apply, x, eval_batch), y)

@@ -23,6 +23,7 @@ from jaxmem.errors import JaxmemError
 from jaxmem.engine import lift as lifting
 from jaxmem.engine import memory
 from jaxmem.engine.step import DeviceData, make_epoch_optimizer, make_model_functions, steps_per_epoch
+from jaxmem.engine.text import make_text_task
 from jaxmem.models import build_model
 
 MODEL_AXIS = "models"
@@ -41,12 +42,18 @@ def model_keys(seed: int, model_ids: Sequence[int]) -> jax.Array:
   return jax.vmap(lambda m: jax.random.fold_in(base, m))(jnp.asarray(model_ids, dtype=jnp.uint32))
 
 
-def members_from_keep(keep_KxN: np.ndarray, length: int = 0) -> tuple[np.ndarray, np.ndarray]:
-  """Per-model member indices padded to a common length (at least ``length``), and the true counts."""
-  counts_K = keep_KxN.sum(axis=1).astype(np.int32)
+def members_from_keep(keep_KxN: np.ndarray, length: int = 0,
+                      copies_N: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+  """Per-model member indices padded to a common length (at least ``length``), and the true counts.
+  With ``copies_N`` (a text corpus's duplicates) example i appears ``copies_N[i]`` times among a
+  model's members: membership is per unique example, and a member is trained on every copy, every
+  epoch."""
+  rows = [np.flatnonzero(row) for row in keep_KxN]
+  if copies_N is not None:
+    rows = [np.repeat(idx, np.asarray(copies_N)[idx]) for idx in rows]
+  counts_K = np.asarray([idx.size for idx in rows], dtype=np.int32)
   members_KxS = np.zeros((keep_KxN.shape[0], max(int(counts_K.max()), length, 1)), dtype=np.int32)
-  for k, row in enumerate(keep_KxN):
-    idx = np.flatnonzero(row)
+  for k, idx in enumerate(rows):
     members_KxS[k, : idx.size] = idx
   return members_KxS, counts_K
 
@@ -147,8 +154,17 @@ class Engine:
     self.chunk_models = chunk_models or 0
     self.max_members = max_members or 0
     replicated = NamedSharding(self.mesh, P())
-    stored = dataset.x_train.dtype == np.uint8  # images stay uint8 on the devices
-    if abstract:
+    if dataset.is_text:  # tokens as they are; per sequence, the task needs its extraction prefix
+      self.task = make_text_task(dataset.secrets)
+      self.copies = np.asarray(dataset.copies)
+    else:
+      self.task, self.copies = None, None
+    stored = dataset.x_train.dtype == np.uint8 and not dataset.is_text  # images stay uint8 on the devices
+    if dataset.is_text:
+      data = DeviceData(dataset.x_train, dataset.prefix_len, dataset.x_test, np.ones(dataset.num_test, np.int32))
+      self.data = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype, sharding=replicated),
+                               data) if abstract else jax.device_put(data, replicated)
+    elif abstract:
       spec = lambda x, dtype: jax.ShapeDtypeStruct(x.shape, dtype, sharding=replicated)
       x_dtype = np.uint8 if stored else jnp.float32
       channel = jax.ShapeDtypeStruct((1,) * (dataset.x_train.ndim - 1) + dataset.x_train.shape[-1:], jnp.float32,
@@ -184,6 +200,12 @@ class Engine:
     num_models = max(num_models, self.chunk_models)
     return -(-num_models // self.num_devices) * self.num_devices
 
+  def max_subset_size(self, keep_KxN: np.ndarray) -> int:
+    """The most training examples (copies counted) any of these models sees per epoch."""
+    if self.copies is None:
+      return int(keep_KxN.sum(axis=1).max())
+    return int((keep_KxN * self.copies[None, :]).sum(axis=1).max())
+
   def _grad_batch(self, strategy: lifting.Strategy, budget_bytes: int = 256 << 20) -> int:
     """GraNd's per-example gradients per batch: as many as fit ``budget_bytes`` (float32) for the
     models that run at once on a device under ``strategy``."""
@@ -211,7 +233,8 @@ class Engine:
                                eval_batch=eval_batch,
                                record_epoch_margin=cfg.record_epoch_margin,
                                grad_batch=self._grad_batch(strategy),
-                               queries=cfg.queries)  # >1: train/test_margin_aug (K,N,A)
+                               queries=cfg.queries,  # >1: train/test_margin_aug (K,N,A)
+                               task=self.task)
     if strategy.kind == "loop":
       programs = _loop_programs(fns)
     else:
@@ -340,7 +363,7 @@ class Engine:
     keys_K, members_K, counts_K = self._device_inputs(np.arange(keep_KxN.shape[0]), keep_KxN)
     # The probe runs the very program the run trains with (a short step count and few epochs are
     # its data), so the winner is compiled once.
-    num_steps = min(PROBE_STEPS, steps_per_epoch(int(keep_KxN.sum(axis=1).max()), cfg.batch_size))
+    num_steps = min(PROBE_STEPS, steps_per_epoch(self.max_subset_size(keep_KxN), cfg.batch_size))
     steps = jnp.asarray(num_steps, jnp.int32)
     probe_epochs = min(PROBE_EPOCHS, self.epochs_per_call)
     epochs = epoch_segment(0, probe_epochs, self.epochs_per_call)
@@ -368,7 +391,7 @@ class Engine:
 
   def _program_steps(self, keep_KxN: np.ndarray) -> int:
     """Steps per epoch the programs make room for: the largest subset's (see ``max_members``)."""
-    return steps_per_epoch(max(int(keep_KxN.sum(axis=1).max()), self.max_members), self.config.batch_size)
+    return steps_per_epoch(max(self.max_subset_size(keep_KxN), self.max_members), self.config.batch_size)
 
   def compile_counts(self) -> dict[str, int]:
     """How many times each program was compiled (over strategies and shapes) so far."""
@@ -383,7 +406,7 @@ class Engine:
     pad = padded - len(model_ids)
     ids = np.concatenate([model_ids, np.repeat(model_ids[-1:], pad)])
     keep = np.concatenate([keep_KxN, np.repeat(keep_KxN[-1:], pad, axis=0)])
-    members_K, counts_K = members_from_keep(keep, self.max_members)
+    members_K, counts_K = members_from_keep(keep, self.max_members, self.copies)
     sharded = NamedSharding(self.mesh, P(MODEL_AXIS))
     keys_K = jax.device_put(model_keys(self.config.seed, ids), sharded)
     return keys_K, jax.device_put(members_K, sharded), jax.device_put(counts_K, sharded)
@@ -419,7 +442,7 @@ class Engine:
     model_ids = np.asarray(model_ids, dtype=np.int64)
     keep_KxN = np.asarray(keep_KxN, dtype=bool)
     strategy = self.resolve_strategy(keep_KxN)
-    steps = jnp.asarray(steps_per_epoch(int(keep_KxN.sum(axis=1).max()), self.config.batch_size), jnp.int32)
+    steps = jnp.asarray(steps_per_epoch(self.max_subset_size(keep_KxN), self.config.batch_size), jnp.int32)
     programs = self._build(strategy, self._program_steps(keep_KxN))
     keys_K, members_K, counts_K = self._device_inputs(model_ids, keep_KxN)
     start = time.perf_counter()

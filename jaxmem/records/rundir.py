@@ -35,7 +35,7 @@ import numpy as np
 from jaxmem.config import GROWTH_FIELDS, RunConfig
 from jaxmem.errors import JaxmemError
 from jaxmem.lock import LOCK_FILE
-from jaxmem.records.store import Records, records_from_chunks
+from jaxmem.records.store import DESIGN_KEYS, Records, records_from_chunks
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -287,8 +287,7 @@ class RunDir:
     except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
       raise JaxmemError(f"{DESIGN} in {str(self.path)!r} is damaged ({first_line(e)}); rerun the run's "
                         "`jaxmem run` command to write it again (the chunks are kept)") from None
-    missing = [k for k in ("keep", "subset_ratio", "train_labels", "clean_train_labels", "test_labels", "noisy")
-               if k not in design]
+    missing = [k for k in DESIGN_KEYS if k not in design]
     if missing:
       raise JaxmemError(f"{DESIGN} in {str(self.path)!r} lacks {', '.join(missing)}; rerun the run's `jaxmem run` "
                         "command to write it again (the chunks are kept)")

@@ -48,7 +48,14 @@ RECORD_AXES = {
     "keep": "MN", "train_correct": "MN", "train_margin": "MN", "test_correct": "MT", "test_margin": "MT",
     "epoch_loss": "ME", "train_correct_epochs": "MEN", "train_margin_epochs": "MEN",
     "train_el2n": "MN", "train_grand": "MN", "train_margin_aug": "MNA", "test_margin_aug": "MTA",
+    # language models (jaxmem.engine.text); L here is the L − 1 predicted tokens of a sequence;
+    # candidate_logperp is (models, candidates of the canaries' space R): no letter
+    "train_token_accuracy": "MN", "test_token_accuracy": "MT", "train_loglik": "MN", "test_loglik": "MT",
+    "train_extractable": "MN", "train_token_logprob": "MNL", "candidate_logperp": "M?",
 }
+#: The design's arrays that every run has; any other per-example array in the design (text runs:
+#: copies, canary, prefix_len, ...) is the dataset's :attr:`Records.example_info`.
+DESIGN_KEYS = ("keep", "subset_ratio", "train_labels", "clean_train_labels", "test_labels", "noisy")
 #: Suffix of a record stored with its N axis bit-packed (``np.packbits`` along the last axis).
 PACKED = "_packed"
 
@@ -348,7 +355,8 @@ class Records:
   def __init__(self, *, keep: np.ndarray | None = None, model_ids: np.ndarray, subset_ratio: np.ndarray,
                train_labels: np.ndarray, clean_train_labels: np.ndarray, test_labels: np.ndarray,
                noisy: np.ndarray, arrays: Mapping[str, np.ndarray] | None = None, num_models_planned: int,
-               source: Any = None, rows: np.ndarray | None = None):
+               source: Any = None, rows: np.ndarray | None = None,
+               example_info: Mapping[str, np.ndarray] | None = None):
     if source is None:
       if keep is None:
         raise ValueError("Records needs keep (and arrays) or a source")
@@ -362,12 +370,16 @@ class Records:
     self.test_labels = np.asarray(test_labels)         # (T,)
     self.noisy = np.asarray(noisy)                     # (N,) bool
     self.num_models_planned = int(num_models_planned)
+    # Per-training-example facts of the dataset beyond labels, kept in the design (text: copies,
+    # canary, prefix_len, zlib_bytes, num_tokens, secret_index); empty for classification.
+    self.example_info = dict(example_info or {})
 
   @classmethod
   def from_arrays(cls, *, keep: np.ndarray, arrays: Mapping[str, np.ndarray], model_ids: np.ndarray | None = None,
                   subset_ratio: np.ndarray | float = 0.5, train_labels: np.ndarray | None = None,
                   clean_train_labels: np.ndarray | None = None, test_labels: np.ndarray | None = None,
-                  noisy: np.ndarray | None = None, num_models_planned: int | None = None) -> "Records":
+                  noisy: np.ndarray | None = None, num_models_planned: int | None = None,
+                  example_info: Mapping[str, np.ndarray] | None = None) -> "Records":
     """Records in memory. ``keep`` (M, N) bool and per-model ``arrays`` (leading axis M); the rest
     defaults to ids 0..M-1, one subset ratio, labels 0 and no noisy labels."""
     keep = np.asarray(keep, bool)
@@ -380,7 +392,8 @@ class Records:
                clean_train_labels=train_labels if clean_train_labels is None else clean_train_labels,
                test_labels=np.zeros(test, np.int64) if test_labels is None else test_labels,
                noisy=np.zeros(n, bool) if noisy is None else noisy,
-               num_models_planned=m if num_models_planned is None else num_models_planned)
+               num_models_planned=m if num_models_planned is None else num_models_planned,
+               example_info=example_info)
 
   # -- whole records (unbounded; see the class docstring) -------------------------------------
   def __getitem__(self, name: str) -> np.ndarray:
@@ -473,7 +486,8 @@ class Records:
     return Records(model_ids=self.model_ids[positions], subset_ratio=self.subset_ratio[positions],
                    train_labels=self.train_labels, clean_train_labels=self.clean_train_labels,
                    test_labels=self.test_labels, noisy=self.noisy, num_models_planned=self.num_models_planned,
-                   source=self._source, rows=positions if self._rows is None else self._rows[positions])
+                   source=self._source, rows=positions if self._rows is None else self._rows[positions],
+                   example_info=self.example_info)
 
 
 def records_from_chunks(chunks: Sequence[tuple[Path, np.ndarray]], design_path: Path,
@@ -509,7 +523,8 @@ def records_from_chunks(chunks: Sequence[tuple[Path, np.ndarray]], design_path: 
   return Records(model_ids=ids, subset_ratio=np.asarray(design["subset_ratio"])[ids],
                  train_labels=design["train_labels"], clean_train_labels=design["clean_train_labels"],
                  test_labels=design["test_labels"], noisy=design["noisy"],
-                 num_models_planned=int(planned), source=source)
+                 num_models_planned=int(planned), source=source,
+                 example_info={k: v for k, v in design.items() if k not in DESIGN_KEYS})
 
 
 def unpack_bit_records(arrays: Mapping[str, np.ndarray], *, num_examples: int) -> dict[str, np.ndarray]:

@@ -61,3 +61,4 @@ from jaxmem.scores import counterfactual, cscore, influence, uncertainty  # noqa
 from jaxmem.scores import lira  # noqa: E402,F401  (issue 4: registers the lira estimator)
 from jaxmem.scores import correlations, dynamics  # noqa: E402,F401  (issue 5: registers dynamics, el2n_grand, correlations)
 from jaxmem.scores import lds, proxies, rmia  # noqa: E402,F401  (register the lds, csl and rmia estimators)
+from jaxmem.scores import lm  # noqa: E402,F401  (registers text_memorization, exposure, lm_attacks)
