@@ -176,7 +176,7 @@ class RunConfig:
   def _check_kinds(self) -> None:
     """Each field holds the kind of value its default has (a JSON or Python config file may give a
     string where a number belongs), before any check compares values."""
-    optional = {"score_epoch": int, "target_se": float, "data_dir": str}  # these may also be None
+    optional = {"score_epoch": int, "target_se": float, "data_dir": str, "device_memory_gib": float}  # may be None
     positive = ("epochs", "batch_size", "chunk_size", "num_models")
     for field in dataclasses.fields(self):
       name, value = field.name, getattr(self, field.name)

@@ -175,13 +175,6 @@ def check_config_against_dataset(config: RunConfig, dataset: Dataset) -> None:
     raise JaxmemError(f"num_models {config.num_models} x {dataset.num_train} training examples needs a "
                       f"{mask_bytes / 2**30:.1f} GiB membership mask, more than half of this machine's "
                       f"{memory / 2**30:.0f} GiB; use fewer models (or --shard the run over machines)")
-  check_model_builds(config, dataset)
-  if config.augment and not dataset.is_image:
-    raise JaxmemError(f"--augment (random flips and crops) needs image data; dataset {dataset.name!r} has inputs "
-                      f"of shape {dataset.input_shape}: drop --augment")
-  if config.queries > 1 and not dataset.is_image:
-    raise JaxmemError(f"queries {config.queries} (flips and shifts) need image data; dataset "
-                      f"{dataset.name!r} has inputs of shape {dataset.input_shape}: use --queries 1")
   if dataset.is_text != (config.model in TEXT_MODELS):
     raise JaxmemError(f"model {config.model!r} cannot train on dataset {dataset.name!r}: text datasets need "
                       f"--model {' or '.join(TEXT_MODELS)}, which trains on text only")
@@ -190,6 +183,13 @@ def check_config_against_dataset(config: RunConfig, dataset: Dataset) -> None:
                        ("target_se", None)):
       if getattr(config, field) != off:
         raise JaxmemError(f"{field} is for classification; text dataset {dataset.name!r} needs {field}={off!r}")
+  check_model_builds(config, dataset)
+  if config.augment and not dataset.is_image:
+    raise JaxmemError(f"--augment (random flips and crops) needs image data; dataset {dataset.name!r} has inputs "
+                      f"of shape {dataset.input_shape}: drop --augment")
+  if config.queries > 1 and not dataset.is_image:
+    raise JaxmemError(f"queries {config.queries} (flips and shifts) need image data; dataset "
+                      f"{dataset.name!r} has inputs of shape {dataset.input_shape}: use --queries 1")
 
 
 def _host_memory_bytes() -> int | None:

@@ -42,8 +42,8 @@ def model_keys(seed: int, model_ids: Sequence[int]) -> jax.Array:
   return jax.vmap(lambda m: jax.random.fold_in(base, m))(jnp.asarray(model_ids, dtype=jnp.uint32))
 
 
-def members_from_keep(keep_KxN: np.ndarray, length: int = 0,
-                      copies_N: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+def members_from_keep(keep_KxN: np.ndarray, copies_N: np.ndarray | None = None, *,
+                      length: int = 0) -> tuple[np.ndarray, np.ndarray]:
   """Per-model member indices padded to a common length (at least ``length``), and the true counts.
   With ``copies_N`` (a text corpus's duplicates) example i appears ``copies_N[i]`` times among a
   model's members: membership is per unique example, and a member is trained on every copy, every
@@ -406,7 +406,7 @@ class Engine:
     pad = padded - len(model_ids)
     ids = np.concatenate([model_ids, np.repeat(model_ids[-1:], pad)])
     keep = np.concatenate([keep_KxN, np.repeat(keep_KxN[-1:], pad, axis=0)])
-    members_K, counts_K = members_from_keep(keep, self.max_members, self.copies)
+    members_K, counts_K = members_from_keep(keep, self.copies, length=self.max_members)
     sharded = NamedSharding(self.mesh, P(MODEL_AXIS))
     keys_K = jax.device_put(model_keys(self.config.seed, ids), sharded)
     return keys_K, jax.device_put(members_K, sharded), jax.device_put(counts_K, sharded)
