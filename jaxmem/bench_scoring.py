@@ -195,9 +195,11 @@ def bench_scoring(simulation: Simulation, *, out: str | Path | None = None, esti
   rows = []
   try:
     start = time.perf_counter()
+    existed = (path / "manifest.json").is_file()
     run = write_simulated_run(simulation, path, log=log)
     on_disk = sum(p.stat().st_size for p in (run.path / "chunks").glob("chunk_*.npz"))
-    rows.append({"step": "write records", "seconds": time.perf_counter() - start, "peak_rss": peak_rss_bytes(),
+    rows.append({"step": "write records" + (" (or verify them)" if existed else ""),
+                 "seconds": time.perf_counter() - start, "peak_rss": peak_rss_bytes(),
                  "note": f"{on_disk / 2**20:,.0f} MiB of chunk files"})
     start = time.perf_counter()
     records = run.load_records()
