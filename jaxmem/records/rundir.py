@@ -93,7 +93,7 @@ def write_npz_atomic(path: Path, arrays: Mapping[str, Any]) -> str:
   mapping: each value is read only while it is written); returns the sha256 of the bytes written.
 
   The members are written as ``np.savez`` writes them (``.npy`` files in a zip, stored, zip64),
-  so ``np.load`` reads the file and :func:`jaxmem.records.store.npz_member` maps its members."""
+  so ``np.load`` reads the file and :func:`jaxmem.records.store.npz_members` finds each member's bytes."""
   with atomic_path(path) as tmp:
     with open(tmp, "wb") as f:
       stream = _HashingWriter(f)
