@@ -41,8 +41,6 @@ MANIFEST = "manifest.json"
 DESIGN = "design.npz"
 CHUNKS = "chunks"
 EVENTS = "events.jsonl"
-#: Bytes hashed at a time when verifying a chunk (the file is never read whole into memory).
-_HASH_BUFFER = 1 << 22
 
 
 @contextlib.contextmanager
