@@ -295,7 +295,7 @@ class RunDir:
   # -- records ---------------------------------------------------------------------------------
   def load_records(self, *, allow_empty: bool = False) -> Records:
     """The records of every complete chunk (anytime: a run still training is fine), lazily: the
-    chunk files are verified and memory-mapped, and :meth:`Records.read` reads blocks of them."""
+    chunk files are verified and their members located, and :meth:`Records.read` reads blocks of them."""
     path = self.path / DESIGN
     if not path.is_file():
       raise JaxmemError(f"run directory {str(self.path)!r} has no {DESIGN}; it was never started")
