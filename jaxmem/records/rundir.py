@@ -45,8 +45,6 @@ EVENTS = "events.jsonl"
 #: Directories of orbax checkpoints and kept parameters (written by :mod:`jaxmem.records.checkpoints`).
 CHECKPOINTS = "checkpoints"
 PARAMS = "params"
-#: Bytes hashed at a time when verifying a chunk (the file is never read whole into memory).
-_HASH_BUFFER = 1 << 22
 
 
 @contextlib.contextmanager
@@ -115,7 +113,7 @@ def write_npz_atomic(path: Path, arrays: Mapping[str, Any]) -> str:
   mapping: each value is read only while it is written); returns the sha256 of the bytes written.
 
   The members are written as ``np.savez`` writes them (``.npy`` files in a zip, stored, zip64),
-  so ``np.load`` reads the file and :func:`jaxmem.records.store.npz_member` maps its members."""
+  so ``np.load`` reads the file and :func:`jaxmem.records.store.npz_members` finds each member's bytes."""
   with atomic_path(path) as tmp:
     with open(tmp, "wb") as f:
       stream = _HashingWriter(f)
@@ -354,7 +352,7 @@ class RunDir:
   # -- records ---------------------------------------------------------------------------------
   def load_records(self, *, allow_empty: bool = False) -> Records:
     """The records of every complete chunk (anytime: a run still training is fine), lazily: the
-    chunk files are verified and memory-mapped, and :meth:`Records.read` reads blocks of them."""
+    chunk files are verified and their members located, and :meth:`Records.read` reads blocks of them."""
     design = self.read_design(without=("keep",))
     complete = self.completed_chunks()
     if not complete and not allow_empty:

@@ -43,9 +43,11 @@ import numpy as np
 from jaxmem.errors import JaxmemError
 
 #: Axis letters of each record (see the module docstring). A record not listed is per model over
-#: training examples when 2-D (``MN``) and over training examples and queries when 3-D (``MNA``).
+#: test examples when its name starts with ``test_`` (``MT``, ``MTA``), else over training examples
+#: (``MN``, ``MNA``); an axis that does not have N entries is not the N axis (``?``).
 RECORD_AXES = {
     "keep": "MN", "train_correct": "MN", "train_margin": "MN", "test_correct": "MT", "test_margin": "MT",
+    "train_margin_aug": "MNA", "test_margin_aug": "MTA",
     "epoch_loss": "ME", "train_correct_epochs": "MEN", "train_margin_epochs": "MEN",
     "train_el2n": "MN", "train_grand": "MN", "train_margin_aug": "MNA", "test_margin_aug": "MTA",
     # language models (jaxmem.engine.text); L here is the L − 1 predicted tokens of a sequence;
@@ -71,6 +73,14 @@ def record_axes(name: str, ndim: int) -> str:
   # An unlisted record: its second axis is over test examples when its name says so.
   example = "T" if name.startswith("test_") else "N"
   return {1: "M", 2: f"M{example}", 3: f"M{example}A"}.get(ndim, "M" + "?" * (ndim - 1))
+
+
+def _checked_axes(name: str, shape: Sequence[int], num_train: int) -> str:
+  """:func:`record_axes`, where an ``N`` axis must have ``num_train`` entries (else it is ``?``)."""
+  axes = record_axes(name, len(shape))
+  if "N" in axes and shape[axes.index("N")] != num_train:
+    return axes.replace("N", "?")
+  return axes
 
 
 @dataclasses.dataclass(frozen=True)
@@ -234,9 +244,12 @@ class _ArraySource:
     value = self.keep if name == "keep" else self.arrays[name]
     return tuple(np.shape(value)), np.asarray(value).dtype
 
+  def axes(self, name: str) -> str:
+    return "MN" if name == "keep" else _checked_axes(name, np.shape(self.arrays[name]), self.num_train)
+
   def read(self, name: str, examples: slice | None, positions: np.ndarray | None) -> np.ndarray:
     value = self.keep if name == "keep" else self.arrays[name]
-    axes = "MN" if name == "keep" else record_axes(name, np.ndim(value))
+    axes = self.axes(name)
     if positions is not None:
       value = value[positions]
     if examples is not None and "N" in axes:
@@ -298,6 +311,9 @@ class _ChunkSource:
       return (self.num_models, self.num_train), np.dtype(bool)
     return self._shapes[name]
 
+  def axes(self, name: str) -> str:
+    return "MN" if name == "keep" else _checked_axes(name, self._shapes[name][0], self.num_train)
+
   def read(self, name: str, examples: slice | None, positions: np.ndarray | None) -> np.ndarray:
     wanted = np.arange(*_example_range(examples, self.num_train))
     # the smallest run of examples holding the block, then its step (a slice with a step is rare)
@@ -310,8 +326,8 @@ class _ChunkSource:
       return block if pick is None else block[:, pick]
     shape, dtype = self._shapes[name]
     member = self._stored[name]
-    axes = record_axes(name, len(shape))
-    n_axis = axes.index("N") if "N" in axes else None
+    axes = self.axes(name)
+    n_axis = axes.index("N") if "N" in axes and examples is not None else None  # None: whole rows
     packed = member != name
     out_shape = list(shape)
     out_shape[0] = len(positions)
@@ -323,7 +339,9 @@ class _ChunkSource:
       where = np.flatnonzero(chunk_of == c)
       rows = self.row_of[positions[where]]
       stored = self.members[c][member]
-      if n_axis is None:
+      if n_axis is None and packed:
+        block = np.unpackbits(_read(stored, rows), axis=-1, count=self.num_train).astype(bool)
+      elif n_axis is None:
         block = _read(stored, rows)
       elif packed:  # bits packed along N, the last axis: whole bytes, then unpacked
         block = _read(stored, rows, n_axis, start // 8, -(-stop // 8))
@@ -437,7 +455,7 @@ class Records:
 
   def axes(self, name: str) -> str:
     """Axis letters of a record (see :data:`RECORD_AXES`), e.g. ``"MN"`` or ``"MEN"``."""
-    return "MN" if name == "keep" else record_axes(name, len(self._source.shape_dtype(name)[0]))
+    return self._source.axes(name)
 
   def read(self, name: str, *, examples: slice | None = None, models: Any = None) -> np.ndarray:
     """One record, optionally restricted to a block of training examples (the ``N`` axis, where the
