@@ -7,3 +7,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 out=${1:-benchmarks/results-gpu.txt}
 jaxmem bench --workloads mnist-protocol,cifar-cnn --repeats "${REPEATS:-3}" --baselines jax-step-loop,jax-model-loop --out "$out"
+# Device memory of the CIFAR-10 experiment's programs on this device (XLA's analysis against its
+# bytes_limit; nothing is trained; the data need not be present), and the compile count of one
+# short real run (printed as "compiled programs: ...").
+jaxmem plan --config experiments/cifar10_memorization.py --num-train 50000 --num-test 10000 | tee -a "$out"
+jaxmem run --num-models 128 --epochs 2 --out /tmp/jaxmem-gpu-digits --overwrite --no-progress | tee -a "$out"

@@ -21,6 +21,7 @@ _EXPORTS = {
     "Dataset": "jaxmem.data", "load_dataset": "jaxmem.data",
     "JaxmemError": "jaxmem.errors",
     "make_masks": "jaxmem.masks",
+    "TextDataset": "jaxmem.text",
     "RunInterrupted": "jaxmem.run", "RunResult": "jaxmem.run", "format_summary": "jaxmem.run", "merge": "jaxmem.run",
     "run": "jaxmem.run",
     "auroc": "jaxmem.scores", "counterfactual_memorization": "jaxmem.scores", "memorization": "jaxmem.scores",
@@ -59,7 +60,7 @@ sys.modules[__name__].__class__ = _Package
 
 
 __all__ = [
-    "Dataset", "JaxmemError", "Records", "RunConfig", "RunDir", "RunResult", "auroc",
+    "Dataset", "JaxmemError", "Records", "RunConfig", "RunDir", "RunResult", "TextDataset", "auroc",
     "counterfactual_memorization", "export_records", "format_summary", "load_config_file", "load_dataset",
     "make_masks", "memorization", "read_scores_csv", "run", "score_records", "score_run",
     "RunInterrupted", "load_model_params", "merge",

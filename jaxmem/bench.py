@@ -54,6 +54,7 @@ from jaxmem.config import RunConfig
 from jaxmem.data import Dataset, from_arrays, load_dataset
 from jaxmem.errors import JaxmemError
 from jaxmem.masks import make_masks
+from jaxmem.text import TEXT_RUN_DEFAULTS
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,6 +86,8 @@ def workloads(quick: bool = False) -> dict[str, Workload]:
   """The registered workloads; ``quick`` shrinks the CPU ones so that a full table takes < 2 min."""
   digits_mlp = RunConfig()  # the default run: digits, MLP 64-256-256-10, batch 64, 30 epochs, r=0.7
   digits_cnn = RunConfig(model="cnn", model_options={"channels": (16, 32)})
+  text_recipe = {k: v for k, v in TEXT_RUN_DEFAULTS.items() if k not in ("num_models", "chunk_size", "strategy")}
+  canaries_lm = RunConfig(dataset="canaries", model="transformer", **text_recipe)
   if quick:
     digits_mlp = digits_mlp.replace(epochs=8)
     digits_cnn = digits_cnn.replace(epochs=2)
@@ -102,6 +105,11 @@ def workloads(quick: bool = False) -> dict[str, Workload]:
           RunConfig(model="mlp", model_options={"hidden_sizes": (512, 256)}, epochs=10, batch_size=128,
                     num_models=2000, chunk_size=500),
           lambda: _random_images("mnist-shaped", 60000, 10000, (28, 28)), 500, 2),
+      # The language-model run: the embedded canaries corpus and the default small transformer.
+      "canaries-transformer": Workload(
+          "canaries-transformer", "canaries text corpus, transformer 2x64 (4 heads), batch 32, Adam, 50% subsets",
+          canaries_lm.replace(epochs=2) if quick else canaries_lm, lambda: load_dataset("canaries"),
+          16 if quick else 64, 2 if quick else 4),
       # An airbench-class CIFAR-10 CNN (widths 64-256-256, augmentation) on CIFAR-shaped random data.
       "cifar-cnn": Workload(
           "cifar-cnn", "airbench-class CNN 64-256-256 on CIFAR-shaped data, 10 epochs, batch 512, flip+crop, bf16 compute",
@@ -242,7 +250,7 @@ class _EngineVariant:
     seconds = time.perf_counter() - start
     # Recording = evaluating every model on every train and test example and copying the records
     # to the host; timed again on its own with the same compiled program (train_chunk runs it too).
-    programs = [p for (name, _), p in self.engine._programs.items() if name == str(self.engine.strategy)]
+    programs = [p for (name, *_), p in self.engine._programs.items() if name == str(self.engine.strategy)]
     start = time.perf_counter()
     jax.device_get(programs[-1].evaluate(self.engine.last_state.params, self.engine.data))
     return seconds, time.perf_counter() - start
@@ -261,6 +269,8 @@ class _JaxStepLoop:
     from jaxmem.engine.trainer import model_keys, standardize
     from jaxmem.models import build_model
     self.config, self.keep = config, keep_KxN
+    if dataset.is_text:
+      raise JaxmemError("the JAX step-loop baseline trains classifiers only; jax-model-loop is the text baseline")
     config = _with_conv(config, "xla")  # a user's model: plain nn.Conv
     model = build_model(config.model, dataset.num_classes, config.model_options, dtype=config.compute_dtype)
     x_train, x_test = standardize(dataset)
@@ -318,6 +328,8 @@ class _TorchLoop:
   """The same model in PyTorch, trained per model with the same batches, optimizer and schedule."""
 
   def __init__(self, dataset: Dataset, config: RunConfig, keep_KxN: np.ndarray, threads: int | None = None):
+    if dataset.is_text:
+      raise JaxmemError("the PyTorch baseline has no transformer yet; jax-model-loop is the text baseline")
     import torch
     from jaxmem.engine.step import steps_per_epoch
     from jaxmem.engine.trainer import standardize

@@ -12,8 +12,9 @@ arguments give the same bytes on disk. Each model's logit margin on training exa
 with ``difficulty ~ Normal(1, 1.5)``, ``memorization ~ Exponential(1)`` (membership raises the
 margin, so memorization and membership scores are non-trivial), accuracy rising with the model's
 subset ratio ``r_m`` and ``noise ~ Normal(0, 1)``; ``correct = margin > 0``. Test examples get
-the same model without the membership term. With ``queries`` A > 0, ``train_margin`` holds A
-augmented queries per example (the first query's margin plus Normal(0, 0.3)). Keep rows are
+the same model without the membership term. With ``queries`` A >= 2, ``train_margin_aug`` (M, N, A)
+and ``test_margin_aug`` (M, T, A) hold augmented queries as the engine records them: query 0 is
+the plain margin, the others add Normal(0, 0.3). Keep rows are
 Bernoulli(r_m) per example. Results and commands: ``benchmarks/RESULTS.md`` ("Scoring at scale").
 """
 
@@ -62,7 +63,7 @@ class Simulation:
       if getattr(self, name) < 1:
         raise JaxmemError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
     if self.queries < 0:
-      raise JaxmemError(f"--queries must be 0 (no augmented queries) or more, got {self.queries}")
+      raise JaxmemError(f"--queries must be 0 or 1 (no augmented queries) or more, got {self.queries}")
     bad = [r for r in self.subset_ratios if not 0 < r < 1]
     if bad or not self.subset_ratios:
       raise JaxmemError(f"--subset-ratios must be numbers strictly between 0 and 1, got {bad or 'none'}")
@@ -73,7 +74,7 @@ class Simulation:
 
   def chunk_size(self) -> int:
     """Models per chunk: at most 64, and about 256 MiB of generated records per chunk."""
-    per_model = self.num_train * (4 * max(self.queries, 1) + 4 + 3) + self.num_test * 9
+    per_model = (self.num_train * (4 * self.queries + 4 + 4 + 3) + self.num_test * (4 * self.queries + 9))
     return int(max(1, min(64, self.num_models, (256 << 20) // per_model)))
 
   def chunks(self) -> list[list[int]]:
@@ -112,7 +113,6 @@ class Simulation:
     k = len(model_ids)
     margin_KxN = np.empty((k, self.num_train), np.float32)
     test_margin_KxT = np.empty((k, self.num_test), np.float32)
-    margin_KxNxA = np.empty((k, self.num_train, self.queries), np.float32) if self.queries else None
     for row, m in enumerate(model_ids):
       rng = np.random.default_rng([self.seed, _MODEL_TAG, m, 1])
       shift = np.float32(RATIO_EFFECT * (ratio_M[m] - 0.5))
@@ -120,15 +120,20 @@ class Simulation:
       margin_KxN[row] += difficulty_N + shift
       margin_KxN[row] += memorization_N * keep_KxN[row]
       test_margin_KxT[row] = rng.standard_normal(self.num_test, dtype=np.float32) + difficulty_T + shift
-      if margin_KxNxA is not None:
-        margin_KxNxA[row] = rng.standard_normal((self.num_train, self.queries), dtype=np.float32)
-        margin_KxNxA[row] *= np.float32(QUERY_NOISE)
-        margin_KxNxA[row, :, 0] = 0
-        margin_KxNxA[row] += margin_KxN[row][:, None]
-    return {"model_ids": np.asarray(model_ids, np.int64), "keep": keep_KxN,
-            "train_correct": margin_KxN > 0, "test_correct": test_margin_KxT > 0,
-            "train_margin": margin_KxN if margin_KxNxA is None else margin_KxNxA,
-            "test_margin": test_margin_KxT}
+    records = {"model_ids": np.asarray(model_ids, np.int64), "keep": keep_KxN,
+               "train_correct": margin_KxN > 0, "test_correct": test_margin_KxT > 0,
+               "train_margin": margin_KxN, "test_margin": test_margin_KxT}
+    if self.queries >= 2:
+      for split, margin in (("train", margin_KxN), ("test", test_margin_KxT)):
+        aug = np.empty((*margin.shape, self.queries), np.float32)
+        for row, m in enumerate(model_ids):
+          rng = np.random.default_rng([self.seed, _MODEL_TAG, m, 2 if split == "train" else 3])
+          aug[row] = rng.standard_normal((margin.shape[1], self.queries), dtype=np.float32)
+        aug *= np.float32(QUERY_NOISE)
+        aug[..., 0] = 0
+        aug += margin[..., None]
+        records[f"{split}_margin_aug"] = aug
+    return records
 
   def design(self) -> dict[str, Any]:
     """The run's design.npz: keep (M, N) written in blocks of models, never held whole."""
@@ -190,25 +195,28 @@ def bench_scoring(simulation: Simulation, *, out: str | Path | None = None, esti
   rows = []
   try:
     start = time.perf_counter()
+    existed = (path / "manifest.json").is_file()
     run = write_simulated_run(simulation, path, log=log)
     on_disk = sum(p.stat().st_size for p in (run.path / "chunks").glob("chunk_*.npz"))
-    rows.append({"step": "write records", "seconds": time.perf_counter() - start, "peak_rss": peak_rss_bytes(),
+    rows.append({"step": "write records" + (" (or verify them)" if existed else ""),
+                 "seconds": time.perf_counter() - start, "peak_rss": peak_rss_bytes(),
                  "note": f"{on_disk / 2**20:,.0f} MiB of chunk files"})
     start = time.perf_counter()
     records = run.load_records()
     rows.append({"step": "load (verify checksums)", "seconds": time.perf_counter() - start,
                  "peak_rss": peak_rss_bytes(), "note": f"{records.num_models} models x {records.num_train} examples"})
-    # the store alone: every record read once, by blocks sized for STREAM_BUDGET
+    # the store alone: every record read once; those over training examples by blocks sized for
+    # STREAM_BUDGET, the others (test records) whole, one at a time
     names = ["keep", *records.record_names()]
-    block = records.block_size_for(STREAM_BUDGET, names)
+    by_block = [name for name in names if "N" in records.axes(name)]
+    block = records.block_size_for(STREAM_BUDGET, by_block)
     start = time.perf_counter()
-    for name in names:  # records without an N axis (test records) come whole: read once
-      if "N" not in records.axes(name):
+    for name in names:
+      if name not in by_block:
         records.read(name)
     for examples in records.example_blocks(block):
-      for name in names:
-        if "N" in records.axes(name):
-          records.read(name, examples=examples)
+      for name in by_block:
+        records.read(name, examples=examples)
     rows.append({"step": "read every record by blocks", "seconds": time.perf_counter() - start,
                  "peak_rss": peak_rss_bytes(), "note": f"{block} examples per block ({STREAM_BUDGET >> 20} MiB)"})
     for name in applicable_estimators(records, estimators):

@@ -30,9 +30,9 @@ def _ratios(text: str) -> tuple[float, ...]:
 
 # CLI flag -> RunConfig field. Flags default to None so that only given flags override a --config.
 RUN_FLAGS = {
-    "dataset": ("--dataset", str, "digits, synthetic, tfds:NAME or a .npz file"),
+    "dataset": ("--dataset", str, "digits, synthetic, canaries (text), tfds:NAME, a .npz or a .txt file"),
     "data_dir": ("--data-dir", str, "TFDS data directory (prepared offline)"),
-    "model": ("--model", str, "registered model: mlp, cnn"),
+    "model": ("--model", str, "registered model: mlp, cnn, transformer (text)"),
     "compute_dtype": ("--compute-dtype", str, "float32 or bfloat16 (bf16 compute, fp32 master weights; for GPUs/TPUs)"),
     "num_models": ("--num-models", int, "number of subset models M"),
     "epochs": ("--epochs", int, "training epochs per model"),
@@ -51,6 +51,7 @@ RUN_FLAGS = {
     "checkpoint_every": ("--checkpoint-every", int, "save the chunk in progress every K epochs (0: only on SIGTERM/SIGINT)"),
     "keep_params": ("--keep-params", str, "keep final parameters of none, all or the first N models"),
     "target_se": ("--target-se", float, "stop adding chunks once the median memorization standard error is below this"),
+    "device_memory_gib": ("--device-memory-gib", float, "memory per device in GiB for sizing strategies and evaluation batches (default: what the device reports; CPUs report none)"),
 }
 
 
@@ -161,6 +162,13 @@ def build_parser() -> argparse.ArgumentParser:
   _add_score_arguments(p)
   p.set_defaults(handler=_cmd_run)
 
+  p = commands.add_parser("plan", help="what a run will cost, without training: sizes, chunk plan, device memory")
+  _add_run_arguments(p)
+  p.add_argument("--probe", action="store_true", help="also train one chunk briefly: models/s and an ETA")
+  p.add_argument("--num-train", type=int, default=None, help="training examples, to plan a TFDS run whose data is not prepared")
+  p.add_argument("--num-test", type=int, default=None, help="test examples, to plan a TFDS run whose data is not prepared")
+  p.set_defaults(handler=_cmd_plan)
+
   p = commands.add_parser("scores", help="(re)compute scores.csv from a run directory's records")
   p.add_argument("run_dir")
   p.add_argument("--estimators", default=None, help="comma-separated estimator names (default: all available)")
@@ -245,6 +253,12 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--out", default=None, help="study directory (default: RUN_DIR/onion)")
   p.set_defaults(handler=_cmd_study_onion)
 
+  p = studies.add_parser("secret-sharer", help="exposure of canaries vs their repetitions and counterfactual "
+                         "memorization vs duplication, from a text run (Carlini et al. 2019)")
+  p.add_argument("run_dir")
+  p.add_argument("--out", default=None, help="study directory (default: RUN_DIR/secret_sharer)")
+  p.set_defaults(handler=_cmd_study_secret_sharer)
+
   p = studies.add_parser("ssft", help="two-phase study: train on half A, then on half B; first-split learning time "
                          "and second-split forgetting time of every example (Maini et al. 2022)")
   p.add_argument("--run", dest="run_dir", default=None,
@@ -311,6 +325,14 @@ def _cmd_study_attack_refs(args) -> int:
   return 0
 
 
+def _cmd_study_secret_sharer(args) -> int:
+  from jaxmem.studies.secret_sharer import secret_sharer
+  result = secret_sharer(args.run_dir, args.out, log=lambda m: print(m, file=sys.stderr))
+  print("\n".join(result.lines))
+  print(f"wrote {result.out}/exposure_vs_copies.csv, memorization_vs_copies.csv, their .png plots and secret_sharer.json")
+  return 0
+
+
 def _cmd_study_ssft(args) -> int:
   from pathlib import Path
   from jaxmem.config import RunConfig, load_config_file
@@ -372,6 +394,8 @@ def _cmd_study_remove_top(args) -> int:
 
 def config_from_args(args: argparse.Namespace):
   from jaxmem.config import RunConfig, load_config_file
+  from jaxmem.models import TEXT_MODELS
+  from jaxmem.text import TEXT_RUN_DEFAULTS
   config = load_config_file(args.config) if args.config else RunConfig()
   changes = {f: getattr(args, f) for f in RUN_FLAGS if getattr(args, f) is not None}
   if args.subset_ratio is not None and args.subset_ratios is not None:
@@ -385,6 +409,9 @@ def config_from_args(args: argparse.Namespace):
   for flag in ("record_epochs", "record_epoch_margin"):
     if getattr(args, flag, None) is not None:
       changes[flag] = getattr(args, flag)
+  if not args.config and changes.get("model") in TEXT_MODELS:
+    # A language model's recipe is not the image defaults of RunConfig: flags given still win.
+    changes = {**TEXT_RUN_DEFAULTS, **changes}
   if changes.get("mask_design") == "balanced" and "subset_ratios" not in changes:
     changes["subset_ratios"] = (0.5,)
   return config.replace(**changes).validate()
@@ -411,6 +438,13 @@ def _cmd_run(args) -> int:
     raise RunInterrupted(f"{e}; {resume}", exit_code=e.exit_code) from None
   if result.summary["process"]["index"] == 0:  # other processes of a multi-process run said their line
     print(format_summary(result.summary))
+  return 0
+
+
+def _cmd_plan(args) -> int:
+  from jaxmem.plan import format_plan, plan
+  config = config_from_args(args)
+  print(format_plan(plan(config, num_train=args.num_train, num_test=args.num_test, probe=args.probe)))
   return 0
 
 

@@ -18,7 +18,12 @@ from typing import Any
 from jaxmem.errors import JaxmemError
 
 #: Fields that do not change results (up to float tolerance): allowed to differ on resume.
-EXECUTION_FIELDS = frozenset({"strategy", "data_dir", "checkpoint_every", "keep_params", "target_se"})
+EXECUTION_FIELDS = frozenset({"strategy", "data_dir", "checkpoint_every", "keep_params", "target_se",
+                              "device_memory_gib"})
+#: Fields that say how far a run goes, not what each model is: model m depends only on (seed, m)
+#: (its mask row and its key), so a run directory may be rerun with a larger ``num_models`` to add
+#: models (never a smaller one; see :func:`jaxmem.run.run`).
+GROWTH_FIELDS = frozenset({"num_models"})
 
 OPTIMIZERS = ("adam", "sgd")
 SCHEDULES = ("constant", "cosine", "warmup_cosine", "linear")
@@ -76,6 +81,10 @@ class RunConfig:
   # SIGINT); keep final parameters of "none", "all" or the first N model ids (a string, e.g. "8").
   checkpoint_every: int = 10
   keep_params: str = "none"
+  # Execution only: memory per device in GiB that programs may use, for devices that do not report
+  # it (CPUs); None: the device's own limit where it reports one. With a known memory, ``auto``
+  # keeps only strategies whose training and evaluation fit, and evaluation batches shrink to fit.
+  device_memory_gib: float | None = None
 
   def __post_init__(self):
     # Normalize containers so that configs from JSON (lists) and from code (tuples) compare equal.
@@ -95,9 +104,11 @@ class RunConfig:
     return d
 
   def identity(self) -> dict[str, Any]:
-    """The fields that determine results, in JSON form (tuples as lists) so that a config compares
-    equal to the one stored in a manifest: a run directory is tied to these."""
-    return json.loads(json.dumps({k: v for k, v in self.to_dict().items() if k not in EXECUTION_FIELDS}))
+    """The fields that determine each model's results, in JSON form (tuples as lists) so that a
+    config compares equal to the one stored in a manifest: a run directory is tied to these. The
+    number of models is not among them (a run may grow)."""
+    return json.loads(json.dumps({k: v for k, v in self.to_dict().items()
+                                  if k not in EXECUTION_FIELDS | GROWTH_FIELDS}))
 
   @classmethod
   def from_dict(cls, d: dict[str, Any]) -> "RunConfig":
@@ -157,12 +168,15 @@ class RunConfig:
            f"checkpoint_every must be an integer >= 0 (epochs; 0: only on a signal), got {self.checkpoint_every!r}")
     _check(str(self.keep_params) in ("none", "all") or str(self.keep_params).isdigit(),
            f"keep_params must be 'none', 'all' or a number of models, got {self.keep_params!r}")
+    _check(self.device_memory_gib is None or (isinstance(self.device_memory_gib, (int, float))
+                                              and 0 < self.device_memory_gib < math.inf),
+           f"device_memory_gib must be a positive number of GiB, got {self.device_memory_gib!r}")
     return self
 
   def _check_kinds(self) -> None:
     """Each field holds the kind of value its default has (a JSON or Python config file may give a
     string where a number belongs), before any check compares values."""
-    optional = {"score_epoch": int, "target_se": float, "data_dir": str}  # these may also be None
+    optional = {"score_epoch": int, "target_se": float, "data_dir": str, "device_memory_gib": float}  # may be None
     positive = ("epochs", "batch_size", "chunk_size", "num_models")
     for field in dataclasses.fields(self):
       name, value = field.name, getattr(self, field.name)

@@ -54,9 +54,9 @@ class Dataset:
   """
 
   name: str
-  x_train: np.ndarray  # float32 (N, H, W, C) images or (N, D) vectors
+  x_train: np.ndarray  # (N, H, W, C) images, uint8 as stored (0-255), or float32; or float32 (N, D) vectors
   y_train: np.ndarray  # int32 (N,), the labels trained on (after label noise)
-  x_test: np.ndarray  # float32 (T, ...)
+  x_test: np.ndarray  # (T, ...), the dtype of x_train
   y_test: np.ndarray  # int32 (T,)
   num_classes: int
   noisy: np.ndarray  # bool (N,), which train labels label noise flipped
@@ -80,6 +80,11 @@ class Dataset:
   @property
   def num_test(self) -> int:
     return int(self.x_test.shape[0])
+
+  @property
+  def is_text(self) -> bool:
+    """Token sequences (:class:`jaxmem.text.TextDataset`) rather than features with labels."""
+    return False
 
   @property
   def is_image(self) -> bool:
@@ -117,6 +122,20 @@ class Dataset:
 # Registry and entry point.
 
 _REGISTRY: dict[str, Callable[..., Dataset]] = {}
+# File suffix -> loader(path) for formats other than .npz (text files: jaxmem.text registers .txt).
+_FILE_LOADERS: dict[str, Callable[[str], Dataset]] = {}
+# Loader of TFDS datasets whose features are text, not images (jaxmem.text registers it).
+_TFDS_TEXT_LOADERS: list[Callable[..., Dataset]] = []
+
+
+def register_file_loader(suffix: str, loader: Callable[[str], Dataset]) -> None:
+  """Files whose name ends in ``suffix`` are read by ``loader(path)`` in :func:`load_dataset`."""
+  _FILE_LOADERS[suffix] = loader
+
+
+def register_tfds_text_loader(loader: Callable[..., Dataset]) -> None:
+  """``loader(source_of, *, name, text_key, splits)`` reads TFDS datasets with a text feature."""
+  _TFDS_TEXT_LOADERS[:] = [loader]
 
 
 def register_dataset(name: str):
@@ -161,8 +180,13 @@ def load_dataset(name: str, *, data_dir: str | os.PathLike | None = None, downlo
     raise JaxmemError(f"dataset name must be a non-empty string, got {name!r}")
   _check_seed(seed)
   _check_fraction(label_noise)
+  suffix = os.path.splitext(name)[1]
   if name in _REGISTRY:
     ds = _REGISTRY[name](seed=seed, data_dir=data_dir, download=download)
+  elif suffix in _FILE_LOADERS:
+    if not os.path.isfile(name):
+      raise JaxmemError(f"dataset file {name!r} does not exist")
+    ds = _FILE_LOADERS[suffix](name)
   elif name.endswith(".npz") or os.path.isfile(name):
     ds = _load_npz(name)
   elif name.startswith("tfds:"):
@@ -170,8 +194,10 @@ def load_dataset(name: str, *, data_dir: str | os.PathLike | None = None, downlo
   elif _is_tfds_name(name, data_dir):
     ds = _load_tfds(name, name=name, data_dir=data_dir, download=download)
   else:
-    raise one_of("dataset", name, dataset_names() + ["tfds:<name>", "<file>.npz"])
+    raise one_of("dataset", name, dataset_names() + ["tfds:<name>", "<file>.npz"] + [f"<file>{x}" for x in _FILE_LOADERS])
   if label_noise > 0:
+    if ds.is_text:
+      raise JaxmemError(f"label noise needs labels; text dataset {name!r} has none (use label_noise 0)")
     ds = with_label_noise(ds, label_noise, seed)
   validate_dataset(ds)
   return ds
@@ -181,8 +207,9 @@ def from_arrays(name: str, x_train, y_train, x_test, y_test,
                 num_classes: int | None = None) -> Dataset:
   """Builds a validated dataset from array-likes, converting to the library's dtypes.
 
-  ``uint8`` features are taken as images in [0, 255] and scaled to [0, 1]; other features become
-  float32 unchanged. A 3-D ``x`` (N, H, W) gains a channel axis. Labels must be integers and
+  ``uint8`` images ((N, H, W) or (N, H, W, C)) stay uint8, as stored: the engine scales them to
+  [0, 1] and standardizes them on the device (one 1-byte copy on the host and per device, not a
+  4-byte one); other ``uint8`` features are scaled to [0, 1] as float32, others become float32. A 3-D ``x`` (N, H, W) gains a channel axis. Labels must be integers and
   become int32. ``num_classes`` defaults to the largest label (train or test) plus one.
   """
   x_train, x_test = _as_features(x_train, "x_train"), _as_features(x_test, "x_test")
@@ -209,8 +236,12 @@ def validate_dataset(ds: Dataset) -> None:
   """Raises :class:`JaxmemError` (one line) if ``ds`` cannot be trained on.
 
   Checked here rather than mid-training so a bad file fails in a second, not after an hour: class
-  count, dtypes, split sizes and lengths, feature shapes, non-finite features, label ranges.
+  count, dtypes, split sizes and lengths, feature shapes, non-finite features, label ranges. A text
+  dataset checks its own tokens (``TextDataset.validate``).
   """
+  if ds.is_text:
+    ds.validate()
+    return
   for split in ("train", "test"):
     x, y = getattr(ds, f"x_{split}"), getattr(ds, f"y_{split}")
     if x.ndim < 1 or y.ndim != 1:
@@ -223,8 +254,8 @@ def validate_dataset(ds: Dataset) -> None:
       raise JaxmemError(f"{split} split is empty (x_{split} has 0 examples)")
     if x.ndim < 2:
       raise JaxmemError(f"x_{split} must have shape (num_examples, ...), got {x.shape}")
-    if x.dtype != np.float32:
-      raise JaxmemError(f"x_{split} must be float32, got {x.dtype} (from_arrays converts)")
+    if x.dtype != np.float32 and not (x.dtype == np.uint8 and x.ndim == 4):
+      raise JaxmemError(f"x_{split} must be float32 (or uint8 images), got {x.dtype} (from_arrays converts)")
     if not np.issubdtype(y.dtype, np.integer):
       raise JaxmemError(f"y_{split} must hold integer labels, got dtype {y.dtype}")
   k = ds.num_classes
@@ -246,7 +277,7 @@ def validate_dataset(ds: Dataset) -> None:
   # Non-finite values last: the count is the one O(size) pass worth avoiding on obvious errors.
   for split in ("train", "test"):
     x = getattr(ds, f"x_{split}")
-    bad = x.size - int(np.count_nonzero(np.isfinite(x)))
+    bad = x.size - int(np.count_nonzero(np.isfinite(x))) if x.dtype.kind == "f" else 0
     if bad:
       raise JaxmemError(f"x_{split} has {bad} non-finite values (NaN or inf); all features must "
                         f"be finite")
@@ -348,7 +379,9 @@ def _check_seed(seed) -> None:
 
 def _as_features(x, what: str) -> np.ndarray:
   x = np.asarray(x)
-  if x.dtype == np.uint8:
+  if x.dtype == np.uint8 and x.ndim in (3, 4):
+    pass  # images stay in their stored dtype (4x smaller); the engine scales them on the device
+  elif x.dtype == np.uint8:
     x = x.astype(np.float32) / np.float32(255)
   elif x.dtype.kind in "biuf":
     x = x.astype(np.float32)
@@ -582,6 +615,10 @@ def _load_tfds(tfds_name: str, *, name: str, data_dir, download: bool) -> Datase
                       f"split; it has: {', '.join(splits)}")
   test_split = "test" if "test" in splits else "validation"
   features = builder.info.features
+  text_keys = [k for k, f in features.items() if type(f).__name__ == "Text"]
+  if text_keys and "image" not in features and _TFDS_TEXT_LOADERS:
+    source_of = lambda split: tfds.data_source(tfds_name, split=split, data_dir=root, download=False)
+    return _TFDS_TEXT_LOADERS[0](source_of, name=name, text_key=text_keys[0], splits=("train", test_split))
   image_key, label_key = builder.info.supervised_keys or ("image", "label")
   if not isinstance(image_key, str) or image_key not in features or label_key not in features:
     raise JaxmemError(f"dataset {tfds_name!r} needs features 'image' and 'label' (or supervised "
@@ -630,3 +667,9 @@ def _one_line(e: BaseException) -> str:
   """First line of an exception message, for errors that must fit on one line."""
   text = str(e).strip()
   return text.splitlines()[0] if text else type(e).__name__
+
+
+# The text datasets (the embedded canary corpus, .txt files, TFDS text) live in jaxmem.text, which
+# builds on this module and registers its loaders here; importing it last makes every load_dataset
+# caller see them, however jaxmem was imported.
+from jaxmem import text as _text  # noqa: E402,F401

@@ -18,11 +18,15 @@ from typing import Any, Callable, Sequence
 
 import flax.linen as nn
 import jax.numpy as jnp
+from jax.nn import softmax as jax_softmax
 from flax.linen.dtypes import promote_dtype
 
 from jaxmem.registry import Registry
 
 MODELS: Registry[Callable[..., nn.Module]] = Registry("model")
+
+#: Models that read token sequences (text datasets) instead of features.
+TEXT_MODELS = ("transformer",)
 
 #: ``RunConfig.compute_dtype`` values: the dtype models compute in (parameters are always float32).
 COMPUTE_DTYPES = ("float32", "bfloat16")
@@ -110,6 +114,88 @@ class CNN(nn.Module):
     return nn.Dense(self.num_classes, dtype=self.dtype)(x).astype(jnp.float32)
 
 
+POSITIONS = ("learned", "rotary")
+
+
+def rotary(x_BxLxHxD: jnp.ndarray, base: float = 10000.0) -> jnp.ndarray:
+  """Rotary position embedding (Su et al. 2021, "RoFormer", eq. 34): consecutive feature pairs of
+  each head rotated by position-dependent angles, so q·k depends on the relative position. Here the
+  pairs are the two halves of a head (the GPT-NeoX layout, same function up to a permutation)."""
+  length, head_dim = x_BxLxHxD.shape[1], x_BxLxHxD.shape[-1]
+  half = head_dim // 2
+  inv_freq = 1.0 / (base ** (jnp.arange(half, dtype=jnp.float32) / half))
+  angle_LxF = jnp.arange(length, dtype=jnp.float32)[:, None] * inv_freq[None, :]
+  cos, sin = jnp.cos(angle_LxF)[None, :, None, :], jnp.sin(angle_LxF)[None, :, None, :]
+  x1, x2 = x_BxLxHxD[..., :half].astype(jnp.float32), x_BxLxHxD[..., half:].astype(jnp.float32)
+  out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+  return out.astype(x_BxLxHxD.dtype)
+
+
+class CausalSelfAttention(nn.Module):
+  """Multi-head causal self-attention; softmax in float32 whatever the computation dtype."""
+
+  num_heads: int
+  positions: str = "learned"
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x_BxLxW: jnp.ndarray) -> jnp.ndarray:
+    batch, length, width = x_BxLxW.shape
+    head_dim = width // self.num_heads
+    qkv = nn.DenseGeneral((3, self.num_heads, head_dim), dtype=self.dtype, name="qkv")(x_BxLxW)
+    q_BxLxHxD, k_BxLxHxD, v_BxLxHxD = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+    if self.positions == "rotary":
+      q_BxLxHxD, k_BxLxHxD = rotary(q_BxLxHxD), rotary(k_BxLxHxD)
+    logits_BxHxLxL = jnp.einsum("bqhd,bkhd->bhqk", q_BxLxHxD, k_BxLxHxD).astype(jnp.float32)
+    logits_BxHxLxL = logits_BxHxLxL / jnp.sqrt(jnp.float32(head_dim))
+    causal_LxL = jnp.tril(jnp.ones((length, length), dtype=bool))
+    logits_BxHxLxL = jnp.where(causal_LxL, logits_BxHxLxL, jnp.finfo(jnp.float32).min)
+    weights = jax_softmax(logits_BxHxLxL).astype(self.dtype)
+    out_BxLxHxD = jnp.einsum("bhqk,bkhd->bqhd", weights, v_BxLxHxD)
+    return nn.DenseGeneral(width, axis=(-2, -1), dtype=self.dtype, name="out")(out_BxLxHxD)
+
+
+class Transformer(nn.Module):
+  """A small decoder-only (causal) language model: token embedding, pre-norm blocks (LayerNorm,
+  attention, residual; LayerNorm, GELU MLP, residual), a final LayerNorm and logits from the tied
+  embedding (``Embed.attend``), as GPT-2 (Radford et al. 2019) at toy size.
+
+  Input: token ids (B, L) int; output: next-token logits (B, L, V) float32, position t predicting
+  token t+1. Padding is at the end of a sequence (right padding, token 0), so causal attention
+  alone keeps real positions from seeing it; the loss masks padded targets. ``positions``:
+  ``learned`` (a (max_len, width) table, sequences up to ``max_len``) or ``rotary`` (no table, any
+  length). ``num_classes`` of the registry is the vocabulary size.
+  """
+
+  vocab_size: int
+  num_layers: int = 2
+  width: int = 64
+  num_heads: int = 4
+  mlp_ratio: int = 4
+  max_len: int = 256
+  positions: str = "learned"
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, tokens_BxL: jnp.ndarray) -> jnp.ndarray:
+    length = tokens_BxL.shape[1]
+    embed = nn.Embed(self.vocab_size, self.width, dtype=self.dtype, name="embed",
+                     embedding_init=nn.initializers.normal(0.02))
+    x_BxLxW = embed(tokens_BxL.astype(jnp.int32))
+    if self.positions == "learned":
+      table = self.param("position", nn.initializers.normal(0.02), (self.max_len, self.width))
+      x_BxLxW = x_BxLxW + table[:length].astype(self.dtype)[None]
+    for layer in range(self.num_layers):
+      h = nn.LayerNorm(dtype=self.dtype, name=f"ln_attn_{layer}")(x_BxLxW)
+      x_BxLxW = x_BxLxW + CausalSelfAttention(self.num_heads, self.positions, dtype=self.dtype,
+                                              name=f"attn_{layer}")(h)
+      h = nn.LayerNorm(dtype=self.dtype, name=f"ln_mlp_{layer}")(x_BxLxW)
+      h = nn.gelu(nn.Dense(self.mlp_ratio * self.width, dtype=self.dtype, name=f"mlp_in_{layer}")(h))
+      x_BxLxW = x_BxLxW + nn.Dense(self.width, dtype=self.dtype, name=f"mlp_out_{layer}")(h)
+    x_BxLxW = nn.LayerNorm(dtype=self.dtype, name="ln_final")(x_BxLxW)
+    return embed.attend(x_BxLxW).astype(jnp.float32)
+
+
 # Factories take the computation dtype as a keyword (build_model always passes it), apart from the
 # user's model options, so that model_options cannot change it behind the config's compute_dtype.
 @MODELS.register("mlp")
@@ -123,6 +209,17 @@ def _cnn(num_classes: int, channels: Sequence[int] = (16, 32), conv: str = "auto
   if conv not in CONV_IMPLS:
     raise TypeError(f"conv must be one of {', '.join(CONV_IMPLS)}, got {conv!r}")
   return CNN(num_classes=num_classes, channels=tuple(channels), conv=conv, dtype=dtype)
+
+
+@MODELS.register("transformer")
+def _transformer(num_classes: int, num_layers: int = 2, width: int = 64, num_heads: int = 4, mlp_ratio: int = 4,
+                 max_len: int = 256, positions: str = "learned", *, dtype: Any = jnp.float32) -> nn.Module:
+  if positions not in POSITIONS:
+    raise TypeError(f"positions must be one of {', '.join(POSITIONS)}, got {positions!r}")
+  if width % num_heads or (positions == "rotary" and (width // num_heads) % 2):
+    raise TypeError(f"width {width} must split into {num_heads} heads (of even size for rotary positions)")
+  return Transformer(vocab_size=num_classes, num_layers=num_layers, width=width, num_heads=num_heads,
+                     mlp_ratio=mlp_ratio, max_len=max_len, positions=positions, dtype=dtype)
 
 
 def check_compute_dtype(dtype: str) -> None:

@@ -111,6 +111,7 @@ def write_report(run_dir: str | Path, *, dataset=None, data_dir: str | None = No
       _facts_section(ctx, note),
       _memorization_section(ctx),
       _gallery_section(ctx),
+      _text_section(ctx, dataset if dataset is not None and dataset.is_text else None),
       _influence_section(ctx),
       _cscore_section(ctx),
       _lira_section(ctx),
@@ -428,6 +429,35 @@ def _gallery_section(ctx: _Context) -> _Section | None:
     body += (f"<p>Least memorized:{html.escape(note[1:-1])}.</p>" if note else "")
     body += f"<h3>{k} least memorized</h3>" + _table(header, rows(least))
   return _Section("gallery", "Most and least memorized training examples", body)
+
+
+def _text_section(ctx: _Context, dataset) -> _Section | None:
+  """A language-model run: canary exposure by repetitions, and the most memorized sequences as text."""
+  if dataset is None or not ctx.has("memorization"):
+    return None
+  s, body = ctx.scores, ""
+  by_copies = ctx.summary.get("scores", {}).get("exposure", {}).get("by_copies")
+  if by_copies:
+    counts = sorted(by_copies, key=int)
+    fig = _figure(5, 3.2)
+    ax = fig.add_subplot()
+    for key, label in (("exposure", "trained on the canary"), ("exposure_out", "not trained on it")):
+      ax.errorbar([int(c) for c in counts], [by_copies[c][key] for c in counts],
+                  yerr=[1.96 * by_copies[c][f"{key}_se"] for c in counts], marker="o", capsize=3, label=label)
+    ax.axhline(1 / np.log(2), color="gray", linestyle=":", label="chance")
+    ax.set_xscale("log", base=2)
+    ax.set(xlabel="canary repetitions", ylabel="exposure (bits), 95% interval")
+    ax.legend(fontsize=7)
+    body += "<h3>Canary exposure by repetitions</h3>" + ctx.save(fig, "text_exposure.png", "exposure by repetitions")
+  mem = s["memorization"]
+  most = _order(mem, True)[: ctx.top]
+  header = ("index", "copies", "canary", "memorization", "standard error", "extractable", "exposure", "text")
+  cell = lambda name, i: float(s[name][i]) if name in s else float("nan")
+  rows = [(int(i), int(s["copies"][i]) if "copies" in s else "", "yes" if cell("canary", i) == 1 else "",
+           float(mem[i]), cell("memorization_se", i), cell("extractable", i), cell("exposure", i),
+           dataset.decode(dataset.x_train[i])) for i in most]
+  body += (f"<h3>{len(most)} most memorized sequences (per-token accuracy, in−out)</h3>" + _table(header, rows))
+  return _Section("text", "Language model: memorized sequences and canaries", body)
 
 
 def _influence_section(ctx: _Context) -> _Section | None:

@@ -23,6 +23,7 @@ from jaxmem.data import Dataset, load_dataset
 from jaxmem.errors import JaxmemError
 from jaxmem.lock import RunLock
 from jaxmem.masks import make_masks
+from jaxmem.models import TEXT_MODELS
 from jaxmem.scores import auroc
 from jaxmem.scoring import ScoreTable, score_records, write_scores
 from jaxmem.records import (ChunkCheckpoint, FORMAT_VERSION, Records, RunDir, append_event, atomic_path,
@@ -34,8 +35,8 @@ from jaxmem.signals import StopRequest, stop_on_signals, training_phase  # noqa:
 class RunResult:
   run_dir: Path
   config: RunConfig
-  records: Records
-  scores: ScoreTable
+  records: Records | None  # None in processes other than 0 of a multi-process run (they do not score)
+  scores: ScoreTable | None
   summary: dict[str, Any]
   trained_chunks: list[int]
   skipped_chunks: list[int]
@@ -102,15 +103,39 @@ def missing_chunks_line(run_dir: RunDir, num_shards: int | None = None) -> str |
   return line
 
 
-def plan_chunks(num_models: int, num_ratios: int, chunk_size: int) -> list[list[int]]:
-  """Groups model ids into chunks of one subset ratio each (so a chunk has one step count), and
-  orders chunks round-robin over ratios so an unfinished run already covers every ratio."""
-  blocks = [list(range(r, num_models, num_ratios)) for r in range(num_ratios)]
+def plan_chunks(num_models: int, num_ratios: int, chunk_size: int, first_model: int = 0) -> list[list[int]]:
+  """Groups model ids ``first_model .. num_models - 1`` into chunks of one subset ratio each (so a
+  chunk has one step count), and orders chunks round-robin over ratios so an unfinished run
+  already covers every ratio."""
+  blocks = [[m for m in range(first_model, num_models) if m % num_ratios == r] for r in range(num_ratios)]
+  blocks = [b for b in blocks if b]
+  if not blocks:
+    return []
   per_block = [[b[i: i + chunk_size] for i in range(0, len(b), chunk_size)] for b in blocks]
   chunks = []
   for position in range(max(len(p) for p in per_block)):
     chunks.extend(p[position] for p in per_block if position < len(p))
   return chunks
+
+
+def grow_chunk_plan(plan: list[list[int]], old_num_models: int, num_models: int, num_ratios: int,
+                    chunk_size: int) -> list[list[int]]:
+  """A grown run's chunk plan: the old chunks unchanged (their files stay valid), then chunks of
+  the new models ``old_num_models .. num_models - 1`` planned like a fresh run's. Model m's result
+  does not depend on its chunk (every chunk is padded to one program size), so the grown run's
+  records equal a fresh run's with ``num_models`` models."""
+  return [list(c) for c in plan] + plan_chunks(num_models, num_ratios, chunk_size, first_model=old_num_models)
+
+
+def _previous_run(out: str | Path, manifest: dict[str, Any], overwrite: bool) -> dict[str, Any] | None:
+  """The manifest of the same run (same identity) already in ``out``, or None."""
+  existing_dir = RunDir(out)
+  if overwrite or not existing_dir.manifest_path.is_file():
+    return None
+  existing = existing_dir.manifest()
+  if identity_differences(existing, manifest):
+    return None  # RunDir.create_or_open refuses it with the differences
+  return existing
 
 
 def versions() -> dict[str, str]:
@@ -150,6 +175,14 @@ def check_config_against_dataset(config: RunConfig, dataset: Dataset) -> None:
     raise JaxmemError(f"num_models {config.num_models} x {dataset.num_train} training examples needs a "
                       f"{mask_bytes / 2**30:.1f} GiB membership mask, more than half of this machine's "
                       f"{memory / 2**30:.0f} GiB; use fewer models (or --shard the run over machines)")
+  if dataset.is_text != (config.model in TEXT_MODELS):
+    raise JaxmemError(f"model {config.model!r} cannot train on dataset {dataset.name!r}: text datasets need "
+                      f"--model {' or '.join(TEXT_MODELS)}, which trains on text only")
+  if dataset.is_text:
+    for field, off in (("record_epochs", False), ("score_epoch", None), ("augment", False), ("label_noise", 0.0),
+                       ("target_se", None)):
+      if getattr(config, field) != off:
+        raise JaxmemError(f"{field} is for classification; text dataset {dataset.name!r} needs {field}={off!r}")
   check_model_builds(config, dataset)
   if config.augment and not dataset.is_image:
     raise JaxmemError(f"--augment (random flips and crops) needs image data; dataset {dataset.name!r} has inputs "
@@ -189,7 +222,8 @@ def build_manifest(config: RunConfig, dataset: Dataset, chunks: list[list[int]])
       "identity": config.identity(),
       "dataset": {"name": dataset.name, "fingerprint": dataset.fingerprint, "num_train": dataset.num_train,
                   "num_test": dataset.num_test, "num_classes": dataset.num_classes,
-                  "input_shape": list(dataset.input_shape)},
+                  "input_shape": list(dataset.input_shape),
+                  **({"text": dataset.describe()} if dataset.is_text else {})},
       "chunks": chunks, "versions": versions(), "created": utc_now()}
 
 
@@ -239,10 +273,23 @@ def _run(config: RunConfig, out: str | Path, *, overwrite: bool, progress: bool,
   keep_MxN, ratio_M = make_masks(config.mask_design, config.num_models, dataset.num_train,
                                  config.subset_ratios, config.seed)
   chunks = plan_chunks(config.num_models, len(config.subset_ratios), config.chunk_size)
+  previous = _previous_run(out, build_manifest(config, dataset, chunks), overwrite)
+  if previous is not None:
+    old_num_models, old_chunks = int(previous["config"]["num_models"]), previous["chunks"]
+    if config.num_models < old_num_models:
+      raise JaxmemError(f"run directory {str(out)!r} holds {old_num_models} models; --num-models "
+                        f"{config.num_models} would shrink it (runs only grow): use --num-models >= "
+                        f"{old_num_models}, or score a subset of models another way")
+    chunks = grow_chunk_plan(old_chunks, old_num_models, config.num_models, len(config.subset_ratios),
+                             config.chunk_size)
+    if config.num_models > old_num_models:
+      log(f"growing {out}: {old_num_models} -> {config.num_models} models "
+          f"({len(chunks) - len(old_chunks)} new chunks)")
   run_dir = RunDir.create_or_open(out, build_manifest(config, dataset, chunks), overwrite=overwrite, log=log)
   run_dir.write_design({
       "keep": keep_MxN, "subset_ratio": ratio_M, "train_labels": dataset.y_train,
-      "clean_train_labels": dataset.clean_y_train, "test_labels": dataset.y_test, "noisy": dataset.noisy})
+      "clean_train_labels": dataset.clean_y_train, "test_labels": dataset.y_test, "noisy": dataset.noisy,
+      **(dataset.example_info() if dataset.is_text else {})})
 
   status = {c: run_dir.chunk_status(c) for c in range(len(chunks))}
   for c, s in status.items():
@@ -260,19 +307,29 @@ def _run(config: RunConfig, out: str | Path, *, overwrite: bool, progress: bool,
     todo = []
   if todo and config.record_epochs:
     log(epoch_record_estimate(config, dataset.num_train))
+  compiles: dict[str, int] = {}
   if todo:
     from jaxmem.engine import Engine  # imported here: scoring an existing run needs no engine
-    previous = run_dir.manifest().get("strategy")
-    if config.strategy == "auto" and previous:
-      # A resumed run keeps the strategy it started with, so a resumed chunk is bitwise the same.
-      config = config.replace(strategy=previous)
-    engine = Engine(dataset, config, devices=devices, log=log)
+    started_with = (previous or {}).get("strategy")
+    if config.strategy == "auto" and started_with:
+      # A resumed or grown run keeps the strategy it started with, so its chunks are bitwise the same.
+      config = config.replace(strategy=started_with)
+    # Every chunk runs in one program of chunk_size models (short chunks padded): one compile, and
+    # model m's result is the same in whichever chunk it lands, so a grown run equals a fresh one.
+    # Member lists padded to the largest subset: one program serves every subset ratio.
+    copies_N = np.asarray(dataset.copies) if dataset.is_text else 1  # a model trains on every copy of a sequence
+    engine = Engine(dataset, config, devices=devices, log=log, chunk_models=config.chunk_size,
+                    max_members=int((keep_MxN * copies_N).sum(axis=1).max()))
     run_dir.update_manifest(strategy=str(engine.resolve_strategy(keep_MxN[chunks[todo[0]]])),
                             probe_seconds=engine.probe_seconds, devices=[str(d) for d in engine.devices])
     with training_phase(should_stop):
       _train_chunks(engine, run_dir, chunks, todo, keep_MxN, progress=progress,
                     done_models=sum(len(chunks[c]) for c in skipped), should_stop=should_stop,
                     after_chunk=None if target is None else (lambda c, r: target.add(r["keep"], r["train_correct"])))
+    # Programs compiled by this process (the probe's candidates included): the training program
+    # should be compiled once per strategy, whatever the ratios, chunks and epoch segments.
+    compiles = {name: n for name, n in engine.compile_counts().items() if n}
+    append_event(run_dir, event="compiles", **compiles)
     if isinstance(should_stop, StopRequest) and should_stop():  # the signal came after the last poll
       name = should_stop.signal_name
       raise RunInterrupted(f"interrupted by {name} after training: all chunks are saved, scores not written",
@@ -283,7 +340,12 @@ def _run(config: RunConfig, out: str | Path, *, overwrite: bool, progress: bool,
           f"with {target.num_models} models; stopped adding chunks (rerun with a smaller target or none to add more)")
 
   if num_processes > 1 and process != 0:
+    # Only process 0 reads the records and runs the estimators: the others would throw it away.
     log(f"process {process} of {num_processes}: its chunks are done; process 0 writes the scores")
+    summary = {"process": {"index": process, "count": num_processes}, "compiles": compiles,
+               "chunks": {"trained_now": len(todo), "already_complete": len(skipped)},
+               "seconds": round(time.perf_counter() - start, 2)}
+    return RunResult(run_dir.path, config, None, None, summary, todo, skipped)
   elif num_processes > 1:
     _wait_for_chunks(run_dir, len(chunks), log=log, should_stop=should_stop)
   missing = missing_chunks_line(run_dir, shard[1] if shard else None) if process == 0 else None
@@ -293,11 +355,13 @@ def _run(config: RunConfig, out: str | Path, *, overwrite: bool, progress: bool,
   options = {"uncertainty": {"target_se": config.target_se, "seed": config.seed}}
   for name, values in (score_options or {}).items():
     options[name] = {**options.get(name, {}), **values}
+  append_event(run_dir, event="scoring", process=process, models=records.num_models)
   table = score_records(records, estimators, options)
   summary = summarize(records, table, dataset=dataset, seconds=time.perf_counter() - start,
                       trained=len(todo), skipped=len(skipped))
   summary["files"] = output_files(run_dir.path)
   summary["process"] = {"index": process, "count": num_processes}
+  summary["compiles"] = compiles
   if process == 0:  # in a multi-process run only process 0 writes shared files
     write_scores(run_dir, table)
     write_json_atomic(run_dir.path / "summary.json", summary)
@@ -376,7 +440,7 @@ def _train_chunks(engine, run_dir: RunDir, chunks, todo, keep_MxN, *, progress: 
   total = sum(len(c) for c in chunks)
   epochs = engine.config.epochs
   # A few host calls per chunk give a live progress bar; results do not depend on this split.
-  per_call = max(d for d in range(1, epochs + 1) if epochs % d == 0 and d <= max(1, -(-epochs // 4)))
+  per_call = engine.epochs_per_call
   with tqdm(total=total, initial=done_models, unit="model", disable=not progress, dynamic_ncols=True,
             desc="training", smoothing=0.3,
             bar_format="{desc}: {percentage:3.0f}%|{bar}| {n:.0f}/{total:.0f} models [{elapsed}<{remaining}, {rate_fmt}]") as bar:
@@ -422,6 +486,12 @@ def output_files(run_path: Path) -> dict[str, str]:
 def subset_accuracies(records: Records) -> dict[str, float]:
   """Mean accuracy of the subset models on their own subset, on held-out training examples, and
   on the test set (averaged over models)."""
+  if "train_token_accuracy" in records:  # a language model: next-token accuracy per sequence
+    accuracy, keep = records["train_token_accuracy"], records.keep
+    own = (accuracy * keep).sum(1) / np.maximum(keep.sum(1), 1)
+    held_out = (accuracy * ~keep).sum(1) / np.maximum((~keep).sum(1), 1)
+    return {"train_subset": float(own.mean()), "train_held_out": float(held_out.mean()),
+            "test": float(records["test_token_accuracy"].mean())}
   correct, keep = records["train_correct"], records.keep
   own = (correct & keep).sum(1) / np.maximum(keep.sum(1), 1)
   held_out = (correct & ~keep).sum(1) / np.maximum((~keep).sum(1), 1)
@@ -441,6 +511,12 @@ def summarize(records: Records, table: ScoreTable, *, dataset: Dataset | None = 
     summary["most_memorized"] = [
         {"index": int(i), "label": int(records.train_labels[i]), "noisy": bool(records.noisy[i]),
          "memorization": float(mem[i]), "memorization_se": float(se[i])} for i in order]
+    if "copies" in table.columns:  # a text run: the sequence, its copies, whether it is a canary
+      for row in summary["most_memorized"]:
+        i = row["index"]
+        row.update(copies=int(table.columns["copies"][i]), canary=bool(table.columns["canary"][i]))
+        if dataset is not None and dataset.is_text:
+          row["text"] = dataset.decode(dataset.x_train[i])
     summary["memorization_median_se"] = float(np.nanmedian(se))
     if records.noisy.any():
       summary["noisy_label_auroc"] = auroc(mem, records.noisy)
@@ -469,8 +545,16 @@ def format_summary(summary: dict[str, Any]) -> str:
   if "noisy_label_auroc" in summary:
     lines.append(f"flipped labels found by memorization: AUROC {summary['noisy_label_auroc']:.3f} "
                  f"({summary['flipped_labels']} flipped)")
+  if summary.get("compiles"):
+    lines.append("compiled programs: " + ", ".join(f"{name} {n}" for name, n in summary["compiles"].items()))
   lines.extend(summary.get("lines", []))
-  if summary.get("most_memorized"):
+  if summary.get("most_memorized") and "copies" in summary["most_memorized"][0]:
+    lines.append("most memorized training sequences (per-token accuracy, in−out):")
+    lines.append("  index  copies  canary  memorization    text")
+    for row in summary["most_memorized"]:
+      lines.append(f"  {row['index']:5d}  {row['copies']:6d}  {'yes' if row['canary'] else 'no':>6}  "
+                   f"{row['memorization']:.3f} ± {row['memorization_se']:.3f}  {row.get('text', '')}")
+  elif summary.get("most_memorized"):
     lines.append("most memorized training examples:")
     lines.append("  index  label  noisy  memorization")
     for row in summary["most_memorized"]:

@@ -339,6 +339,24 @@ def format_lines(name: str, summary: dict, options: dict | None = None) -> list[
     return lds_lines(summary)
   if name == "csl" and summary:
     return ["cumulative sample loss (a proxy): " + ", ".join(f"{k} {v:.3f}" for k, v in summary.items())]
+  if name == "text_memorization":
+    return [f"text memorization (per-token accuracy in−out): median {_f(summary['median_memorization'])}, "
+            f"median standard error {_f(summary['median_memorization_se'])}",
+            f"extractable (greedy from the prefix): {_f(summary['extractable_in'])} of sequences by models that "
+            f"trained on them, {_f(summary['extractable_out'])} by models that did not"]
+  if name == "exposure":
+    return ([f"canary exposure (bits, of log2|R| = {summary['space_bits']:.2f}; models that did not train on a "
+             f"canary: mean {_f(summary['out_mean'], '.2f')}, chance {summary['chance']:.2f}):"]
+            + [f"  {count:>3} copies: {_f(v['exposure'], '.2f')} ± {_f(v['exposure_se'], '.2f')} (not trained on: "
+               f"{_f(v['exposure_out'], '.2f')} ± {_f(v['exposure_out_se'], '.2f')})"
+               for count, v in summary["by_copies"].items()])
+  if name == "lm_attacks":
+    lines = ["membership attacks on sequences, AUROC over all (model, sequence) pairs: "
+             + ", ".join(f"{signal} {_f(value)}" for signal, value in summary["pooled_auroc"].items())]
+    if "lira_loglik_median" in summary:
+      lines.append("LiRA on the per-token log-likelihood, per-sequence AUROC over models: median online "
+                   f"{_f(summary['lira_loglik_median']['online'])}, offline {_f(summary['lira_loglik_median']['offline'])}")
+    return lines
   if name == "correlations":
     return correlation_lines(summary)
   return []

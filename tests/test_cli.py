@@ -30,7 +30,7 @@ def test_run_scores_export_end_to_end(tmp_path):
 
 @pytest.mark.parametrize("args,needle", [
     (["run", "--dataset", "imagenet-9"], "dataset"),
-    (["run", "--model", "transformer"], "unknown model 'transformer'; choose one of: cnn, mlp"),
+    (["run", "--model", "resnet"], "unknown model 'resnet'; choose one of: cnn, mlp, transformer"),
     (["run", "--subset-ratio", "1.5"], "subset ratio must be in (0, 1), got 1.5"),
     (["run", "--num-models", "1"], "num_models must be an integer >= 2, got 1"),
     (["run", "--epochs", "0"], "epochs must be a positive integer, got 0"),

@@ -149,7 +149,7 @@ def test_npz_round_trip_float(tmp_path, synthetic):
   assert np.array_equal(ds.y_test, synthetic.y_test)
 
 
-def test_npz_uint8_images_are_scaled_and_get_a_channel(tmp_path):
+def test_npz_uint8_images_stay_uint8_and_get_a_channel(tmp_path):
   rng = np.random.default_rng(0)
   x_train = rng.integers(0, 256, (12, 5, 5), dtype=np.uint8)
   x_test = rng.integers(0, 256, (4, 5, 5), dtype=np.uint8)
@@ -158,8 +158,9 @@ def test_npz_uint8_images_are_scaled_and_get_a_channel(tmp_path):
     np.savez(f, x_train=x_train, y_train=np.arange(12) % 4, x_test=x_test,
              y_test=np.array([0, 1, 2, 5]))
   ds = data.load_dataset(str(path))
-  assert ds.x_train.shape == (12, 5, 5, 1) and ds.x_train.dtype == np.float32
-  np.testing.assert_allclose(ds.x_train[..., 0], x_train / 255.0, rtol=1e-6)
+  # Images keep their stored dtype (the engine scales them on the device).
+  assert ds.x_train.shape == (12, 5, 5, 1) and ds.x_train.dtype == np.uint8
+  np.testing.assert_array_equal(ds.x_train[..., 0], x_train)
   assert ds.num_classes == 6 and ds.y_train.dtype == np.int32
 
 
@@ -224,9 +225,9 @@ def tfds_dir(tmp_path_factory):
 
 def check_tiny(ds):
   assert ds.x_train.shape == (20, 8, 8, 1) and ds.x_test.shape == (10, 8, 8, 1)
-  assert ds.x_train.dtype == np.float32 and ds.num_classes == 3
+  assert ds.x_train.dtype == np.uint8 and ds.num_classes == 3  # images as stored
   for x, y, n in ((ds.x_train, ds.y_train, 20), (ds.x_test, ds.y_test, 10)):
-    pixel = np.rint(x[:, 0, 0, 0] * 255).astype(int)
+    pixel = x[:, 0, 0, 0].astype(int)
     assert np.all(x == x[:, :1, :1, :1])  # constant images
     index = pixel - 40 * y
     assert sorted(index.tolist()) == list(range(n)) and np.all(index % 3 == y)

@@ -41,7 +41,7 @@ def mock_tfds(name: str, root: Path, num_train: int, num_test: int) -> None:
             example[key] = png(rng.integers(0, 256, feature.shape, dtype=np.uint8))
           elif isinstance(feature, tfds.features.ClassLabel):
             example[key] = i % feature.num_classes
-          else:  # e.g. cifar100's text id
+          else:  # e.g. cifar100's text id, tiny_shakespeare's text
             example[key] = f"{split_tag}_{i}"
         yield i, example
 
@@ -65,7 +65,8 @@ def shrink(config: jaxmem.RunConfig, data_dir: Path, *, all_ratios: bool = True)
   chunk with its own step count, hence its own compilation: 9 of them cost minutes on 2 cores)."""
   if not all_ratios and len(config.subset_ratios) > 2:
     config = config.replace(subset_ratios=(min(config.subset_ratios), max(config.subset_ratios)))
-  options = {"hidden_sizes": (8,)} if config.model == "mlp" else {"channels": (4,)}
+  options = {"mlp": {"hidden_sizes": (8,)},
+             "transformer": {"num_layers": 1, "width": 16, "num_heads": 2, "max_len": 64}}.get(config.model, {"channels": (4,)})
   num_models = 2 * len(config.subset_ratios)
   return config.replace(num_models=num_models, chunk_size=num_models, epochs=1, batch_size=4, model_options=options,
                         data_dir=str(data_dir), strategy="map", warmup_epochs=0,

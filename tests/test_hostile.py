@@ -76,7 +76,7 @@ def _assert_one_line_error(result, needle, code=2):
 # (name, args builder(tmp) -> CLI args, expected message); the output directory must not appear.
 INPUT_CASES = [
     ("unknown dataset", lambda t: ["--dataset", "imagenet-9"],
-     "unknown dataset 'imagenet-9'; choose one of: <file>.npz, digits, synthetic, tfds:<name>"),
+     "unknown dataset 'imagenet-9'; choose one of: <file>.npz, <file>.txt, canaries, digits, synthetic, tfds:<name>"),
     ("unknown estimator", None, "unknown estimator 'foo'; choose one of: "),
     ("labels and features differ in length", lambda t: ["--dataset", _npz(t / "d.npz", y_train=lambda a: a[:30])],
      "train split has 40 examples in x_train but 30 labels in y_train"),

@@ -26,7 +26,9 @@ def _arrays(seed=0):
   keep_MxN = rng.random((M, N)) < 0.5
   return keep_MxN, {
       "train_correct": rng.random((M, N)) < 0.7,
-      "train_margin": rng.normal(size=(M, N, A)).astype(np.float32),
+      "train_margin": rng.normal(size=(M, N)).astype(np.float32),
+      "train_margin_aug": rng.normal(size=(M, N, A)).astype(np.float32),
+      "test_margin_aug": rng.normal(size=(M, T, A)).astype(np.float32),
       "test_correct": rng.random((M, T)) < 0.6,
       "test_margin": rng.normal(size=(M, T)).astype(np.float32),
       "epoch_loss": rng.random((M, E)).astype(np.float32),
@@ -90,7 +92,8 @@ def test_whole_records_equal_the_arrays_written(on_disk):
   for name in memory.record_names():
     assert lazy[name].dtype == memory[name].dtype and lazy.axes(name) == memory.axes(name), name
     np.testing.assert_array_equal(lazy[name], memory[name], err_msg=name)
-  assert lazy.axes("train_correct_epochs") == "MEN" and lazy.axes("train_margin") == "MNA"
+  assert lazy.axes("train_correct_epochs") == "MEN" and lazy.axes("train_margin_aug") == "MNA"
+  assert lazy.axes("test_margin_aug") == "MTA" and lazy["test_margin_aug"].shape == (M, T, A)
   assert lazy.axes("test_margin") == "MT" and lazy.axes("keep") == "MN"
   assert "train_correct_epochs" in lazy and "train_correct_epochs_packed" not in lazy and "keep" not in lazy
 
@@ -122,8 +125,8 @@ def test_reading_by_model_rows(on_disk, models):
   subset = lazy.select_models(models)
   np.testing.assert_array_equal(subset.model_ids, rows)
   np.testing.assert_array_equal(subset["train_correct_epochs"], memory["train_correct_epochs"][rows])
-  np.testing.assert_array_equal(subset.read("train_margin", models=[0], examples=slice(1, 9)),
-                                memory["train_margin"][rows[:1], 1:9])
+  np.testing.assert_array_equal(subset.read("train_margin_aug", models=[0], examples=slice(1, 9)),
+                                memory["train_margin_aug"][rows[:1], 1:9])
   assert subset.num_models == len(rows) and subset.num_train == N
 
 
@@ -145,9 +148,9 @@ def test_chunk_file_is_an_npz_and_its_checksum_is_of_its_bytes(tmp_path):
   meta = json.loads(run.chunk_path(1).with_suffix(".json").read_text())
   assert meta["sha256"] == hashlib.sha256(data).hexdigest() and meta["model_ids"] == PLAN[1]
   with np.load(run.chunk_path(1)) as f:
-    np.testing.assert_array_equal(f["train_margin"], arrays["train_margin"][PLAN[1]])
+    np.testing.assert_array_equal(f["train_margin_aug"], arrays["train_margin_aug"][PLAN[1]])
     assert f["num_epochs"] == E
-  member = npz_member(run.chunk_path(1), "train_margin")
+  member = npz_member(run.chunk_path(1), "train_margin_aug")
   assert isinstance(member, np.memmap) and member.shape == (2, N, A)
 
 
@@ -222,7 +225,7 @@ def test_block_size_for_a_memory_budget():
   # per example: keep M bytes + train_margin M*A*4 + per-epoch M*E bools; test_margin M*T*4 whole
   per_example = M + M * A * 4 + M * E
   fixed = M * T * 4
-  names = ["keep", "train_margin", "train_correct_epochs", "test_margin"]
+  names = ["keep", "train_margin_aug", "train_correct_epochs", "test_margin"]
   assert records.block_size_for(fixed + 7 * per_example, names) == 7
   assert records.block_size_for(fixed + 7 * per_example + per_example - 1, names) == 7
   assert records.block_size_for(10**9, names) == N
@@ -241,7 +244,9 @@ def test_simulated_records_are_deterministic_and_depend_on_membership(tmp_path):
   for name in first:
     np.testing.assert_array_equal(first[name], again[name], err_msg=name)
   other = Simulation(num_train=300, num_test=40, num_models=12, subset_ratios=(0.3, 0.7), queries=2, seed=6)
-  assert not np.array_equal(other.chunk_records([4, 9])["train_margin"], first["train_margin"])
+  assert not np.array_equal(other.chunk_records([4, 9])["train_margin_aug"], first["train_margin_aug"])
+  np.testing.assert_array_equal(first["train_margin_aug"][..., 0], first["train_margin"])
+  np.testing.assert_array_equal(first["test_margin_aug"][..., 0], first["test_margin"])
   a = write_simulated_run(simulation, tmp_path / "a", log=lambda m: None)
   b = write_simulated_run(simulation, tmp_path / "b", log=lambda m: None)
   for c in range(len(simulation.chunks())):
@@ -251,7 +256,8 @@ def test_simulated_records_are_deterministic_and_depend_on_membership(tmp_path):
   keep, correct = records.keep, records["train_correct"]
   np.testing.assert_array_equal(records.read("keep", models=[4, 9]), first["keep"])
   np.testing.assert_array_equal(records.subset_ratio, np.tile(np.float32([0.3, 0.7]), 6))
-  assert records.axes("train_margin") == "MNA" and records.shape("train_margin") == (12, 300, 2)
+  assert records.axes("train_margin_aug") == "MNA" and records.shape("train_margin_aug") == (12, 300, 2)
+  assert records.axes("test_margin_aug") == "MTA" and records.shape("test_margin_aug") == (12, 40, 2)
   assert correct[keep].mean() > correct[~keep].mean() + 0.1  # membership raises accuracy
   messages = []
   write_simulated_run(simulation, tmp_path / "a", log=messages.append)

@@ -185,6 +185,9 @@ def test_two_jax_distributed_processes_equal_one_process(one_process, tmp_path):
       done.setdefault(e["pid"], []).append(e["chunk"])
   assert sorted(sorted(v) for v in done.values()) == [[0, 2, 4], [1, 3]]
   assert any(e["event"] == "checkpoint" for e in read_events(out))
+  pids = {e["pid"] for e in read_events(out) if e["event"] == "chunk_done"}
+  scoring = [e for e in read_events(out) if e["event"] == "scoring"]
+  assert len(pids) == 2 and len(scoring) == 1 and scoring[0]["process"] == 0  # only process 0 ran estimators
   a, b = _export(out, tmp_path / "multi.npz"), one_process[1]
   assert sorted(a) == sorted(b)
   assert_same_within_layout_tolerance(a, b)

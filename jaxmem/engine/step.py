@@ -26,11 +26,39 @@ class TrainState(NamedTuple):
 
 
 class DeviceData(NamedTuple):
-  """The whole dataset, resident on every device; batches are gathered from it by index."""
+  """The whole dataset, resident on every device; batches are gathered from it by index.
+
+  Inputs are either ready for the model (float, ``mean``/``std`` None) or uint8 images as stored,
+  with per-channel ``mean`` and ``std`` of the [0, 1]-scaled training images: :func:`features`
+  scales and standardizes each gathered batch on the device, so a device holds one byte per pixel.
+  """
   x_train: jax.Array
   y_train: jax.Array
   x_test: jax.Array
   y_test: jax.Array
+  mean: jax.Array | None = None
+  std: jax.Array | None = None
+
+
+def features(data: DeviceData, x: jax.Array) -> jax.Array:
+  """Model inputs from stored inputs gathered from ``data``: uint8 images become float32
+  ``(x / 255 - mean) / std`` (float32 whatever the compute dtype: the model casts its inputs, and
+  standardizing in bf16 would round pixels the float32 host path kept); other inputs as they are."""
+  if data.mean is None:
+    return x
+  return (x.astype(jnp.float32) / jnp.float32(255) - data.mean) / data.std
+
+
+class Task(NamedTuple):
+  """What a model is trained for, apart from classification (the default when no task is given).
+
+  ``loss(apply, x_B, y_B, weight_B) -> scalar``: the training loss of a batch, ``apply`` mapping
+  inputs to the model's outputs under the current parameters. ``evaluate(apply, data, eval_batch)
+  -> {record name: per-example array}``: the records of one model (leading axis: the examples).
+  See :mod:`jaxmem.engine.text` for next-token prediction.
+  """
+  loss: Callable[..., jax.Array]
+  evaluate: Callable[..., dict[str, jax.Array]]
 
 
 class ModelFunctions(NamedTuple):
@@ -74,6 +102,75 @@ def make_optimizer(*, optimizer: str, learning_rate: float, schedule: str, total
     sgd = optax.sgd(lr, momentum=momentum or None, nesterov=bool(momentum))
     return optax.chain(optax.add_decayed_weights(weight_decay), sgd) if weight_decay else sgd
   raise ValueError(f"unknown optimizer {optimizer!r}")
+
+
+def _epoch_schedule(schedule: str, learning_rate: float, epochs: int,
+                    warmup_epochs: int) -> Callable[[jax.Array, jax.Array], jax.Array]:
+  """The learning rate at update ``count`` for a model making ``steps`` updates per epoch
+  (``steps`` may be traced: one compiled program serves every subset ratio). The formulas and
+  their float operations are optax's (``cosine_decay_schedule``, ``warmup_cosine_decay_schedule``,
+  ``linear_schedule``), whose constructors need the step counts as Python numbers; with the same
+  step counts the values are bitwise optax's."""
+  if schedule == "constant":
+    return lambda count, steps: learning_rate
+
+  def cosine(count, decay_steps, init_value):
+    count = jnp.minimum(count, decay_steps)
+    cosine_decay = 0.5 * (1 + jnp.cos(jnp.pi * count / decay_steps))
+    return init_value * ((1 - 0.0) * cosine_decay ** 1.0 + 0.0)
+
+  def linear(count, transition_steps, init_value, end_value):
+    count = jnp.clip(count, 0, transition_steps)
+    frac = 1 - count / transition_steps
+    return (init_value - end_value) * (frac ** 1) + end_value
+
+  def rate(count, steps):
+    steps = jnp.asarray(steps, jnp.float32)
+    total = epochs * steps
+    if schedule == "cosine":
+      return cosine(count, total, learning_rate)
+    if schedule == "linear":
+      return linear(count, total, learning_rate, 0.0)
+    # warmup_cosine: optax joins a linear warmup from 0 (at least one step) and a cosine decay.
+    warmup = jnp.maximum(warmup_epochs * steps, 1.0)
+    return jnp.where(count < warmup, linear(count, warmup, 0.0, learning_rate),
+                     cosine(count - warmup, total - warmup, learning_rate))
+  if schedule not in ("cosine", "linear", "warmup_cosine"):
+    raise ValueError(f"unknown schedule {schedule!r}")
+  return rate
+
+
+def make_epoch_optimizer(*, optimizer: str, learning_rate: float, schedule: str, epochs: int,
+                         warmup_epochs: int = 0, momentum: float = 0.9,
+                         weight_decay: float = 0.0) -> optax.GradientTransformationExtraArgs:
+  """:func:`make_optimizer` with the schedule over ``epochs`` epochs of ``steps_per_epoch`` updates,
+  an extra argument of ``update`` rather than a constant: one program trains every subset ratio.
+  The transformations and their state are optax's (``adam``/``adamw``/``sgd``: the direction, then
+  ``scale_by_schedule`` of minus the rate), so updates are bitwise those of :func:`make_optimizer`."""
+  rate = _epoch_schedule(schedule, learning_rate, epochs, warmup_epochs)
+
+  def init(params):
+    del params
+    return optax.ScaleByScheduleState(count=jnp.zeros([], jnp.int32))
+
+  def update(updates, state, params=None, *, steps_per_epoch, **extra_args):
+    del params, extra_args
+    step_size = -1 * rate(state.count, steps_per_epoch)
+    updates = jax.tree.map(lambda g: jnp.array(step_size, dtype=g.dtype) * g, updates)
+    return updates, optax.ScaleByScheduleState(count=optax.safe_increment(state.count))
+
+  scale = optax.GradientTransformationExtraArgs(init, update)
+  if optimizer == "adam":
+    direction = [optax.scale_by_adam()]
+    if weight_decay:  # optax.adamw: decoupled weight decay after the Adam direction
+      direction.append(optax.add_decayed_weights(weight_decay))
+  elif optimizer == "sgd":
+    direction = [optax.trace(decay=momentum, nesterov=bool(momentum))] if momentum else []
+    if weight_decay:  # as make_optimizer: decay added to the gradient before SGD
+      direction.insert(0, optax.add_decayed_weights(weight_decay))
+  else:
+    raise ValueError(f"unknown optimizer {optimizer!r}")
+  return optax.chain(*direction, scale)
 
 
 def margin_and_correct(logits_BxC: jax.Array, labels_B: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -140,7 +237,7 @@ def apply_in_batches(apply_fn: Callable[[jax.Array], jax.Array], x: jax.Array, b
   batch = -(-n // num_batches)  # equal batches, at most num_batches - 1 padding rows
   padded = jnp.pad(x, ((0, num_batches * batch - n),) + ((0, 0),) * (x.ndim - 1))
   out = jax.lax.map(apply_fn, padded.reshape((num_batches, batch) + x.shape[1:]))
-  return out.reshape((num_batches * batch,) + out.shape[2:])[:n]
+  return jax.tree.map(lambda o: o.reshape((num_batches * batch,) + o.shape[2:])[:n], out)
 
 
 def epoch_batches(key: jax.Array, members: jax.Array, count: jax.Array, epoch: jax.Array,
@@ -163,9 +260,10 @@ def make_model_functions(model: nn.Module, tx: optax.GradientTransformation, *, 
                          num_steps: int, augment: bool = False, augment_pad: int = 2,
                          eval_batch: int = 4096, record_epochs: bool = False,
                          record_epoch_margin: bool = False, grad_batch: int = 32,
-                         queries: int = 1) -> ModelFunctions:
-  """Single-model ``init``, ``train`` (a ``lax.scan`` over epochs of ``num_steps`` steps) and
-  ``evaluate``.
+                         queries: int = 1, task: Task | None = None) -> ModelFunctions:
+  """Single-model ``init``, ``train`` (a ``lax.scan`` over epochs of ``steps <= num_steps`` steps,
+  ``steps`` an argument) and ``evaluate``. ``tx`` is :func:`make_epoch_optimizer`'s (its schedule
+  takes the steps per epoch as data) or any optax transformation.
 
   An epoch visits the model's members in a fresh random order: members are padded to a common
   length ``n_max`` across the chunk (``count`` is the real number), sorted by a random key, and cut
@@ -176,41 +274,66 @@ def make_model_functions(model: nn.Module, tx: optax.GradientTransformation, *, 
   its correctness (and with ``record_epoch_margin`` its margin) for the learning-dynamics scores
   (:mod:`jaxmem.scores.dynamics`). ``grad_batch`` bounds GraNd's per-example gradients in memory
   (``grad_batch`` x parameters per model at a time).
+
+  ``task``: another loss and other records than classification's (e.g. next-token prediction,
+  :func:`jaxmem.engine.text.make_text_task`); batching, optimizer and randomness stay the same.
   """
 
+  # A plain optax transformation ignores the extra argument (``steps_per_epoch``) the steps pass.
+  tx = optax.with_extra_args_support(tx)
+
   def init(key: jax.Array, data: DeviceData) -> TrainState:
-    params = model.init(jax.random.fold_in(key, _INIT), data.x_train[:1])["params"]
+    params = model.init(jax.random.fold_in(key, _INIT), features(data, data.x_train[:1]))["params"]
     return TrainState(params, tx.init(params))
 
   def loss_fn(params, x, y, weight_B):
+    if task is not None:
+      return task.loss(lambda inputs: model.apply({"params": params}, inputs), x, y, weight_B)
     logits = model.apply({"params": params}, x)
     loss_B = optax.softmax_cross_entropy_with_integer_labels(logits, y)
     return jnp.sum(loss_B * weight_B) / jnp.maximum(jnp.sum(weight_B), 1.0)
 
   def train(state: TrainState, key: jax.Array, members: jax.Array, count: jax.Array,
-            epoch_ids: jax.Array, data: DeviceData) -> tuple[TrainState, dict[str, jax.Array]]:
-    def one_epoch(state, epoch):
+            epoch_ids: jax.Array, steps: jax.Array, data: DeviceData) -> tuple[TrainState, dict[str, jax.Array]]:
+    # ``steps`` (this chunk's updates per epoch, at most ``num_steps``) and the epochs are data, not
+    # shapes: one compiled program trains every subset ratio and every epoch segment. Epoch ids
+    # below 0 are padding (a short segment in a program made for longer ones) and leave the state.
+    def real_epoch(state, epoch):
       index_SxB, weight_SxB = epoch_batches(key, members, count, epoch, num_steps, batch_size)
       augment_key = jax.random.fold_in(jax.random.fold_in(key, _AUGMENT), epoch)
 
-      def one_step(state, inputs):
-        index_B, weight_B, step = inputs
-        x = data.x_train[index_B]
+      def one_step(step, carry):
+        state, losses_S = carry
+        index_B, weight_B = index_SxB[step], weight_SxB[step]
+        x = features(data, data.x_train[index_B])
         if augment:
           x = augment_images(jax.random.fold_in(augment_key, step), x, augment_pad)
         loss, grads = jax.value_and_grad(loss_fn)(state.params, x, data.y_train[index_B], weight_B)
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        return TrainState(optax.apply_updates(state.params, updates), opt_state), loss
+        updates, opt_state = tx.update(grads, state.opt_state, state.params, steps_per_epoch=steps)
+        state = TrainState(optax.apply_updates(state.params, updates), opt_state)
+        return state, losses_S.at[step].set(loss)
 
-      state, losses_S = jax.lax.scan(one_step, state, (index_SxB, weight_SxB, jnp.arange(num_steps)))
-      per_epoch = {"loss": losses_S.mean()}
+      # A while loop of ``steps`` iterations (the bound is shared by the chunk's models, so under
+      # vmap it stays a plain loop): a small ratio's program does not run the largest one's steps.
+      losses_S = jnp.zeros_like(weight_SxB[:, 0])  # from per-model data: varies over shard_map's models axis
+      state, losses_S = jax.lax.fori_loop(0, steps, one_step, (state, losses_S))
+      per_epoch = {"loss": jnp.sum(losses_S) / steps.astype(jnp.float32)}
       if record_epochs:  # every training example after the epoch's last update (as Maini et al.)
-        apply = lambda x: model.apply({"params": state.params}, x)
+        apply = lambda x: model.apply({"params": state.params}, features(data, x))
         margin, correct = margin_and_correct(apply_in_batches(apply, data.x_train, eval_batch), data.y_train)
         per_epoch["train_correct"] = correct
         if record_epoch_margin:
           per_epoch["train_margin"] = margin
       return state, per_epoch
+
+    def one_epoch(state, epoch):
+      skipped = jax.eval_shape(real_epoch, state, epoch)[1]
+      # Zeros made from per-model data, so that they vary over shard_map's models axis as the
+      # real epoch's outputs do (cond needs both branches' types equal).
+      zero = count * 0
+      no_epoch = lambda state, epoch: (
+          state, jax.tree.map(lambda a: jnp.broadcast_to(zero.astype(a.dtype), a.shape), skipped))
+      return jax.lax.cond(epoch >= 0, real_epoch, no_epoch, state, epoch)
 
     return jax.lax.scan(one_epoch, state, epoch_ids)
 
@@ -239,12 +362,14 @@ def make_model_functions(model: nn.Module, tx: optax.GradientTransformation, *, 
       return jnp.sqrt(sum(squares))
 
     index_N = jnp.arange(data.x_train.shape[0])
-    by_index = lambda fn: lambda i_B: fn(data.x_train[i_B], data.y_train[i_B])
+    by_index = lambda fn: lambda i_B: fn(features(data, data.x_train[i_B]), data.y_train[i_B])
     return {"train_el2n": apply_in_batches(by_index(el2n_of), index_N, eval_batch),
             "train_grand": apply_in_batches(by_index(grand_of), index_N, grad_batch)}
 
   def evaluate(params, data: DeviceData) -> dict[str, jax.Array]:
-    apply = lambda x: model.apply({"params": params}, x)
+    apply = lambda x: model.apply({"params": params}, features(data, x))
+    if task is not None:
+      return task.evaluate(apply, data, eval_batch)
     out = {}
     for split, x, y in (("train", data.x_train, data.y_train), ("test", data.x_test, data.y_test)):
       margin, correct = margin_and_correct(apply_in_batches(apply, x, eval_batch), y)
@@ -255,8 +380,8 @@ def make_model_functions(model: nn.Module, tx: optax.GradientTransformation, *, 
       # indices so memory is bounded by ``eval_batch`` images, not A copies of the dataset.
       for split, x, y in (("train", data.x_train, data.y_train), ("test", data.x_test, data.y_test)):
         def margins_of(index_B, x=x, y=y):
-          views = query_views(x[index_B], queries)
-          logits = apply(views.reshape((-1,) + views.shape[2:]))
+          views = query_views(features(data, x[index_B]), queries)
+          logits = model.apply({"params": params}, views.reshape((-1,) + views.shape[2:]))
           margin, _ = margin_and_correct(logits, jnp.tile(y[index_B], queries))
           return margin.reshape(queries, -1).T
         out[f"{split}_margin_aug"] = apply_in_batches(

@@ -32,10 +32,10 @@ from typing import Any
 
 import numpy as np
 
-from jaxmem.config import RunConfig
+from jaxmem.config import GROWTH_FIELDS, RunConfig
 from jaxmem.errors import JaxmemError
 from jaxmem.lock import LOCK_FILE
-from jaxmem.records.store import Records, records_from_chunks
+from jaxmem.records.store import DESIGN_KEYS, Records, records_from_chunks
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -45,8 +45,6 @@ EVENTS = "events.jsonl"
 #: Directories of orbax checkpoints and kept parameters (written by :mod:`jaxmem.records.checkpoints`).
 CHECKPOINTS = "checkpoints"
 PARAMS = "params"
-#: Bytes hashed at a time when verifying a chunk (the file is never read whole into memory).
-_HASH_BUFFER = 1 << 22
 
 
 @contextlib.contextmanager
@@ -115,7 +113,7 @@ def write_npz_atomic(path: Path, arrays: Mapping[str, Any]) -> str:
   mapping: each value is read only while it is written); returns the sha256 of the bytes written.
 
   The members are written as ``np.savez`` writes them (``.npy`` files in a zip, stored, zip64),
-  so ``np.load`` reads the file and :func:`jaxmem.records.store.npz_member` maps its members."""
+  so ``np.load`` reads the file and :func:`jaxmem.records.store.npz_members` finds each member's bytes."""
   with atomic_path(path) as tmp:
     with open(tmp, "wb") as f:
       stream = _HashingWriter(f)
@@ -287,8 +285,7 @@ class RunDir:
     except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
       raise JaxmemError(f"{DESIGN} in {str(self.path)!r} is damaged ({first_line(e)}); rerun the run's "
                         "`jaxmem run` command to write it again (the chunks are kept)") from None
-    missing = [k for k in ("keep", "subset_ratio", "train_labels", "clean_train_labels", "test_labels", "noisy")
-               if k not in design]
+    missing = [k for k in DESIGN_KEYS if k not in design]
     if missing:
       raise JaxmemError(f"{DESIGN} in {str(self.path)!r} lacks {', '.join(missing)}; rerun the run's `jaxmem run` "
                         "command to write it again (the chunks are kept)")
@@ -355,7 +352,7 @@ class RunDir:
   # -- records ---------------------------------------------------------------------------------
   def load_records(self, *, allow_empty: bool = False) -> Records:
     """The records of every complete chunk (anytime: a run still training is fine), lazily: the
-    chunk files are verified and memory-mapped, and :meth:`Records.read` reads blocks of them."""
+    chunk files are verified and their members located, and :meth:`Records.read` reads blocks of them."""
     design = self.read_design(without=("keep",))
     complete = self.completed_chunks()
     if not complete and not allow_empty:
@@ -378,7 +375,8 @@ def identity_differences(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
   defaults = RunConfig().identity()
   out = []
   config_a, config_b = a.get("identity", {}), b.get("identity", {})
-  for key in sorted(set(config_a) | set(config_b)):
+  # Manifests made before runs could grow list num_models in their identity: it is not one.
+  for key in sorted((set(config_a) | set(config_b)) - GROWTH_FIELDS):
     value_a, value_b = config_a.get(key, defaults.get(key)), config_b.get(key, defaults.get(key))
     if value_a != value_b:
       out.append(f"{key}: {value_a!r} there, {value_b!r} now")

@@ -43,12 +43,21 @@ import numpy as np
 from jaxmem.errors import JaxmemError
 
 #: Axis letters of each record (see the module docstring). A record not listed is per model over
-#: training examples when 2-D (``MN``) and over training examples and queries when 3-D (``MNA``).
+#: test examples when its name starts with ``test_`` (``MT``, ``MTA``), else over training examples
+#: (``MN``, ``MNA``); an axis that does not have N entries is not the N axis (``?``).
 RECORD_AXES = {
     "keep": "MN", "train_correct": "MN", "train_margin": "MN", "test_correct": "MT", "test_margin": "MT",
+    "train_margin_aug": "MNA", "test_margin_aug": "MTA",
     "epoch_loss": "ME", "train_correct_epochs": "MEN", "train_margin_epochs": "MEN",
     "train_el2n": "MN", "train_grand": "MN", "train_margin_aug": "MNA", "test_margin_aug": "MTA",
+    # language models (jaxmem.engine.text); L here is the L − 1 predicted tokens of a sequence;
+    # candidate_logperp is (models, candidates of the canaries' space R): no letter
+    "train_token_accuracy": "MN", "test_token_accuracy": "MT", "train_loglik": "MN", "test_loglik": "MT",
+    "train_extractable": "MN", "train_token_logprob": "MNL", "candidate_logperp": "M?",
 }
+#: The design's arrays that every run has; any other per-example array in the design (text runs:
+#: copies, canary, prefix_len, ...) is the dataset's :attr:`Records.example_info`.
+DESIGN_KEYS = ("keep", "subset_ratio", "train_labels", "clean_train_labels", "test_labels", "noisy")
 #: Suffix of a record stored with its N axis bit-packed (``np.packbits`` along the last axis).
 PACKED = "_packed"
 
@@ -64,6 +73,14 @@ def record_axes(name: str, ndim: int) -> str:
   # An unlisted record: its second axis is over test examples when its name says so.
   example = "T" if name.startswith("test_") else "N"
   return {1: "M", 2: f"M{example}", 3: f"M{example}A"}.get(ndim, "M" + "?" * (ndim - 1))
+
+
+def _checked_axes(name: str, shape: Sequence[int], num_train: int) -> str:
+  """:func:`record_axes`, where an ``N`` axis must have ``num_train`` entries (else it is ``?``)."""
+  axes = record_axes(name, len(shape))
+  if "N" in axes and shape[axes.index("N")] != num_train:
+    return axes.replace("N", "?")
+  return axes
 
 
 @dataclasses.dataclass(frozen=True)
@@ -227,9 +244,12 @@ class _ArraySource:
     value = self.keep if name == "keep" else self.arrays[name]
     return tuple(np.shape(value)), np.asarray(value).dtype
 
+  def axes(self, name: str) -> str:
+    return "MN" if name == "keep" else _checked_axes(name, np.shape(self.arrays[name]), self.num_train)
+
   def read(self, name: str, examples: slice | None, positions: np.ndarray | None) -> np.ndarray:
     value = self.keep if name == "keep" else self.arrays[name]
-    axes = "MN" if name == "keep" else record_axes(name, np.ndim(value))
+    axes = self.axes(name)
     if positions is not None:
       value = value[positions]
     if examples is not None and "N" in axes:
@@ -291,6 +311,9 @@ class _ChunkSource:
       return (self.num_models, self.num_train), np.dtype(bool)
     return self._shapes[name]
 
+  def axes(self, name: str) -> str:
+    return "MN" if name == "keep" else _checked_axes(name, self._shapes[name][0], self.num_train)
+
   def read(self, name: str, examples: slice | None, positions: np.ndarray | None) -> np.ndarray:
     wanted = np.arange(*_example_range(examples, self.num_train))
     # the smallest run of examples holding the block, then its step (a slice with a step is rare)
@@ -303,8 +326,8 @@ class _ChunkSource:
       return block if pick is None else block[:, pick]
     shape, dtype = self._shapes[name]
     member = self._stored[name]
-    axes = record_axes(name, len(shape))
-    n_axis = axes.index("N") if "N" in axes else None
+    axes = self.axes(name)
+    n_axis = axes.index("N") if "N" in axes and examples is not None else None  # None: whole rows
     packed = member != name
     out_shape = list(shape)
     out_shape[0] = len(positions)
@@ -316,7 +339,9 @@ class _ChunkSource:
       where = np.flatnonzero(chunk_of == c)
       rows = self.row_of[positions[where]]
       stored = self.members[c][member]
-      if n_axis is None:
+      if n_axis is None and packed:
+        block = np.unpackbits(_read(stored, rows), axis=-1, count=self.num_train).astype(bool)
+      elif n_axis is None:
         block = _read(stored, rows)
       elif packed:  # bits packed along N, the last axis: whole bytes, then unpacked
         block = _read(stored, rows, n_axis, start // 8, -(-stop // 8))
@@ -348,7 +373,8 @@ class Records:
   def __init__(self, *, keep: np.ndarray | None = None, model_ids: np.ndarray, subset_ratio: np.ndarray,
                train_labels: np.ndarray, clean_train_labels: np.ndarray, test_labels: np.ndarray,
                noisy: np.ndarray, arrays: Mapping[str, np.ndarray] | None = None, num_models_planned: int,
-               source: Any = None, rows: np.ndarray | None = None):
+               source: Any = None, rows: np.ndarray | None = None,
+               example_info: Mapping[str, np.ndarray] | None = None):
     if source is None:
       if keep is None:
         raise ValueError("Records needs keep (and arrays) or a source")
@@ -362,12 +388,16 @@ class Records:
     self.test_labels = np.asarray(test_labels)         # (T,)
     self.noisy = np.asarray(noisy)                     # (N,) bool
     self.num_models_planned = int(num_models_planned)
+    # Per-training-example facts of the dataset beyond labels, kept in the design (text: copies,
+    # canary, prefix_len, zlib_bytes, num_tokens, secret_index); empty for classification.
+    self.example_info = dict(example_info or {})
 
   @classmethod
   def from_arrays(cls, *, keep: np.ndarray, arrays: Mapping[str, np.ndarray], model_ids: np.ndarray | None = None,
                   subset_ratio: np.ndarray | float = 0.5, train_labels: np.ndarray | None = None,
                   clean_train_labels: np.ndarray | None = None, test_labels: np.ndarray | None = None,
-                  noisy: np.ndarray | None = None, num_models_planned: int | None = None) -> "Records":
+                  noisy: np.ndarray | None = None, num_models_planned: int | None = None,
+                  example_info: Mapping[str, np.ndarray] | None = None) -> "Records":
     """Records in memory. ``keep`` (M, N) bool and per-model ``arrays`` (leading axis M); the rest
     defaults to ids 0..M-1, one subset ratio, labels 0 and no noisy labels."""
     keep = np.asarray(keep, bool)
@@ -380,7 +410,8 @@ class Records:
                clean_train_labels=train_labels if clean_train_labels is None else clean_train_labels,
                test_labels=np.zeros(test, np.int64) if test_labels is None else test_labels,
                noisy=np.zeros(n, bool) if noisy is None else noisy,
-               num_models_planned=m if num_models_planned is None else num_models_planned)
+               num_models_planned=m if num_models_planned is None else num_models_planned,
+               example_info=example_info)
 
   # -- whole records (unbounded; see the class docstring) -------------------------------------
   def __getitem__(self, name: str) -> np.ndarray:
@@ -424,7 +455,7 @@ class Records:
 
   def axes(self, name: str) -> str:
     """Axis letters of a record (see :data:`RECORD_AXES`), e.g. ``"MN"`` or ``"MEN"``."""
-    return "MN" if name == "keep" else record_axes(name, len(self._source.shape_dtype(name)[0]))
+    return self._source.axes(name)
 
   def read(self, name: str, *, examples: slice | None = None, models: Any = None) -> np.ndarray:
     """One record, optionally restricted to a block of training examples (the ``N`` axis, where the
@@ -473,7 +504,8 @@ class Records:
     return Records(model_ids=self.model_ids[positions], subset_ratio=self.subset_ratio[positions],
                    train_labels=self.train_labels, clean_train_labels=self.clean_train_labels,
                    test_labels=self.test_labels, noisy=self.noisy, num_models_planned=self.num_models_planned,
-                   source=self._source, rows=positions if self._rows is None else self._rows[positions])
+                   source=self._source, rows=positions if self._rows is None else self._rows[positions],
+                   example_info=self.example_info)
 
 
 def records_from_chunks(chunks: Sequence[tuple[Path, np.ndarray]], design_path: Path,
@@ -509,7 +541,8 @@ def records_from_chunks(chunks: Sequence[tuple[Path, np.ndarray]], design_path: 
   return Records(model_ids=ids, subset_ratio=np.asarray(design["subset_ratio"])[ids],
                  train_labels=design["train_labels"], clean_train_labels=design["clean_train_labels"],
                  test_labels=design["test_labels"], noisy=design["noisy"],
-                 num_models_planned=int(planned), source=source)
+                 num_models_planned=int(planned), source=source,
+                 example_info={k: v for k, v in design.items() if k not in DESIGN_KEYS})
 
 
 def unpack_bit_records(arrays: Mapping[str, np.ndarray], *, num_examples: int) -> dict[str, np.ndarray]:

@@ -8,7 +8,7 @@ files, and formatting text are the scoring driver's (:mod:`jaxmem.scoring`).
 from __future__ import annotations
 
 from jaxmem.registry import Registry
-from jaxmem.scores import correlations, counterfactual, cscore, dynamics, influence, lds, lira, proxies, rmia, uncertainty
+from jaxmem.scores import correlations, counterfactual, cscore, dynamics, influence, lds, lira, lm, proxies, rmia, uncertainty
 from jaxmem.scores import memorization as _memorization
 from jaxmem.scores._result import Estimator, EstimatorResult
 from jaxmem.scores._stats import InOutDifference, auroc, in_out_difference
@@ -36,6 +36,11 @@ ESTIMATOR_LIST = (
     Estimator("rmia", rmia.rmia_estimator, ("train_margin", "test_margin"), default=False),
     Estimator("lds", lds.lds_estimator, ("test_correct", "test_margin"), default=False),
     Estimator("csl", proxies.csl_estimator, ("train_margin_epochs",), default=False),
+    # language-model runs (their records exist only there; text_memorization writes their memorization)
+    Estimator("text_memorization", lm.text_memorization_estimator,
+              ("train_token_accuracy", "train_loglik", "train_extractable")),
+    Estimator("exposure", lm.exposure_estimator, ("candidate_logperp",)),
+    Estimator("lm_attacks", lm.lm_attacks_estimator, ("train_loglik", "train_token_logprob")),
     Estimator("correlations", lambda records, *, context=None, **options: correlations.correlations_result(
         context or {}, records.noisy)),
 )
