@@ -212,7 +212,8 @@ class Engine:
                   epochs_per_call: int | None = None,
                   on_progress: Callable[[int], None] | None = None,
                   init_params: Any | None = None, checkpoint: Any | None = None,
-                  should_stop: Callable[[], bool] | None = None) -> dict[str, np.ndarray]:
+                  should_stop: Callable[[], bool] | None = None,
+                  on_params: Callable[[int, Any], None] | None = None) -> dict[str, np.ndarray]:
     """Train and evaluate the given models; returns records with a leading model axis.
 
     ``checkpoint`` (a :class:`jaxmem.store.ChunkCheckpoint`): training continues from its latest
@@ -224,6 +225,11 @@ class Engine:
 
     ``epochs_per_call`` splits training into host calls (for progress and checkpoints); it does not
     change results, because each epoch's randomness is keyed by its epoch index.
+
+    ``on_params(epochs_done, params_K)`` (optional) is called with the initial parameters (0) and
+    after every host call (``epochs_per_call=1``: every epoch) with the chunk's parameters (leading
+    axis: the padded chunk; slice ``[:K]``), for studies that need parameters at chosen epochs. The arrays are donated to
+    the next training call: the callback must copy what it keeps (``jax.device_get``) before returning.
 
     ``init_params`` (optional): per-model parameters to start from instead of initializing (leading
     axis: the K models, or K padded to the device count, e.g. ``last_state.params`` of an earlier
@@ -261,12 +267,16 @@ class Engine:
       if on_progress is not None:
         on_progress(done)
     self.resumed_from_epoch = done
+    if on_params is not None:
+      on_params(done, state.params)
     for first, stop in _call_ranges(epochs, per_call, score_epoch):
       if stop <= done:
         continue
       epoch_ids = jnp.arange(max(first, done), stop, dtype=jnp.int32)
       state, per_epoch_K = programs.train(state, keys_K, members_K, counts_K, epoch_ids, self.data)
       outputs.append(per_epoch_K)
+      if on_params is not None:
+        on_params(stop, state.params)
       if stop == score_epoch:
         early = programs.early_scores(state.params, self.data)
       if on_progress is not None:
