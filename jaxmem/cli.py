@@ -208,7 +208,47 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(flag, dest=field, type=kind, default=None, help=help_text)
   p.add_argument("--config", default=None, help="config file (.py or .json) for the recipe")
   p.set_defaults(handler=_cmd_study_ssft)
+  _add_model_level_studies(studies)
   return parser
+
+
+def _add_model_level_studies(studies) -> None:
+  """Model-level memorization: neural collapse (def. 5), layer rewinding."""
+  p = studies.add_parser("neural-collapse", help="def. 5: distance of flipped examples' penultimate features to their "
+                         "label's test mean, from a run's kept parameters (Nguyen et al. 2023)")
+  p.add_argument("run_dir")
+  p.add_argument("--data-dir", default=None, help="the run's data directory, if it moved")
+  p.add_argument("--out", default=None, help="study directory (default: RUN_DIR/neural_collapse)")
+  p.set_defaults(handler=_cmd_study_neural_collapse)
+
+  p = studies.add_parser("layer-rewind", help="rewind each layer to an earlier epoch; accuracy on flipped-label "
+                         "(or most memorized) vs clean vs test examples (Stephenson 2021, Maini 2023)")
+  p.add_argument("run_dir")
+  p.add_argument("--num-models", type=int, default=8, help="the run's first N models are retrained (default 8)")
+  p.add_argument("--rewind-epochs", type=_ints, default=(0,), help="comma-separated epochs to rewind to (default 0: init)")
+  p.add_argument("--top-fraction", type=float, default=0.05,
+                 help="without label noise: the most memorized fraction is the memorized group (default 0.05)")
+  p.add_argument("--data-dir", default=None, help="the run's data directory, if it moved")
+  p.add_argument("--out", default=None, help="study directory (default: RUN_DIR/layer_rewind)")
+  p.set_defaults(handler=_cmd_study_layer_rewind)
+
+
+def _cmd_study_neural_collapse(args) -> int:
+  from jaxmem.studies.neural_collapse import neural_collapse_study
+  result = neural_collapse_study(args.run_dir, args.out, data_dir=args.data_dir, log=lambda m: print(m, file=sys.stderr))
+  print("\n".join(result.lines))
+  print(f"wrote {result.out / 'nc_scores.csv'}, {result.out / 'neural_collapse.json'}")
+  return 0
+
+
+def _cmd_study_layer_rewind(args) -> int:
+  from jaxmem.studies.layer_rewind import layer_rewind_study
+  result = layer_rewind_study(args.run_dir, args.out, num_models=args.num_models, rewind_epochs=args.rewind_epochs,
+                              top_fraction=args.top_fraction, data_dir=args.data_dir,
+                              log=lambda m: print(m, file=sys.stderr))
+  print("\n".join(result.lines))
+  print(f"wrote {result.out / 'layer_rewind.csv'}, {result.out / 'layer_rewind.png'}")
+  return 0
 
 
 def _cmd_study_ssft(args) -> int:
