@@ -213,7 +213,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_model_level_studies(studies) -> None:
-  """Model-level memorization: neural collapse (def. 5), layer rewinding."""
+  """Model-level memorization: neural collapse (def. 5), layer rewinding, privacy forgetting (def. 11)."""
   p = studies.add_parser("neural-collapse", help="def. 5: distance of flipped examples' penultimate features to their "
                          "label's test mean, from a run's kept parameters (Nguyen et al. 2023)")
   p.add_argument("run_dir")
@@ -232,12 +232,39 @@ def _add_model_level_studies(studies) -> None:
   p.add_argument("--out", default=None, help="study directory (default: RUN_DIR/layer_rewind)")
   p.set_defaults(handler=_cmd_study_layer_rewind)
 
+  p = studies.add_parser("privacy-forgetting", help="def. 11: LiRA on an injected set k epochs after it was last "
+                         "seen, repeated vs single, by memorization (Jagielski et al. 2023)")
+  p.add_argument("run_dir")
+  p.add_argument("--num-models", type=int, default=32, help="models, even (default 32)")
+  p.add_argument("--inject", type=int, default=100, help="injected examples (default 100)")
+  p.add_argument("--repeats", type=int, default=4, help="copies per epoch of the repeated half (default 4)")
+  p.add_argument("--selection", default="random", help="random, or memorized (the run's most memorized)")
+  p.add_argument("--first-epochs", type=int, default=None, help="epochs with the injected set (default: the run's)")
+  p.add_argument("--second-epochs", type=int, default=None, help="epochs without it, k = 1..this (default: the run's)")
+  p.add_argument("--alpha", type=float, default=0.2, help="forgotten: advantage 2*AUC-1 stays below this (default 0.2)")
+  p.add_argument("--quantiles", type=int, default=2, help="memorization quantile groups of the injected set (default 2)")
+  p.add_argument("--data-dir", default=None, help="the run's data directory, if it moved")
+  p.add_argument("--out", default=None, help="study directory (default: RUN_DIR/privacy_forgetting)")
+  p.set_defaults(handler=_cmd_study_privacy_forgetting)
+
 
 def _cmd_study_neural_collapse(args) -> int:
   from jaxmem.studies.neural_collapse import neural_collapse_study
   result = neural_collapse_study(args.run_dir, args.out, data_dir=args.data_dir, log=lambda m: print(m, file=sys.stderr))
   print("\n".join(result.lines))
   print(f"wrote {result.out / 'nc_scores.csv'}, {result.out / 'neural_collapse.json'}")
+  return 0
+
+
+def _cmd_study_privacy_forgetting(args) -> int:
+  from jaxmem.studies.privacy_forgetting import privacy_forgetting_study
+  result = privacy_forgetting_study(
+      args.run_dir, args.out, num_models=args.num_models, inject=args.inject, repeats=args.repeats,
+      selection=args.selection, first_epochs=args.first_epochs, second_epochs=args.second_epochs, alpha=args.alpha,
+      quantiles=args.quantiles, data_dir=args.data_dir, log=lambda m: print(m, file=sys.stderr))
+  print("\n".join(result.lines))
+  print(f"wrote {result.out / 'forgetting_curve.csv'}, {result.out / 'forgetting_examples.csv'}, "
+        f"{result.out / 'privacy_forgetting.png'}")
   return 0
 
 
