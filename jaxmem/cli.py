@@ -213,7 +213,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_model_level_studies(studies) -> None:
-  """Model-level memorization: neural collapse (def. 5), layer rewinding, privacy forgetting (def. 11)."""
+  """Model-level memorization: neural collapse (def. 5), layer rewinding, privacy forgetting (def. 11),
+  benign memorization (def. 4)."""
   p = studies.add_parser("neural-collapse", help="def. 5: distance of flipped examples' penultimate features to their "
                          "label's test mean, from a run's kept parameters (Nguyen et al. 2023)")
   p.add_argument("run_dir")
@@ -247,6 +248,17 @@ def _add_model_level_studies(studies) -> None:
   p.add_argument("--out", default=None, help="study directory (default: RUN_DIR/privacy_forgetting)")
   p.set_defaults(handler=_cmd_study_privacy_forgetting)
 
+  p = studies.add_parser("benign", help="def. 4: kNN probe of each layer on clean labels, init vs trained, for a run with random labels "
+                         "(--label-noise 0.9 on digits), with and without augmentation (Anagnostidis et al. 2023)")
+  p.add_argument("run_dir")
+  p.add_argument("--num-models", type=int, default=8, help="the run's first N models are retrained (default 8)")
+  p.add_argument("--k", type=int, default=20, help="neighbours of the kNN probe (default 20)")
+  p.add_argument("--no-augment-variant", action="store_true",
+                 help="only the run's own augment setting (default: also with augment toggled)")
+  p.add_argument("--data-dir", default=None, help="the run's data directory, if it moved")
+  p.add_argument("--out", default=None, help="study directory (default: RUN_DIR/benign)")
+  p.set_defaults(handler=_cmd_study_benign)
+
 
 def _cmd_study_neural_collapse(args) -> int:
   from jaxmem.studies.neural_collapse import neural_collapse_study
@@ -265,6 +277,16 @@ def _cmd_study_privacy_forgetting(args) -> int:
   print("\n".join(result.lines))
   print(f"wrote {result.out / 'forgetting_curve.csv'}, {result.out / 'forgetting_examples.csv'}, "
         f"{result.out / 'privacy_forgetting.png'}")
+  return 0
+
+
+def _cmd_study_benign(args) -> int:
+  from jaxmem.studies.benign import benign_study
+  result = benign_study(args.run_dir, args.out, num_models=args.num_models, k=args.k,
+                        augment_variants=not args.no_augment_variant, data_dir=args.data_dir,
+                        log=lambda m: print(m, file=sys.stderr))
+  print("\n".join(result.lines))
+  print(f"wrote {result.out / 'benign.csv'}, {result.out / 'benign.png'}")
   return 0
 
 
