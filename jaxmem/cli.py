@@ -214,7 +214,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _add_model_level_studies(studies) -> None:
   """Model-level memorization: neural collapse (def. 5), layer rewinding, privacy forgetting (def. 11),
-  benign memorization (def. 4)."""
+  benign memorization (def. 4), and sweeps over config fields."""
   p = studies.add_parser("neural-collapse", help="def. 5: distance of flipped examples' penultimate features to their "
                          "label's test mean, from a run's kept parameters (Nguyen et al. 2023)")
   p.add_argument("run_dir")
@@ -259,6 +259,18 @@ def _add_model_level_studies(studies) -> None:
   p.add_argument("--out", default=None, help="study directory (default: RUN_DIR/benign)")
   p.set_defaults(handler=_cmd_study_benign)
 
+  p = studies.add_parser("sweep", help="the same run recipe over variants of one or two config fields, compared "
+                         "with intervals (e.g. --vary model_options.hidden_sizes=[64],[256])")
+  p.add_argument("--vary", action="append", required=True, metavar="FIELD=v1,v2",
+                 help="a config field (or model_options.NAME, subset_ratio) and its values; once or twice")
+  p.add_argument("--out", required=True, help="sweep directory (one run directory per variant inside)")
+  p.add_argument("--config", default=None, help="config file (.py or .json) for the base recipe")
+  for field in ("dataset", "data_dir", "model", "num_models", "epochs", "batch_size", "learning_rate", "optimizer",
+                "schedule", "weight_decay", "seed", "label_noise", "chunk_size", "strategy"):
+    flag, kind, help_text = RUN_FLAGS[field]
+    p.add_argument(flag, dest=field, type=kind, default=None, help=help_text)
+  p.set_defaults(handler=_cmd_study_sweep)
+
 
 def _cmd_study_neural_collapse(args) -> int:
   from jaxmem.studies.neural_collapse import neural_collapse_study
@@ -287,6 +299,19 @@ def _cmd_study_benign(args) -> int:
                         log=lambda m: print(m, file=sys.stderr))
   print("\n".join(result.lines))
   print(f"wrote {result.out / 'benign.csv'}, {result.out / 'benign.png'}")
+  return 0
+
+
+def _cmd_study_sweep(args) -> int:
+  from jaxmem.config import RunConfig, load_config_file
+  from jaxmem.studies.sweep import sweep
+  fields = ("dataset", "data_dir", "model", "num_models", "epochs", "batch_size", "learning_rate", "optimizer",
+            "schedule", "weight_decay", "seed", "label_noise", "chunk_size", "strategy")
+  base = load_config_file(args.config) if args.config else RunConfig()
+  base = base.replace(**{f: getattr(args, f) for f in fields if getattr(args, f) is not None}).validate()
+  result = sweep(base, args.vary, args.out, log=lambda m: print(m, file=sys.stderr))
+  print("\n".join(result.lines))
+  print(f"wrote {result.out / 'sweep.csv'}, {result.out / 'sweep.png'}")
   return 0
 
 
