@@ -7,7 +7,7 @@ import jaxmem
 from jaxmem.errors import JaxmemError
 from jaxmem.masks import balanced_masks
 from jaxmem.studies.privacy_forgetting import (exponential_decay_rate, forgetting_curves, forgetting_k_at_alpha,
-                                               privacy_forgetting_study)
+                                               memorization_quantile, privacy_forgetting_study)
 
 
 def test_decay_rate_is_exact_on_a_noiseless_exponential():
@@ -29,6 +29,12 @@ def test_forgetting_k_at_alpha_equals_naive_loop():
         expected = k
         break
     assert got[i] == expected
+
+
+def test_memorization_quantiles_have_equal_sizes_despite_ties():
+  mem = np.array([0, 0, 0, 0, 0, 0, 0.2, 0.9])
+  np.testing.assert_array_equal(memorization_quantile(mem, 2), [0, 0, 0, 0, 1, 1, 1, 1])
+  np.testing.assert_array_equal(memorization_quantile(np.array([0.5, 0.1, 0.9, 0.3]), 4), [2, 0, 3, 1])
 
 
 def test_planted_exponential_forgetting_is_recovered():

@@ -25,7 +25,8 @@ What this driver does, and what differs from the paper:
   with the others as shadows) on the margins of the injected examples after every phase-two epoch;
   AUC and TPR at 0.1% FPR with bootstrap intervals over examples
   (:func:`jaxmem.scores.attack_metrics.bootstrap_attack_metrics`), per group: r = 1, r = 4, and
-  the halves (``quantiles``) of the run's memorization among S. RMIA is not used yet.
+  the ``quantiles`` rank groups of the run's memorization among S (equal sizes, ties by index).
+  RMIA is not used yet.
 * Per example, the attack's advantage at k is 2·AUC_i(k) − 1 over target models
   (:func:`jaxmem.scores.attack_metrics.per_example_auc`), and ``forgetting_k_at_alpha`` is the first
   k from which the advantage stays below α (``second_epochs + 1``: not forgotten by the end).
@@ -106,6 +107,14 @@ def forgetting_k_at_alpha(advantage_KxS: np.ndarray, alpha: float) -> np.ndarray
   # stays_below[k] = below at every k' >= k: a reversed cumulative AND.
   stays_KxS = np.flip(np.logical_and.accumulate(np.flip(below_KxS, 0), axis=0), 0)
   return np.where(stays_KxS.any(0), np.argmax(stays_KxS, axis=0), num_k)
+
+
+def memorization_quantile(mem_S: np.ndarray, quantiles: int) -> np.ndarray:
+  """(S,) quantile group 0..quantiles-1 of each example by rank of memorization (ties in the order
+  of the examples), so that groups have equal sizes even when many values tie (e.g. at 0)."""
+  rank_S = np.empty(len(mem_S), np.int64)
+  rank_S[np.argsort(mem_S, kind="stable")] = np.arange(len(mem_S))
+  return rank_S * quantiles // len(mem_S)
 
 
 def forgetting_curves(margin_MxKxS: np.ndarray, keep_MxS: np.ndarray, groups: dict[str, np.ndarray], *,
@@ -203,8 +212,7 @@ def privacy_forgetting_study(run_dir: str | Path, out: str | Path | None = None,
   groups = {f"r={r}": repeats_S == r for r in sorted(set(repeats_S.tolist()))}
   mem_S = memorization_N[injected_S]
   if np.isfinite(mem_S).all() and quantiles > 1:
-    edges = np.quantile(mem_S, np.linspace(0, 1, quantiles + 1))
-    which = np.clip(np.searchsorted(edges, mem_S, side="right") - 1, 0, quantiles - 1)
+    which = memorization_quantile(mem_S, quantiles)
     groups.update({f"memorization q{q + 1}/{quantiles}": which == q for q in range(quantiles)})
   groups = {name: mask for name, mask in groups.items() if mask.sum() >= 2}
   groups["all"] = np.ones(inject, bool)
