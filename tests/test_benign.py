@@ -14,6 +14,7 @@ def test_verdict_reads_the_interval():
   assert verdict(-0.01, 0.2) == "undecided"
 
 
+@pytest.mark.slow  # two variants x (train + probe every layer); knn == sklearn is in test_knn_probe
 def test_benign_study_tables_every_layer_and_variant(tiny_config, tmp_path):
   config = tiny_config.replace(num_models=3, chunk_size=4, label_noise=0.9, epochs=2,
                                model_options={"hidden_sizes": (16, 8)})

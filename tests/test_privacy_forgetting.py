@@ -62,6 +62,7 @@ def test_planted_exponential_forgetting_is_recovered():
   assert k_alpha[groups["slow"]].mean() > k_alpha[groups["fast"]].mean()
 
 
+@pytest.mark.slow  # trains twice per model on digits; the fixtures above pin the math
 def test_tiny_study_on_digits(tiny_run, tmp_path):
   result = privacy_forgetting_study(tiny_run.run_dir, tmp_path / "pf",
                                     num_models=6, inject=20, first_epochs=2, second_epochs=2, log=lambda m: None)
