@@ -25,6 +25,13 @@ def _ratios(text: str) -> tuple[float, ...]:
     raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
 
 
+def _epoch_list(text: str) -> tuple[int, ...]:
+  try:
+    return tuple(int(t) for t in text.split(",") if t.strip())
+  except ValueError:
+    raise argparse.ArgumentTypeError(f"expected comma-separated epochs, got {text!r}") from None
+
+
 # CLI flag -> RunConfig field. Flags default to None so that only given flags override a --config.
 RUN_FLAGS = {
     "dataset": ("--dataset", str, "digits, synthetic, tfds:NAME or a .npz file"),
@@ -47,6 +54,8 @@ RUN_FLAGS = {
     "score_epoch": ("--score-epoch", int, "record EL2N and GraNd after this many epochs (0: at initialization)"),
     "checkpoint_every": ("--checkpoint-every", int, "save the chunk in progress every K epochs (0: only on SIGTERM/SIGINT)"),
     "keep_params": ("--keep-params", str, "keep final parameters of none, all or the first N models"),
+    "keep_params_epochs": ("--keep-params-epochs", _epoch_list,
+                           "also keep those models' parameters after these epochs, e.g. 0,10 (0: initialization)"),
     "target_se": ("--target-se", float, "stop adding chunks once the median memorization standard error is below this"),
 }
 

@@ -17,7 +17,8 @@ from typing import Any
 from jaxmem.errors import JaxmemError
 
 #: Fields that do not change results (up to float tolerance): allowed to differ on resume.
-EXECUTION_FIELDS = frozenset({"strategy", "data_dir", "checkpoint_every", "keep_params", "target_se"})
+EXECUTION_FIELDS = frozenset({"strategy", "data_dir", "checkpoint_every", "keep_params", "keep_params_epochs",
+                              "target_se"})
 
 OPTIMIZERS = ("adam", "sgd")
 SCHEDULES = ("constant", "cosine", "warmup_cosine", "linear")
@@ -75,10 +76,14 @@ class RunConfig:
   # SIGINT); keep final parameters of "none", "all" or the first N model ids (a string, e.g. "8").
   checkpoint_every: int = 10
   keep_params: str = "none"
+  # Also keep the parameters of those models after these epochs (0: at initialization), e.g. for
+  # layer rewinding; the final epoch's are the kept parameters themselves.
+  keep_params_epochs: tuple[int, ...] = ()
 
   def __post_init__(self):
     # Normalize containers so that configs from JSON (lists) and from code (tuples) compare equal.
     object.__setattr__(self, "subset_ratios", tuple(float(r) for r in self.subset_ratios))
+    object.__setattr__(self, "keep_params_epochs", tuple(self.keep_params_epochs))
     object.__setattr__(self, "model_options", dict(self.model_options))
 
   def replace(self, **changes) -> "RunConfig":
@@ -87,6 +92,7 @@ class RunConfig:
   def to_dict(self) -> dict[str, Any]:
     d = dataclasses.asdict(self)
     d["subset_ratios"] = list(self.subset_ratios)
+    d["keep_params_epochs"] = list(self.keep_params_epochs)
     return d
 
   def identity(self) -> dict[str, Any]:
@@ -150,6 +156,11 @@ class RunConfig:
            f"checkpoint_every must be an integer >= 0 (epochs; 0: only on a signal), got {self.checkpoint_every!r}")
     _check(str(self.keep_params) in ("none", "all") or str(self.keep_params).isdigit(),
            f"keep_params must be 'none', 'all' or a number of models, got {self.keep_params!r}")
+    _check(all(isinstance(e, int) and 0 <= e < self.epochs for e in self.keep_params_epochs),
+           f"keep_params_epochs must be epochs in 0..{self.epochs - 1} (the final parameters are kept by "
+           f"keep_params), got {list(self.keep_params_epochs)}")
+    _check(not self.keep_params_epochs or str(self.keep_params) != "none",
+           "keep_params_epochs needs keep_params (all or a number of models) to say whose parameters to keep")
     return self
 
 

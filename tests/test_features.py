@@ -66,3 +66,26 @@ def test_on_params_gives_every_epoch_and_the_final_parameters(tiny_config):
   predicted = features.logits(model, jax.tree.map(lambda x: x[:2], seen[3]), x_train).argmax(-1)
   records = engine.train_chunk([0, 1], keep)
   np.testing.assert_array_equal(predicted == dataset.y_train[None], records["train_correct"])
+
+
+def test_keep_params_epochs_saves_the_parameters_after_those_epochs(tiny_config, tmp_path):
+  import jaxmem
+  from jaxmem.store import RunDir, load_model_params
+  config = tiny_config.replace(num_models=2, chunk_size=2, epochs=3, keep_params="2", keep_params_epochs=(0, 1))
+  run = jaxmem.run(config, tmp_path / "run", progress=False, log=lambda m: None).run_dir
+  dataset = load_dataset("digits")
+  seen = {}
+  keep = RunDir.open(run).read_design()["keep"]
+  Engine(dataset, config).train_chunk([0, 1], keep, epochs_per_call=1,
+                                      on_params=lambda e, p: seen.setdefault(e, jax.device_get(p)))
+  for epoch in (0, 1, None):
+    for m in (0, 1):
+      stored = load_model_params(run, m, epoch=epoch)
+      expected = jax.tree.map(lambda x: np.asarray(x[m]), seen[3 if epoch is None else epoch])
+      jax.tree.map(np.testing.assert_array_equal, stored, expected)
+  with pytest.raises(JaxmemError, match="model 0 after epoch 2 were not kept"):
+    load_model_params(run, 0, epoch=2)
+  with pytest.raises(JaxmemError, match="keep_params_epochs must be epochs in 0..2"):
+    config.replace(keep_params_epochs=(3,)).validate()
+  with pytest.raises(JaxmemError, match="keep_params_epochs needs keep_params"):
+    config.replace(keep_params="none").validate()

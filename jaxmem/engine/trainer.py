@@ -213,7 +213,8 @@ class Engine:
                   on_progress: Callable[[int], None] | None = None,
                   init_params: Any | None = None, checkpoint: Any | None = None,
                   should_stop: Callable[[], bool] | None = None,
-                  on_params: Callable[[int, Any], None] | None = None) -> dict[str, np.ndarray]:
+                  on_params: Callable[[int, Any], None] | None = None,
+                  stops: Sequence[int] = ()) -> dict[str, np.ndarray]:
     """Train and evaluate the given models; returns records with a leading model axis.
 
     ``checkpoint`` (a :class:`jaxmem.store.ChunkCheckpoint`): training continues from its latest
@@ -230,6 +231,7 @@ class Engine:
     after every host call (``epochs_per_call=1``: every epoch) with the chunk's parameters (leading
     axis: the padded chunk; slice ``[:K]``), for studies that need parameters at chosen epochs. The arrays are donated to
     the next training call: the callback must copy what it keeps (``jax.device_get``) before returning.
+    ``stops``: extra host-call boundaries (epochs), e.g. where ``on_params`` must see the parameters.
 
     ``init_params`` (optional): per-model parameters to start from instead of initializing (leading
     axis: the K models, or K padded to the device count, e.g. ``last_state.params`` of an earlier
@@ -269,7 +271,7 @@ class Engine:
     self.resumed_from_epoch = done
     if on_params is not None:
       on_params(done, state.params)
-    for first, stop in _call_ranges(epochs, per_call, score_epoch):
+    for first, stop in _call_ranges(epochs, per_call, score_epoch, stops):
       if stop <= done:
         continue
       epoch_ids = jnp.arange(max(first, done), stop, dtype=jnp.int32)
@@ -329,10 +331,11 @@ def _concat_epochs(outputs: list[dict[str, Any]]) -> dict[str, np.ndarray]:
   return {name: np.concatenate([np.asarray(o[name]) for o in outputs], axis=1) for name in outputs[0]}
 
 
-def _call_ranges(epochs: int, per_call: int, score_epoch: int | None) -> list[tuple[int, int]]:
+def _call_ranges(epochs: int, per_call: int, score_epoch: int | None,
+                 extra_stops: Sequence[int] = ()) -> list[tuple[int, int]]:
   """Epoch ranges [first, stop) of the host calls: every ``per_call`` epochs, and a boundary at
-  ``score_epoch`` so EL2N/GraNd see the model after exactly that many epochs."""
-  stops = set(range(per_call, epochs, per_call)) | {epochs}
+  ``score_epoch`` so EL2N/GraNd see the model after exactly that many epochs (and at ``extra_stops``)."""
+  stops = set(range(per_call, epochs, per_call)) | {epochs} | {e for e in extra_stops if 0 < e < epochs}
   if score_epoch is not None and 0 < score_epoch < epochs:
     stops.add(score_epoch)
   stops = sorted(stops)
