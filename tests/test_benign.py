@@ -1,6 +1,5 @@
 """Benign-memorization study (def. 4) on a tiny random-label digits run."""
 
-import numpy as np
 import pytest
 
 import jaxmem

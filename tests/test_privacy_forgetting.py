@@ -3,7 +3,6 @@
 import numpy as np
 import pytest
 
-import jaxmem
 from jaxmem.errors import JaxmemError
 from jaxmem.masks import balanced_masks
 from jaxmem.studies.privacy_forgetting import (exponential_decay_rate, forgetting_curves, forgetting_k_at_alpha,
