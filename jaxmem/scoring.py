@@ -23,7 +23,7 @@ from jaxmem.records import Records, RunDir, write_bytes_atomic, write_json_atomi
 SCORES_CSV = "scores.csv"
 #: Columns that studies merge into a run's scores.csv (``jaxmem study ssft --run``): they come from
 #: training the study ran, not from the run's records, so rescoring carries them over.
-STUDY_COLUMNS = ("fslt", "fslt_se", "ssft", "ssft_se")
+STUDY_COLUMNS = ("fslt", "fslt_se", "ssft", "ssft_se", "nc_distance", "nc_distance_se")
 
 
 @dataclasses.dataclass

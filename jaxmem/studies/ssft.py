@@ -183,11 +183,11 @@ def merge_into_run(run_dir: str | Path, columns: dict[str, np.ndarray], *, datas
   if not path.is_file():
     raise JaxmemError(f"run directory {str(run.path)!r} has no {SCORES_CSV} yet; run `jaxmem scores {run.path}` first")
   table = read_scores_csv(path)
-  table.update({name: columns[name] for name in STUDY_COLUMNS})
+  table.update({name: columns[name] for name in STUDY_COLUMNS if name in columns})
   write_bytes_atomic(path, table_to_csv(table))
   correlations = correlation_table(table, np.asarray(table["noisy"], dtype=bool))
   write_correlations(run.path / "correlations.csv", correlations)
-  return [f"merged {', '.join(STUDY_COLUMNS)} into {path}; rewrote {run.path / 'correlations.csv'}",
+  return [f"merged {', '.join(n for n in STUDY_COLUMNS if n in columns)} into {path}; rewrote {run.path / 'correlations.csv'}",
           *summary_lines(correlations)]
 
 
