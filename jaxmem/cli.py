@@ -28,6 +28,13 @@ def _ratios(text: str) -> tuple[float, ...]:
     raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
 
 
+def _epoch_list(text: str) -> tuple[int, ...]:
+  try:
+    return tuple(int(t) for t in text.split(",") if t.strip())
+  except ValueError:
+    raise argparse.ArgumentTypeError(f"expected comma-separated epochs, got {text!r}") from None
+
+
 # CLI flag -> RunConfig field. Flags default to None so that only given flags override a --config.
 RUN_FLAGS = {
     "dataset": ("--dataset", str, "digits, synthetic, canaries (text), tfds:NAME, a .npz or a .txt file"),
@@ -50,6 +57,8 @@ RUN_FLAGS = {
     "score_epoch": ("--score-epoch", int, "record EL2N and GraNd after this many epochs (0: at initialization)"),
     "checkpoint_every": ("--checkpoint-every", int, "save the chunk in progress every K epochs (0: only on SIGTERM/SIGINT)"),
     "keep_params": ("--keep-params", str, "keep final parameters of none, all or the first N models"),
+    "keep_params_epochs": ("--keep-params-epochs", _epoch_list,
+                           "also keep those models' parameters after these epochs, e.g. 0,10 (0: initialization)"),
     "target_se": ("--target-se", float, "stop adding chunks once the median memorization standard error is below this"),
     "device_memory_gib": ("--device-memory-gib", float, "memory per device in GiB for sizing strategies and evaluation batches (default: what the device reports; CPUs report none)"),
 }
@@ -300,6 +309,7 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--data-dir", default=None, help="TFDS data directory (default: the run's)")
   p.add_argument("--out", default=None, help="study directory (default: RUN_DIR/proxies)")
   p.set_defaults(handler=_cmd_study_proxies)
+  _add_model_level_studies(studies)
   return parser
 
 
@@ -330,6 +340,119 @@ def _cmd_study_secret_sharer(args) -> int:
   result = secret_sharer(args.run_dir, args.out, log=lambda m: print(m, file=sys.stderr))
   print("\n".join(result.lines))
   print(f"wrote {result.out}/exposure_vs_copies.csv, memorization_vs_copies.csv, their .png plots and secret_sharer.json")
+  return 0
+
+
+def _add_model_level_studies(studies) -> None:
+  """Model-level memorization: neural collapse (def. 5), layer rewinding, privacy forgetting (def. 11),
+  benign memorization (def. 4), and sweeps over config fields."""
+  p = studies.add_parser("neural-collapse", help="def. 5: distance of flipped examples' penultimate features to their "
+                         "label's test mean, from a run's kept parameters (Nguyen et al. 2023)")
+  p.add_argument("run_dir")
+  p.add_argument("--data-dir", default=None, help="the run's data directory, if it moved")
+  p.add_argument("--out", default=None, help="study directory (default: RUN_DIR/neural_collapse)")
+  p.set_defaults(handler=_cmd_study_neural_collapse)
+
+  p = studies.add_parser("layer-rewind", help="rewind each layer to an earlier epoch; accuracy on flipped-label "
+                         "(or most memorized) vs clean vs test examples (Stephenson 2021, Maini 2023)")
+  p.add_argument("run_dir")
+  p.add_argument("--num-models", type=int, default=8, help="the run's first N models are retrained (default 8)")
+  p.add_argument("--rewind-epochs", type=_ints, default=(0,), help="comma-separated epochs to rewind to (default 0: init)")
+  p.add_argument("--top-fraction", type=float, default=0.05,
+                 help="without label noise: the most memorized fraction is the memorized group (default 0.05)")
+  p.add_argument("--data-dir", default=None, help="the run's data directory, if it moved")
+  p.add_argument("--out", default=None, help="study directory (default: RUN_DIR/layer_rewind)")
+  p.set_defaults(handler=_cmd_study_layer_rewind)
+
+  p = studies.add_parser("privacy-forgetting", help="def. 11: LiRA on an injected set k epochs after it was last "
+                         "seen, repeated vs single, by memorization (Jagielski et al. 2023)")
+  p.add_argument("run_dir")
+  p.add_argument("--num-models", type=int, default=32, help="models, even (default 32)")
+  p.add_argument("--inject", type=int, default=100, help="injected examples (default 100)")
+  p.add_argument("--repeats", type=int, default=4, help="copies per epoch of the repeated half (default 4)")
+  p.add_argument("--selection", default="random", help="random, or memorized (the run's most memorized)")
+  p.add_argument("--first-epochs", type=int, default=None, help="epochs with the injected set (default: the run's)")
+  p.add_argument("--second-epochs", type=int, default=None, help="epochs without it, k = 1..this (default: the run's)")
+  p.add_argument("--alpha", type=float, default=0.2, help="forgotten: advantage 2*AUC-1 stays below this (default 0.2)")
+  p.add_argument("--quantiles", type=int, default=2, help="memorization quantile groups of the injected set (default 2)")
+  p.add_argument("--data-dir", default=None, help="the run's data directory, if it moved")
+  p.add_argument("--out", default=None, help="study directory (default: RUN_DIR/privacy_forgetting)")
+  p.set_defaults(handler=_cmd_study_privacy_forgetting)
+
+  p = studies.add_parser("benign", help="def. 4: kNN probe of each layer on clean labels, init vs trained, for a run with random labels "
+                         "(--label-noise 0.9 on digits), with and without augmentation (Anagnostidis et al. 2023)")
+  p.add_argument("run_dir")
+  p.add_argument("--num-models", type=int, default=8, help="the run's first N models are retrained (default 8)")
+  p.add_argument("--k", type=int, default=20, help="neighbours of the kNN probe (default 20)")
+  p.add_argument("--no-augment-variant", action="store_true",
+                 help="only the run's own augment setting (default: also with augment toggled)")
+  p.add_argument("--data-dir", default=None, help="the run's data directory, if it moved")
+  p.add_argument("--out", default=None, help="study directory (default: RUN_DIR/benign)")
+  p.set_defaults(handler=_cmd_study_benign)
+
+  p = studies.add_parser("sweep", help="the same run recipe over variants of one or two config fields, compared "
+                         "with intervals (e.g. --vary model_options.hidden_sizes=[64],[256])")
+  p.add_argument("--vary", action="append", required=True, metavar="FIELD=v1,v2",
+                 help="a config field (or model_options.NAME, subset_ratio) and its values; once or twice")
+  p.add_argument("--out", required=True, help="sweep directory (one run directory per variant inside)")
+  p.add_argument("--config", default=None, help="config file (.py or .json) for the base recipe")
+  for field in ("dataset", "data_dir", "model", "num_models", "epochs", "batch_size", "learning_rate", "optimizer",
+                "schedule", "weight_decay", "seed", "label_noise", "chunk_size", "strategy"):
+    flag, kind, help_text = RUN_FLAGS[field]
+    p.add_argument(flag, dest=field, type=kind, default=None, help=help_text)
+  p.set_defaults(handler=_cmd_study_sweep)
+
+
+def _cmd_study_neural_collapse(args) -> int:
+  from jaxmem.studies.neural_collapse import neural_collapse_study
+  result = neural_collapse_study(args.run_dir, args.out, data_dir=args.data_dir, log=lambda m: print(m, file=sys.stderr))
+  print("\n".join(result.lines))
+  print(f"wrote {result.out / 'nc_scores.csv'}, {result.out / 'neural_collapse.json'}")
+  return 0
+
+
+def _cmd_study_privacy_forgetting(args) -> int:
+  from jaxmem.studies.privacy_forgetting import privacy_forgetting_study
+  result = privacy_forgetting_study(
+      args.run_dir, args.out, num_models=args.num_models, inject=args.inject, repeats=args.repeats,
+      selection=args.selection, first_epochs=args.first_epochs, second_epochs=args.second_epochs, alpha=args.alpha,
+      quantiles=args.quantiles, data_dir=args.data_dir, log=lambda m: print(m, file=sys.stderr))
+  print("\n".join(result.lines))
+  print(f"wrote {result.out / 'forgetting_curve.csv'}, {result.out / 'forgetting_examples.csv'}, "
+        f"{result.out / 'privacy_forgetting.png'}")
+  return 0
+
+
+def _cmd_study_benign(args) -> int:
+  from jaxmem.studies.benign import benign_study
+  result = benign_study(args.run_dir, args.out, num_models=args.num_models, k=args.k,
+                        augment_variants=not args.no_augment_variant, data_dir=args.data_dir,
+                        log=lambda m: print(m, file=sys.stderr))
+  print("\n".join(result.lines))
+  print(f"wrote {result.out / 'benign.csv'}, {result.out / 'benign.png'}")
+  return 0
+
+
+def _cmd_study_sweep(args) -> int:
+  from jaxmem.config import RunConfig, load_config_file
+  from jaxmem.studies.sweep import sweep
+  fields = ("dataset", "data_dir", "model", "num_models", "epochs", "batch_size", "learning_rate", "optimizer",
+            "schedule", "weight_decay", "seed", "label_noise", "chunk_size", "strategy")
+  base = load_config_file(args.config) if args.config else RunConfig()
+  base = base.replace(**{f: getattr(args, f) for f in fields if getattr(args, f) is not None}).validate()
+  result = sweep(base, args.vary, args.out, log=lambda m: print(m, file=sys.stderr))
+  print("\n".join(result.lines))
+  print(f"wrote {result.out / 'sweep.csv'}, {result.out / 'sweep.png'}")
+  return 0
+
+
+def _cmd_study_layer_rewind(args) -> int:
+  from jaxmem.studies.layer_rewind import layer_rewind_study
+  result = layer_rewind_study(args.run_dir, args.out, num_models=args.num_models, rewind_epochs=args.rewind_epochs,
+                              top_fraction=args.top_fraction, data_dir=args.data_dir,
+                              log=lambda m: print(m, file=sys.stderr))
+  print("\n".join(result.lines))
+  print(f"wrote {result.out / 'layer_rewind.csv'}, {result.out / 'layer_rewind.png'}")
   return 0
 
 

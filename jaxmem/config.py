@@ -18,8 +18,8 @@ from typing import Any
 from jaxmem.errors import JaxmemError
 
 #: Fields that do not change results (up to float tolerance): allowed to differ on resume.
-EXECUTION_FIELDS = frozenset({"strategy", "data_dir", "checkpoint_every", "keep_params", "target_se",
-                              "device_memory_gib"})
+EXECUTION_FIELDS = frozenset({"strategy", "data_dir", "checkpoint_every", "keep_params", "keep_params_epochs",
+                              "target_se", "device_memory_gib"})
 #: Fields that say how far a run goes, not what each model is: model m depends only on (seed, m)
 #: (its mask row and its key), so a run directory may be rerun with a larger ``num_models`` to add
 #: models (never a smaller one; see :func:`jaxmem.run.run`).
@@ -85,6 +85,9 @@ class RunConfig:
   # it (CPUs); None: the device's own limit where it reports one. With a known memory, ``auto``
   # keeps only strategies whose training and evaluation fit, and evaluation batches shrink to fit.
   device_memory_gib: float | None = None
+  # Also keep the parameters of those models after these epochs (0: at initialization), e.g. for
+  # layer rewinding; the final epoch's are the kept parameters themselves.
+  keep_params_epochs: tuple[int, ...] = ()
 
   def __post_init__(self):
     # Normalize containers so that configs from JSON (lists) and from code (tuples) compare equal.
@@ -92,6 +95,8 @@ class RunConfig:
     ratios = self.subset_ratios
     if isinstance(ratios, (list, tuple)) and all(_is_number(r) for r in ratios):
       object.__setattr__(self, "subset_ratios", tuple(float(r) for r in ratios))
+    if isinstance(self.keep_params_epochs, (list, tuple)):
+      object.__setattr__(self, "keep_params_epochs", tuple(self.keep_params_epochs))
     if isinstance(self.model_options, dict):
       object.__setattr__(self, "model_options", dict(self.model_options))
 
@@ -101,6 +106,7 @@ class RunConfig:
   def to_dict(self) -> dict[str, Any]:
     d = dataclasses.asdict(self)
     d["subset_ratios"] = list(self.subset_ratios)
+    d["keep_params_epochs"] = list(self.keep_params_epochs)
     return d
 
   def identity(self) -> dict[str, Any]:
@@ -171,6 +177,11 @@ class RunConfig:
     _check(self.device_memory_gib is None or (isinstance(self.device_memory_gib, (int, float))
                                               and 0 < self.device_memory_gib < math.inf),
            f"device_memory_gib must be a positive number of GiB, got {self.device_memory_gib!r}")
+    _check(all(isinstance(e, int) and 0 <= e < self.epochs for e in self.keep_params_epochs),
+           f"keep_params_epochs must be epochs in 0..{self.epochs - 1} (the final parameters are kept by "
+           f"keep_params), got {list(self.keep_params_epochs)}")
+    _check(not self.keep_params_epochs or str(self.keep_params) != "none",
+           "keep_params_epochs needs keep_params (all or a number of models) to say whose parameters to keep")
     return self
 
   def _check_kinds(self) -> None:
@@ -185,6 +196,9 @@ class RunConfig:
         ok, wanted = isinstance(value, tuple) and all(_is_number(r) for r in value), "a list of numbers"
       elif name == "model_options":
         ok, wanted = isinstance(value, dict), "a dict of model options"
+      elif name == "keep_params_epochs":
+        ok, wanted = isinstance(value, tuple) and all(isinstance(e, int) and not isinstance(e, bool) for e in value), (
+            "a list of epochs")
       elif name == "keep_params":
         ok, wanted = isinstance(value, (str, int)) and not isinstance(value, bool), "'none', 'all' or a number of models"
       elif name in optional and value is None:

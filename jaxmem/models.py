@@ -42,8 +42,10 @@ class MLP(nn.Module):
   @nn.compact
   def __call__(self, x_BxD: jnp.ndarray) -> jnp.ndarray:
     x = x_BxD.reshape((x_BxD.shape[0], -1))
-    for width in self.hidden_sizes:
+    for i, width in enumerate(self.hidden_sizes):
       x = nn.relu(nn.Dense(width, dtype=self.dtype)(x))
+      # Named embeddings for jaxmem.features; a no-op unless "intermediates" is mutable.
+      self.sow("intermediates", f"hidden_{i}", x)
     return nn.Dense(self.num_classes, dtype=self.dtype)(x).astype(jnp.float32)
 
 
@@ -110,7 +112,9 @@ class CNN(nn.Module):
       x = nn.relu(make_conv(width, 2 * b + 1)(x))
       if x.shape[1] > 1 and x.shape[2] > 1:
         x = nn.max_pool(x, (2, 2), strides=(2, 2))
+      self.sow("intermediates", f"block_{b}", x)  # embeddings for jaxmem.features (no-op otherwise)
     x = x.mean(axis=(1, 2))
+    self.sow("intermediates", "pooled", x)
     return nn.Dense(self.num_classes, dtype=self.dtype)(x).astype(jnp.float32)
 
 

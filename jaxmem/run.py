@@ -454,11 +454,21 @@ def _train_chunks(engine, run_dir: RunDir, chunks, todo, keep_MxN, *, progress: 
         bar.update(target - credited[0])
         credited[0] = target
 
+      kept = [k for k, m in enumerate(ids) if m in keep_ids]
+      param_epochs = set(engine.config.keep_params_epochs) if kept else set()
+
+      def on_params(epoch: int, params_K, ids=ids, kept=kept, c=c):
+        if epoch in param_epochs:  # parameters after an earlier epoch (--keep-params-epochs)
+          import jax
+          save_params(run_dir, c, np.asarray(ids)[kept], jax.tree.map(lambda x: x[np.asarray(kept)], params_K),
+                      epoch=epoch)
+
       with ChunkCheckpoint(run_dir, c, engine.config.checkpoint_every, log=engine.log) as checkpoint:
         append_event(run_dir, event="chunk_start", chunk=c, from_epoch=checkpoint.latest_epoch() or 0)
         try:
           records = engine.train_chunk(ids, keep_MxN[ids], epochs_per_call=per_call, on_progress=on_progress,
-                                       checkpoint=checkpoint, should_stop=should_stop)
+                                       checkpoint=checkpoint, should_stop=should_stop,
+                                       on_params=on_params if param_epochs else None, stops=sorted(param_epochs))
         except TrainingStopped as stopped:
           append_event(run_dir, event="interrupted", chunk=c, epoch=stopped.epochs_done)
           name = getattr(should_stop, "signal_name", None) or "a stop request"
@@ -466,7 +476,6 @@ def _train_chunks(engine, run_dir: RunDir, chunks, todo, keep_MxN, *, progress: 
           raise RunInterrupted(
               f"interrupted by {name}: chunk {c} saved after epoch {stopped.epochs_done} of {epochs}, "
               "finished chunks are intact", exit_code=128 + int(signum)) from None
-        kept = [k for k, m in enumerate(ids) if m in keep_ids]
         if kept:  # before the records: a chunk is complete only with its parameters
           import jax
           save_params(run_dir, c, np.asarray(ids)[kept],

@@ -415,7 +415,9 @@ class Engine:
                   epochs_per_call: int | None = None,
                   on_progress: Callable[[int], None] | None = None,
                   init_params: Any | None = None, checkpoint: Any | None = None,
-                  should_stop: Callable[[], bool] | None = None) -> dict[str, np.ndarray]:
+                  should_stop: Callable[[], bool] | None = None,
+                  on_params: Callable[[int, Any], None] | None = None,
+                  stops: Sequence[int] = ()) -> dict[str, np.ndarray]:
     """Train and evaluate the given models; returns records with a leading model axis.
 
     ``checkpoint`` (a :class:`jaxmem.records.ChunkCheckpoint`): training continues from its latest
@@ -427,6 +429,12 @@ class Engine:
 
     ``epochs_per_call`` splits training into host calls (for progress and checkpoints); it does not
     change results, because each epoch's randomness is keyed by its epoch index.
+
+    ``on_params(epochs_done, params_K)`` (optional) is called with the initial parameters (0) and
+    after every host call (``epochs_per_call=1``: every epoch) with the chunk's parameters (leading
+    axis: the padded chunk; slice ``[:K]``), for studies that need parameters at chosen epochs. The arrays are donated to
+    the next training call: the callback must copy what it keeps (``jax.device_get``) before returning.
+    ``stops``: extra host-call boundaries (epochs), e.g. where ``on_params`` must see the parameters.
 
     ``init_params`` (optional): per-model parameters to start from instead of initializing (leading
     axis: the K models, or K padded to the device count, e.g. ``last_state.params`` of an earlier
@@ -464,7 +472,9 @@ class Engine:
       if on_progress is not None:
         on_progress(done)
     self.resumed_from_epoch = done
-    for first, stop in _call_ranges(epochs, per_call, score_epoch):
+    if on_params is not None:
+      on_params(done, state.params)
+    for first, stop in _call_ranges(epochs, per_call, score_epoch, stops):
       if stop <= done:
         continue
       epoch_ids = epoch_segment(max(first, done), stop, per_call)
@@ -472,6 +482,8 @@ class Engine:
       # Only the segment's real epochs (padding epochs output zeros).
       per_epoch_K = {name: np.asarray(value)[:, : stop - max(first, done)] for name, value in per_epoch_K.items()}
       outputs.append(per_epoch_K)
+      if on_params is not None:
+        on_params(stop, state.params)
       if stop == score_epoch:
         early = programs.early_scores(state.params, self.data)
       if on_progress is not None:
@@ -548,10 +560,11 @@ def _concat_epochs(outputs: list[dict[str, Any]]) -> dict[str, np.ndarray]:
   return {name: np.concatenate([np.asarray(o[name]) for o in outputs], axis=1) for name in outputs[0]}
 
 
-def _call_ranges(epochs: int, per_call: int, score_epoch: int | None) -> list[tuple[int, int]]:
+def _call_ranges(epochs: int, per_call: int, score_epoch: int | None,
+                 extra_stops: Sequence[int] = ()) -> list[tuple[int, int]]:
   """Epoch ranges [first, stop) of the host calls: every ``per_call`` epochs, and a boundary at
-  ``score_epoch`` so EL2N/GraNd see the model after exactly that many epochs."""
-  stops = set(range(per_call, epochs, per_call)) | {epochs}
+  ``score_epoch`` so EL2N/GraNd see the model after exactly that many epochs (and at ``extra_stops``)."""
+  stops = set(range(per_call, epochs, per_call)) | {epochs} | {e for e in extra_stops if 0 < e < epochs}
   if score_epoch is not None and 0 < score_epoch < epochs:
     stops.add(score_epoch)
   stops = sorted(stops)

@@ -154,10 +154,16 @@ class ChunkCheckpoint:
     shutil.rmtree(self.path, ignore_errors=True)
 
 
-def save_params(run_dir: RunDir, index: int, model_ids: np.ndarray, params_K: Any) -> None:
-  """Saves the final parameters of some models of chunk ``index`` (leading axis: those models),
-  one storage chunk per model, then a JSON of their ids (its presence means complete)."""
-  path = run_dir.path / PARAMS / f"chunk_{index:05d}"
+def _params_dir(run_dir: RunDir, epoch: int | None) -> Path:
+  """Final parameters in ``params/``; those after epoch e (``keep_params_epochs``) in ``params/epoch_EEEEE/``."""
+  return run_dir.path / PARAMS if epoch is None else run_dir.path / PARAMS / f"epoch_{epoch:05d}"
+
+
+def save_params(run_dir: RunDir, index: int, model_ids: np.ndarray, params_K: Any, *, epoch: int | None = None) -> None:
+  """Saves the final parameters (or those after ``epoch``) of some models of chunk ``index``
+  (leading axis: those models), one storage chunk per model, then a JSON of their ids (its
+  presence means complete)."""
+  path = _params_dir(run_dir, epoch) / f"chunk_{index:05d}"
   meta = path.with_suffix(".json")
   try:
     meta.unlink(missing_ok=True)
@@ -180,29 +186,33 @@ def save_params(run_dir: RunDir, index: int, model_ids: np.ndarray, params_K: An
                            "use_zarr3": bool(metadata.use_zarr3), "written": utc_now()})
 
 
-def kept_param_models(run_dir: RunDir) -> dict[int, tuple[int, int]]:
-  """model id -> (chunk index, row) for every model whose final parameters were kept."""
+def kept_param_models(run_dir: RunDir, *, epoch: int | None = None) -> dict[int, tuple[int, int]]:
+  """model id -> (chunk index, row) for every model whose final parameters (or those after
+  ``epoch``) were kept."""
   out = {}
-  for meta in sorted((run_dir.path / PARAMS).glob("chunk_*.json")):
+  for meta in sorted(_params_dir(run_dir, epoch).glob("chunk_*.json")):
     ids = json.loads(meta.read_text())["model_ids"]
     chunk = int(meta.stem.split("_")[1])
     out.update({int(m): (chunk, row) for row, m in enumerate(ids)})
   return out
 
 
-def load_model_params(run_dir: str | Path, model_id: int) -> Any:
-  """The final parameters of one model (a pytree of numpy arrays), reading only that model's
+def load_model_params(run_dir: str | Path, model_id: int, *, epoch: int | None = None) -> Any:
+  """The final parameters (or those after ``epoch``) of one model (a pytree of numpy arrays), reading only that model's
   storage chunks: each array is opened with tensorstore through orbax's read spec and sliced at
   the model's row, instead of restoring the chunk's stacked arrays."""
   run = RunDir.open(run_dir)
-  where = kept_param_models(run)
+  where = kept_param_models(run, epoch=epoch)
   if model_id not in where:
     kept = sorted(where)
-    shown = f"{kept[:10]}{' ...' if len(kept) > 10 else ''}" if kept else "none (run with --keep-params)"
-    raise JaxmemError(f"parameters of model {model_id} were not kept in {str(run.path)!r}; kept: {shown}")
+    shown = f"{kept[:10]}{' ...' if len(kept) > 10 else ''}" if kept else (
+        "none (run with --keep-params)" if epoch is None else "none (run with --keep-params and --keep-params-epochs)")
+    when = "" if epoch is None else f" after epoch {epoch}"
+    raise JaxmemError(f"parameters of model {model_id}{when} were not kept in {str(run.path)!r}; kept: {shown}")
   chunk, row = where[model_id]
-  path = epath.Path((run.path / PARAMS / f"chunk_{chunk:05d}").absolute())
-  meta = json.loads((run.path / PARAMS / f"chunk_{chunk:05d}.json").read_text())
+  base = _params_dir(run, epoch)
+  path = epath.Path((base / f"chunk_{chunk:05d}").absolute())
+  meta = json.loads((base / f"chunk_{chunk:05d}.json").read_text())
   context = ocp.type_handlers.get_ts_context(use_ocdbt=True)
   database = None  # one OCDBT key-value store for all arrays: its B-tree index is read once
   params: dict[str, Any] = {}

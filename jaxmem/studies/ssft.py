@@ -184,10 +184,10 @@ def merge_into_run(run_dir: str | Path, columns: dict[str, np.ndarray], *, datas
     raise JaxmemError(f"run directory {str(run.path)!r} was made on other data (dataset fingerprint differs); "
                       "run the study with the run's dataset, label noise and seed")
   n = len(columns["fslt"])
-  path = write_study_table(run.path, "ssft", {"index": np.arange(n), **{name: columns[name] for name in SSFT_COLUMNS}})
+  path = write_study_table(run.path, "ssft", {"index": np.arange(n), **{name: columns[name] for name in SSFT_COLUMNS if name in columns}})
   joined = read_scores_csv(run.path / SCORES_CSV)
   correlations = correlation_table(joined, np.asarray(joined["noisy"], dtype=bool))
-  lines = [f"stored {', '.join(SSFT_COLUMNS)} as {path}; {run.path / SCORES_CSV} and {run.path / 'correlations.csv'} "
+  lines = [f"stored {', '.join(n for n in SSFT_COLUMNS if n in columns)} as {path}; {run.path / SCORES_CSV} and {run.path / 'correlations.csv'} "
            "include them"]
   if "memorization" in correlations["names"] and len(correlations["names"]) > 1:
     a = correlations["names"].index("memorization")

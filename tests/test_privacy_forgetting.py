@@ -1,0 +1,74 @@
+"""(A, α, k)-forgetting: planted fixtures with known decay, naive loops, and a tiny end-to-end study."""
+
+import numpy as np
+import pytest
+
+from jaxmem.errors import JaxmemError
+from jaxmem.masks import balanced_masks
+from jaxmem.studies.privacy_forgetting import (exponential_decay_rate, forgetting_curves, forgetting_k_at_alpha,
+                                               memorization_quantile, privacy_forgetting_study)
+
+
+def test_decay_rate_is_exact_on_a_noiseless_exponential():
+  gap = 3.0 * np.exp(-0.37 * np.arange(9))
+  fit = exponential_decay_rate(gap)
+  assert fit["rate"] == pytest.approx(0.37, abs=1e-12) and fit["se"] == pytest.approx(0.0, abs=1e-9)
+  assert np.isnan(exponential_decay_rate(np.array([1.0, -1.0, 0.0]))["rate"])
+
+
+def test_forgetting_k_at_alpha_equals_naive_loop():
+  rng = np.random.default_rng(0)
+  advantage = rng.uniform(-0.2, 0.6, size=(7, 50))
+  advantage[rng.random((7, 50)) < 0.05] = np.nan
+  got = forgetting_k_at_alpha(advantage, 0.3)
+  for i in range(50):
+    expected = 7
+    for k in range(7):
+      if all(advantage[j, i] < 0.3 for j in range(k, 7)):
+        expected = k
+        break
+    assert got[i] == expected
+
+
+def test_memorization_quantiles_have_equal_sizes_despite_ties():
+  mem = np.array([0, 0, 0, 0, 0, 0, 0.2, 0.9])
+  np.testing.assert_array_equal(memorization_quantile(mem, 2), [0, 0, 0, 0, 1, 1, 1, 1])
+  np.testing.assert_array_equal(memorization_quantile(np.array([0.5, 0.1, 0.9, 0.3]), 4), [2, 0, 3, 1])
+
+
+def test_planted_exponential_forgetting_is_recovered():
+  # Members' margins sit gap0 * exp(-rate * k) above non-members', with per-example offsets and noise.
+  rng = np.random.default_rng(1)
+  models, num_k, s = 32, 8, 60
+  keep, _ = balanced_masks(models, s, (0.5,), 0)
+  rates = np.where(np.arange(s) < s // 2, 0.25, 0.6)  # slow half, fast half
+  offsets = rng.normal(0, 1, s)
+  k = np.arange(num_k)
+  margin = (offsets[None, None] + rng.normal(0, 0.3, (models, num_k, s))
+            + keep[:, None, :] * 4.0 * np.exp(-rates[None, None, :] * k[None, :, None]))
+  groups = {"slow": rates == 0.25, "fast": rates == 0.6}
+  curves = forgetting_curves(margin, keep, groups, num_bootstrap=50)
+  # Tolerances from the spread over fixture seeds 0-5 (slow 0.247-0.253, fast 0.571-0.637): the
+  # fast group's late gaps are within a few noise SEs of zero, so its log-linear fit is noisier.
+  assert curves.decay["slow"]["rate"] == pytest.approx(0.25, abs=0.02)
+  assert curves.decay["fast"]["rate"] == pytest.approx(0.6, abs=0.08)
+  for name in groups:
+    auc = np.array([m["auc"]["value"] for m in curves.metrics[name]])
+    assert auc[0] > 0.99 and auc[-1] < auc[0]
+  # The slow group stays distinguishable longer: its attack AUC at the end exceeds the fast group's.
+  assert curves.metrics["slow"][-1]["auc"]["value"] > curves.metrics["fast"][-1]["auc"]["value"]
+  k_alpha = forgetting_k_at_alpha(curves.advantage_KxS, 0.5)
+  assert k_alpha[groups["slow"]].mean() > k_alpha[groups["fast"]].mean()
+
+
+@pytest.mark.slow  # trains twice per model on digits; the fixtures above pin the math
+def test_tiny_study_on_digits(tiny_run, tmp_path):
+  result = privacy_forgetting_study(tiny_run.run_dir, tmp_path / "pf",
+                                    num_models=6, inject=20, first_epochs=2, second_epochs=2, log=lambda m: None)
+  assert set(result.curves.metrics) >= {"r=1", "r=4", "all"}
+  assert result.curves.scores_MxKxS.shape == (6, 3, 20)
+  assert result.examples["forgetting_k_at_alpha"].max() <= 3
+  assert (tmp_path / "pf" / "privacy_forgetting.png").stat().st_size > 0
+  assert (tmp_path / "pf" / "forgetting_curve.csv").read_text().startswith("group,k,auc")
+  with pytest.raises(JaxmemError, match="num_models must be even"):
+    privacy_forgetting_study(tiny_run.run_dir, tmp_path / "x", num_models=5)
