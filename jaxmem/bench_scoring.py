@@ -35,7 +35,7 @@ from jaxmem.errors import JaxmemError
 from jaxmem.records import FORMAT_VERSION, Records, RowBlocks, RunDir, utc_now, write_npz_atomic
 from jaxmem.scores import ESTIMATORS
 from jaxmem.scores.counterfactual import METRICS
-from jaxmem.scoring import score_records
+from jaxmem.scoring import output_names, score_records
 
 #: Estimators the bench leaves out unless named: ``correlations`` correlates the columns of the
 #: estimators that ran before it in one table, and each estimator here is timed on its own.
@@ -223,7 +223,7 @@ def bench_scoring(simulation: Simulation, *, out: str | Path | None = None, esti
       start = time.perf_counter()
       table = score_records(records, [name], options)
       rows.append({"step": name, "seconds": time.perf_counter() - start, "peak_rss": peak_rss_bytes(),
-                   "note": ", ".join([f"{len(table.columns) - 4} columns", *table.files])})
+                   "note": ", ".join([f"{len(table.columns) - 4} columns", *output_names(table)])})
       log(format_rows(rows[-1:], header=False))
   finally:
     if not keep_dir:

@@ -16,6 +16,13 @@ class Registry(Generic[T]):
     self.kind = kind
     self._items: dict[str, T] = {}
 
+  @classmethod
+  def of(cls, kind: str, items: dict[str, T]) -> "Registry[T]":
+    """A registry holding exactly ``items`` (an explicit table, no registration side effects)."""
+    registry = cls(kind)
+    registry._items.update(items)
+    return registry
+
   def register(self, name: str) -> Callable[[T], T]:
     def decorator(item: T) -> T:
       if name in self._items:

@@ -31,7 +31,7 @@ import numpy as np
 
 from jaxmem.errors import JaxmemError
 from jaxmem.scores.lira import VARIANT_LABELS
-from jaxmem.scoring import SCORES_CSV, read_scores_csv
+from jaxmem.scoring import SCORES_CSV, read_index, read_scores_csv, stale_tables
 from jaxmem.records import RunDir, make_dirs, write_bytes_atomic
 
 REPORT_DIR = "report"
@@ -86,6 +86,13 @@ def write_report(run_dir: str | Path, *, dataset=None, data_dir: str | None = No
     rows = len(scores["index"]) if "index" in scores else 0
     raise JaxmemError(f"{SCORES_CSV} in {str(run.path)!r} is damaged or from another run ({rows} rows, the run has "
                       f"{num_train} training examples); rerun `jaxmem scores {run.path}`")
+  # A table computed from other records than the run holds now (or a file an earlier scoring left)
+  # is not shown: its columns are dropped here and its sections check ``ctx.stale``.
+  stale = stale_tables(run.path)
+  for name, reason in stale.items():
+    log(f"report: leaving out {name}: {reason}")
+    for column in read_index(run.path)["tables"].get(name, {}).get("columns", []):
+      scores.pop(column, None)
   summary = _read_json(run.path / "summary.json")
   out = make_dirs(run.path / REPORT_DIR, "report directory")
   if dataset is None:
@@ -98,7 +105,8 @@ def write_report(run_dir: str | Path, *, dataset=None, data_dir: str | None = No
     note = "the inputs are not images; examples are listed in tables"
   log(f"report: {note}" if note else "report: images from the reloaded dataset")
 
-  ctx = _Context(run.path, out, manifest, summary, scores, dataset if images_ok else None, top)
+  ctx = _Context(run.path, out, manifest, summary, scores, dataset if images_ok else None, top,
+                 stale=frozenset(stale))
   sections = [s for s in (
       _facts_section(ctx, note),
       _memorization_section(ctx),
@@ -151,6 +159,7 @@ class _Context:
   dataset: Any  # Dataset with images, or None
   top: int
   images: list[str] = dataclasses.field(default_factory=list)
+  stale: frozenset = frozenset()  # estimators whose tables and files no longer describe the records
 
   def has(self, column: str) -> bool:
     return column in self.scores and bool(np.isfinite(self.scores[column].astype(float)).any())
@@ -455,6 +464,8 @@ def _influence_section(ctx: _Context) -> _Section | None:
   # influence_pairs.csv holds Feldman & Zhang's high-influence pairs (high influence and high
   # memorization, their Fig. 4); influence_topk.csv the top pairs per example, listed once per
   # direction: fall back to it, deduplicated, when there are no high pairs.
+  if "influence" in ctx.stale:
+    return None
   table = None
   for name in ("influence_pairs.csv", "influence_topk.csv"):
     if (ctx.run_path / name).is_file():
@@ -578,6 +589,8 @@ def _lira_tables(summary: dict[str, Any]) -> str:
 
 
 def _lira_section(ctx: _Context) -> _Section | None:
+  if "lira" in ctx.stale:
+    return None
   lira_json, roc = ctx.run_path / "lira.json", ctx.run_path / "lira_roc.png"
   columns = [c for c in ("lira_online", "lira_offline") if ctx.has(c)]
   if not (lira_json.is_file() or roc.is_file() or columns):
@@ -623,6 +636,8 @@ def _copy_image(ctx: _Context, source: Path, name: str, alt: str) -> str:
 
 
 def _rmia_section(ctx: _Context) -> _Section | None:
+  if "rmia" in ctx.stale:
+    return None
   summary = _read_json(ctx.run_path / "rmia.json")
   if not summary:
     return None
@@ -658,6 +673,8 @@ def _attack_refs_section(ctx: _Context) -> _Section | None:
 
 
 def _lds_section(ctx: _Context) -> _Section | None:
+  if "lds" in ctx.stale:
+    return None
   summary = _read_json(ctx.run_path / "lds.json")
   if not summary:
     return None

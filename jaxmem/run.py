@@ -25,7 +25,7 @@ from jaxmem.lock import RunLock
 from jaxmem.masks import make_masks
 from jaxmem.models import TEXT_MODELS
 from jaxmem.scores import auroc
-from jaxmem.scoring import ScoreTable, score_records, study_columns, write_scores
+from jaxmem.scoring import ScoreTable, score_records, write_scores
 from jaxmem.records import (ChunkCheckpoint, FORMAT_VERSION, Records, RunDir, append_event, atomic_path,
                             identity_differences, save_params, utc_now, write_bytes_atomic, write_json_atomic)
 from jaxmem.signals import StopRequest, stop_on_signals, training_phase  # noqa: F401 (stop_on_signals: re-exported)
@@ -356,7 +356,7 @@ def _run(config: RunConfig, out: str | Path, *, overwrite: bool, progress: bool,
   for name, values in (score_options or {}).items():
     options[name] = {**options.get(name, {}), **values}
   append_event(run_dir, event="scoring", process=process, models=records.num_models)
-  table = score_records(records, estimators, options, carried=study_columns(run_dir, records.num_train))
+  table = score_records(records, estimators, options)
   summary = summarize(records, table, dataset=dataset, seconds=time.perf_counter() - start,
                       trained=len(todo), skipped=len(skipped))
   summary["files"] = output_files(run_dir.path)

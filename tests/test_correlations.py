@@ -8,8 +8,9 @@ import pytest
 from scipy.stats import rankdata
 
 from jaxmem.scores import auroc
-from jaxmem.scores.correlations import (correlation_table, correlations_csv, score_column_names,
-                                        summary_lines)
+from jaxmem.scores.correlations import correlation_table, score_column_names
+from jaxmem.scoring import correlation_lines as summary_lines
+from jaxmem.scoring import correlations_csv
 
 
 def _naive_spearman(a, b):

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from jaxmem.scores.influence import InfluenceComputation, influence, influence_topk
-from jaxmem.scoring import score_records
+from jaxmem.scoring import score_records, write_outputs
 from jaxmem.records import Records
 
 
@@ -124,8 +124,7 @@ def test_estimator_writes_topk_pairs_and_full_matrix(tmp_path):
   table = score_records(records, ["memorization", "influence"],
                         {"influence": {"topk": 3, "full": True, "block_size": 4, "pair_influence": 0.1,
                                        "pair_memorization": -1.0}})
-  for name, writer in table.files.items():
-    writer(tmp_path / name)
+  write_outputs(tmp_path, table)
   infl, se = influence(keep, test_correct)
   np.testing.assert_allclose(np.load(tmp_path / "influence.npy"), infl, atol=1e-7)
   with open(tmp_path / "influence_topk.csv") as f:

@@ -178,7 +178,7 @@ def test_report_presentation(tiny_run, tmp_path, monkeypatch):
   from jaxmem.records import write_json_atomic
   path = copy_run(tiny_run, tmp_path)
   add_estimator_outputs(path, tiny_run.records)
-  _, summary, _, _ = lira_report(tiny_run.records, num_bootstrap=20)
+  _, summary, _ = lira_report(tiny_run.records, num_bootstrap=20)
   write_json_atomic(path / "lira.json", summary)
   scores = read_scores_csv(path / "scores.csv")
   scores["lira_online"] = scores["lira_offline"] = np.linspace(0, 1, len(scores["index"]))

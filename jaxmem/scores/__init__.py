@@ -1,64 +1,51 @@
-"""Estimators: pure functions of records, and a registry that adapts them to a run.
+"""Estimators: pure functions of records, and the one explicit registry of their adapters.
 
-An estimator adapter takes :class:`jaxmem.records.Records` and keyword options and returns an
-:class:`EstimatorResult` (per-example columns for ``scores.csv``, summary numbers and lines, and
-optional extra files). Adapters never read or write files themselves; :mod:`jaxmem.scoring` does.
+An adapter takes :class:`jaxmem.records.Records` (or a block of its examples) and keyword options and
+returns an :class:`EstimatorResult`: arrays and numbers only. Reading records, writing tables and
+files, and formatting text are the scoring driver's (:mod:`jaxmem.scoring`).
 """
 
 from __future__ import annotations
 
-import dataclasses
-from typing import Any, Callable
-
-import numpy as np
-
 from jaxmem.registry import Registry
+from jaxmem.scores import correlations, counterfactual, cscore, dynamics, influence, lds, lira, lm, proxies, rmia, uncertainty
+from jaxmem.scores import memorization as _memorization
+from jaxmem.scores._result import Estimator, EstimatorResult
 from jaxmem.scores._stats import InOutDifference, auroc, in_out_difference
 from jaxmem.scores.memorization import counterfactual_memorization, memorization
 
+#: Every estimator, in the order they run (memorization first: others use its column as context).
+#: ``correlations`` runs on the joined score table, after all of them.
+ESTIMATOR_LIST = (
+    Estimator("memorization", _memorization.memorization_columns, ("train_correct",),
+              per_example=True, summarize=_memorization.memorization_summary),
+    Estimator("counterfactual", counterfactual.counterfactual_columns, ("train_margin",),
+              per_example=True, summarize=counterfactual.counterfactual_summary),
+    Estimator("cscore", cscore.cscore_columns, ("train_correct",), default=cscore.several_ratios,
+              per_example=True, summarize=cscore.cscore_summary),
+    Estimator("learning_speed", cscore.learning_speed_columns, ("train_correct", "train_correct_epochs"),
+              per_example=True, summarize=cscore.learning_speed_summary),
+    Estimator("uncertainty", uncertainty.uncertainty_columns, ("train_correct",),
+              per_example=True, summarize=uncertainty.uncertainty_summary),
+    Estimator("dynamics", dynamics.dynamics_columns, ("train_correct_epochs",),
+              per_example=True, summarize=dynamics.dynamics_summary),
+    Estimator("el2n_grand", dynamics.el2n_grand_columns, ("train_el2n", "train_grand"),
+              per_example=True, summarize=dynamics.el2n_grand_summary),
+    Estimator("influence", influence.influence_estimator, ("train_correct", "test_correct")),
+    Estimator("lira", lira.lira_estimator, ("train_margin",), default=False),
+    Estimator("rmia", rmia.rmia_estimator, ("train_margin", "test_margin"), default=False),
+    Estimator("lds", lds.lds_estimator, ("test_correct", "test_margin"), default=False),
+    Estimator("csl", proxies.csl_estimator, ("train_margin_epochs",), default=False),
+    # language-model runs (their records exist only there; text_memorization writes their memorization)
+    Estimator("text_memorization", lm.text_memorization_estimator,
+              ("train_token_accuracy", "train_loglik", "train_extractable")),
+    Estimator("exposure", lm.exposure_estimator, ("candidate_logperp",)),
+    Estimator("lm_attacks", lm.lm_attacks_estimator, ("train_loglik", "train_token_logprob")),
+    Estimator("correlations", lambda records, *, context=None, **options: correlations.correlations_result(
+        context or {}, records.noisy)),
+)
 
-@dataclasses.dataclass
-class EstimatorResult:
-  columns: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)  # (N,) per training example
-  summary: dict[str, Any] = dataclasses.field(default_factory=dict)         # into summary.json
-  lines: list[str] = dataclasses.field(default_factory=list)                # printed summary lines
-  files: dict[str, Callable[[Any], None]] = dataclasses.field(default_factory=dict)  # name -> writer(path)
+ESTIMATORS: Registry[Estimator] = Registry.of("estimator", {e.name: e for e in ESTIMATOR_LIST})
 
-
-@dataclasses.dataclass(frozen=True)
-class Estimator:
-  name: str
-  fn: Callable[..., EstimatorResult]
-  requires: tuple[str, ...] = ()  # record arrays it needs
-  default: bool = True            # part of the default estimator set when its records exist
-
-  def available(self, records) -> bool:
-    return all(name in records for name in self.requires)
-
-
-ESTIMATORS: Registry[Estimator] = Registry("estimator")
-
-
-def register_estimator(name: str, *, requires: tuple[str, ...] = (), default: bool = True):
-  def decorator(fn):
-    ESTIMATORS.register(name)(Estimator(name, fn, requires, default))
-    return fn
-  return decorator
-
-
-@register_estimator("memorization", requires=("train_correct",))
-def _memorization(records, **options) -> EstimatorResult:
-  result = memorization(records.keep, records["train_correct"])
-  return EstimatorResult(columns={
-      "memorization": result.estimate, "memorization_se": result.se,
-      "n_in": result.n_in, "n_out": result.n_out})
-
-
-__all__ = ["ESTIMATORS", "Estimator", "EstimatorResult", "InOutDifference", "auroc",
-           "counterfactual_memorization", "in_out_difference", "memorization", "register_estimator"]
-
-from jaxmem.scores import counterfactual, cscore, influence, uncertainty  # noqa: E402,F401  (issue 3: registers estimators)
-from jaxmem.scores import lira  # noqa: E402,F401  (issue 4: registers the lira estimator)
-from jaxmem.scores import correlations, dynamics  # noqa: E402,F401  (issue 5: registers dynamics, el2n_grand, correlations)
-from jaxmem.scores import lds, proxies, rmia  # noqa: E402,F401  (register the lds, csl and rmia estimators)
-from jaxmem.scores import lm  # noqa: E402,F401  (registers text_memorization, exposure, lm_attacks)
+__all__ = ["ESTIMATORS", "ESTIMATOR_LIST", "Estimator", "EstimatorResult", "InOutDifference", "auroc",
+           "counterfactual_memorization", "in_out_difference", "memorization"]

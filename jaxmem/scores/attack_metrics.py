@@ -20,6 +20,7 @@ from __future__ import annotations
 from typing import Any, Sequence
 
 import numpy as np
+from scipy.stats import rankdata
 from sklearn.metrics import roc_curve
 
 DEFAULT_FPRS: tuple[float, ...] = (0.001, 0.01)
@@ -129,7 +130,6 @@ def per_example_auc(scores_MxN: np.ndarray, members_MxN: np.ndarray, *, min_each
   """For every example (column), the AUC of its scores over models for telling the models that
   trained on it from those that did not; NaN where fewer than ``min_each`` finite member or
   non-member scores exist. Computed by ranks per column (Mann-Whitney U, ties one half)."""
-  from scipy.stats import rankdata
   scores_MxN = np.asarray(scores_MxN, np.float64)
   members_MxN = np.asarray(members_MxN, bool)
   valid = ~np.isnan(scores_MxN)

@@ -11,21 +11,19 @@ run (memorization, C-score, LiRA, forgetting events, first-learned epoch, SSFT, 
   taking high values as "flipped" (an AUROC below 0.5 means low values flag them, e.g. SSFT).
 
 Written to ``correlations.csv``: one row per score with its correlation to every score, then
-``auroc_flipped`` and ``n`` (examples where the score is defined). It runs after every other
-estimator (see :func:`jaxmem.scoring.select_estimators`) so that its ``context`` holds them all.
+``auroc_flipped`` and ``n`` (examples where the score is defined). The scoring driver computes it on
+the joined score table each time the join is rebuilt, so it covers every estimator's and study's
+columns.
 """
 
 from __future__ import annotations
 
-import csv
-import io
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from jaxmem.scores import EstimatorResult, auroc, register_estimator
-from jaxmem.scores._stats import spearman
+from jaxmem.scores._result import EstimatorResult
+from jaxmem.scores._stats import auroc, spearman
 
 #: Columns that describe an example or a count, not a score.
 NOT_SCORES = frozenset({"index", "label", "clean_label", "noisy", "n_in", "n_out", "split"})
@@ -63,42 +61,13 @@ def correlation_table(columns: dict[str, np.ndarray], noisy: np.ndarray | None =
   return {"names": names, "spearman": matrix, "auroc_flipped": areas, "n": counts}
 
 
-def correlations_csv(table: dict[str, Any]) -> bytes:
-  out = io.StringIO()
-  writer = csv.writer(out, lineterminator="\n")
-  writer.writerow(["score", *table["names"], "auroc_flipped", "n"])
-  fmt = lambda v: "" if not np.isfinite(v) else f"{v:.4f}"
-  for i, name in enumerate(table["names"]):
-    writer.writerow([name, *[fmt(v) for v in table["spearman"][i]], fmt(table["auroc_flipped"][i]),
-                     int(table["n"][i])])
-  return out.getvalue().encode()
-
-
-def write_correlations(path: str | Path, table: dict[str, Any]) -> None:
-  from jaxmem.records import write_bytes_atomic
-  write_bytes_atomic(Path(path), correlations_csv(table))
-
-
-def summary_lines(table: dict[str, Any], anchor: str = "memorization") -> list[str]:
-  names, matrix = table["names"], table["spearman"]
-  lines = []
-  if anchor in names and len(names) > 1:
-    a = names.index(anchor)
-    pairs = ", ".join(f"{n} {matrix[a, j]:+.2f}" for j, n in enumerate(names) if j != a)
-    lines.append(f"Spearman correlation with {anchor}: {pairs}")
-  if np.isfinite(table["auroc_flipped"]).any():
-    pairs = ", ".join(f"{n} {v:.3f}" for n, v in zip(names, table["auroc_flipped"]) if np.isfinite(v))
-    lines.append(f"AUROC for flipped labels (high = flipped; < 0.5: low values flag them): {pairs}")
-  return lines
-
-
-@register_estimator("correlations")
-def _correlations(records, *, context=None, **options) -> EstimatorResult:
-  columns = dict(context or {})
-  table = correlation_table(columns, np.asarray(records.noisy, dtype=bool))
-  if len(table["names"]) < 2:
+def correlations_result(columns: dict[str, np.ndarray], noisy: np.ndarray) -> EstimatorResult:
+  """The correlations of a joined score table as a summary: ``names``, the Spearman matrix,
+  ``auroc_flipped`` (None where undefined) and ``n``. Empty when the table has no score."""
+  table = correlation_table(columns, np.asarray(noisy, dtype=bool))
+  if not table["names"]:
     return EstimatorResult()
-  summary = {"names": table["names"], "spearman": table["spearman"].round(4).tolist(),
-             "auroc_flipped": [None if not np.isfinite(v) else round(float(v), 4) for v in table["auroc_flipped"]]}
-  return EstimatorResult(summary=summary, lines=summary_lines(table),
-                         files={"correlations.csv": lambda path: write_correlations(path, table)})
+  return EstimatorResult(summary={
+      "names": table["names"], "spearman": table["spearman"].round(4).tolist(),
+      "auroc_flipped": [None if not np.isfinite(v) else round(float(v), 4) for v in table["auroc_flipped"]],
+      "n": [int(v) for v in table["n"]]})

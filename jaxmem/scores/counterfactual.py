@@ -13,7 +13,8 @@ class), i.e. φ = logit(p), so p = sigmoid(φ) and, computed stably,
 
 (exact identities, no extra records needed). Standard errors are Welch's from the in/out sample
 variances (:func:`jaxmem.scores._stats.in_out_difference`); NaN where a group has fewer than two
-models. Zhang et al. use per-token accuracy of language models; the in−out estimator is theirs.
+models. With several subset ratios the difference is taken within each ratio and averaged with
+equal weight (see :mod:`jaxmem.scores.memorization`). Zhang et al. use per-token accuracy of language models; the in−out estimator is theirs.
 Note the loss difference is negative for memorized examples (lower loss when trained on).
 """
 
@@ -23,8 +24,8 @@ import jax
 import numpy as np
 
 from jaxmem.errors import JaxmemError
-from jaxmem.scores import EstimatorResult, register_estimator
-from jaxmem.scores._stats import InOutDifference, in_out_difference
+from jaxmem.scores._result import EstimatorResult
+from jaxmem.scores._stats import InOutDifference, in_out_difference, nanmedian
 
 METRICS = ("margin", "logprob", "loss")
 
@@ -41,12 +42,14 @@ def measure_from_margin(metric: str, margin_MxN: np.ndarray) -> np.ndarray:
   raise JaxmemError(f"unknown counterfactual metric {metric!r}; choose one of: {', '.join(METRICS)}")
 
 
-def counterfactual_from_margin(keep_MxN: np.ndarray, margin_MxN: np.ndarray, metric: str) -> InOutDifference:
-  """Zhang et al.'s in−out difference of ``metric`` (margin, logprob or loss) per training example."""
+def counterfactual_from_margin(keep_MxN: np.ndarray, margin_MxN: np.ndarray, metric: str,
+                               ratio_M: np.ndarray | None = None) -> InOutDifference:
+  """Zhang et al.'s in−out difference of ``metric`` (margin, logprob or loss) per training example,
+  within each subset ratio and averaged over ratios."""
   keep_MxN = np.asarray(keep_MxN, bool)
   if keep_MxN.shape != np.shape(margin_MxN):
     raise ValueError(f"keep {keep_MxN.shape} and margin {np.shape(margin_MxN)} must have the same shape")
-  return in_out_difference(keep_MxN, measure_from_margin(metric, margin_MxN))
+  return in_out_difference(keep_MxN, measure_from_margin(metric, margin_MxN), ratio_M)
 
 
 def parse_metrics(metrics) -> tuple[str, ...]:
@@ -64,15 +67,17 @@ def parse_metrics(metrics) -> tuple[str, ...]:
   return tuple(dict.fromkeys(out))
 
 
-@register_estimator("counterfactual", requires=("train_margin",))
-def _counterfactual(records, *, context=None, metrics=()) -> EstimatorResult:
+def counterfactual_columns(records, *, context=None, metrics=()) -> EstimatorResult:
   """Adapter: columns ``memorization_<metric>`` and ``memorization_<metric>_se`` for the metrics
   asked (none by default, so a default run's table stays narrow)."""
-  columns, summary = {}, {}
+  columns = {}
   for metric in parse_metrics(metrics):
-    result = counterfactual_from_margin(records.keep, records["train_margin"], metric)
+    result = counterfactual_from_margin(records.keep, records["train_margin"], metric, records.subset_ratio)
     columns[f"memorization_{metric}"] = result.estimate
     columns[f"memorization_{metric}_se"] = result.se
-    summary[metric] = {"median": float(np.nanmedian(result.estimate)) if np.isfinite(result.estimate).any() else None,
-                       "median_se": float(np.nanmedian(result.se)) if np.isfinite(result.se).any() else None}
-  return EstimatorResult(columns=columns, summary=summary)
+  return EstimatorResult(columns=columns)
+
+
+def counterfactual_summary(columns, records, **options) -> dict:
+  return {name[len("memorization_"):]: {"median": nanmedian(columns[name]), "median_se": nanmedian(columns[f"{name}_se"])}
+          for name in columns if not name.endswith("_se")}

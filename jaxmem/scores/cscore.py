@@ -32,8 +32,9 @@ from typing import NamedTuple
 
 import numpy as np
 
-from jaxmem.scores import EstimatorResult, register_estimator
-from jaxmem.scores._stats import plus_two_se, spearman
+from jaxmem.scores._result import EstimatorResult
+from jaxmem.scores._stats import (in_out_stats, masked_mean, nanmedian, plus_two_se, ratio_name, ratio_strata, spearman,
+                                  successes, sum_over_ratios)
 
 
 class CScore(NamedTuple):
@@ -45,11 +46,6 @@ class CScore(NamedTuple):
   n_out: np.ndarray                      # (R, N) held-out models per ratio
 
 
-def ratio_name(ratio: float) -> str:
-  """``0.3`` -> ``'0.3'`` (column ``cscore_at_0.3``); float32 ratios are rounded to 6 digits first."""
-  return f"{round(float(ratio), 6):g}"
-
-
 def cscore(keep_MxN: np.ndarray, correct_MxN: np.ndarray, ratio_M: np.ndarray) -> CScore:
   """Jiang et al.'s hold-out C-score for every training example, per ratio and averaged.
 
@@ -59,34 +55,29 @@ def cscore(keep_MxN: np.ndarray, correct_MxN: np.ndarray, ratio_M: np.ndarray) -
     ratio_M: subset ratio of every model.
   """
   keep_MxN, correct_MxN = np.asarray(keep_MxN, bool), np.asarray(correct_MxN, bool)
-  ratio_M = np.round(np.asarray(ratio_M, np.float64), 6)
+  ratio_M = np.asarray(ratio_M, np.float64)
   if keep_MxN.shape != correct_MxN.shape or ratio_M.shape != keep_MxN.shape[:1]:
     raise ValueError(f"keep {keep_MxN.shape}, correct {correct_MxN.shape} and ratio {ratio_M.shape} "
                      "must be (M, N), (M, N) and (M,)")
-  ratios = tuple(float(r) for r in np.unique(ratio_M))
-  held_out = ~keep_MxN
-  per, per_se, n_out = [], [], []
-  for r in ratios:
-    rows = ratio_M == r
-    out = held_out[rows]
-    n = out.sum(axis=0)
-    s = (out & correct_MxN[rows]).sum(axis=0)
-    per.append(np.where(n > 0, s / np.maximum(n, 1), np.nan))
-    per_se.append(plus_two_se(s, n))
-    n_out.append(n)
-  per, per_se, n_out = np.array(per).reshape(len(ratios), -1), np.array(per_se).reshape(len(ratios), -1), \
-      np.array(n_out, np.int64).reshape(len(ratios), -1)
+  n = keep_MxN.shape[1]
+  if not len(ratio_M):
+    empty = np.zeros((0, n))
+    return CScore(np.full(n, np.nan), np.full(n, np.nan), (), empty, empty, empty.astype(np.int64))
+  ratios, onehot_MxR = ratio_strata(ratio_M)
+  held_out = in_out_stats(keep_MxN, correct_MxN.astype(np.float32), onehot_MxR, with_m2=False).outside
+  n_out = np.asarray(held_out.n, np.float64)
+  s = successes(held_out)
+  per = np.where(n_out > 0, s / np.maximum(n_out, 1), np.nan)
+  per_se = plus_two_se(s, n_out)
   # a plain mean propagates NaN: a ratio without held-out models makes C_i unknown
-  estimate = per.mean(axis=0) if ratios else np.full(keep_MxN.shape[1], np.nan)
-  se = np.sqrt((per_se**2).sum(axis=0)) / max(len(ratios), 1) if ratios else np.full(keep_MxN.shape[1], np.nan)
-  return CScore(estimate, se, ratios, per, per_se, n_out)
+  estimate, se = sum_over_ratios(per) / len(ratios), np.sqrt(sum_over_ratios(per_se**2)) / len(ratios)
+  return CScore(estimate, se, ratios, per, per_se, n_out.astype(np.int64))
 
 
 def learning_speed(keep_MxN: np.ndarray, correct_epochs_MxExN: np.ndarray) -> np.ndarray:
   """Jiang et al.'s learning-speed proxy: mean over epochs and over models that train on i of
   their correctness on i; NaN where no model trains on i. This is the same quantity as the
   dynamics estimator's ``cumulative_accuracy`` (one implementation serves both names)."""
-  from jaxmem.scores.dynamics import masked_mean
   keep_MxN = np.asarray(keep_MxN, bool)
   correct = np.asarray(correct_epochs_MxExN, bool)
   if correct.ndim != 3 or correct.shape[0] != keep_MxN.shape[0] or correct.shape[2] != keep_MxN.shape[1]:
@@ -94,37 +85,37 @@ def learning_speed(keep_MxN: np.ndarray, correct_epochs_MxExN: np.ndarray) -> np
   return masked_mean(correct.mean(axis=1), keep_MxN).mean
 
 
-def _nanmedian(x) -> float:
-  x = np.asarray(x, np.float64)
-  return float(np.nanmedian(x)) if np.isfinite(x).any() else float("nan")
-
-
-@register_estimator("cscore", requires=("train_correct",))
-def _cscore(records, *, context=None) -> EstimatorResult:
+def cscore_columns(records, *, context=None) -> EstimatorResult:
+  """Adapter: ``cscore``, ``cscore_se`` and ``cscore_at_<r>`` per ratio."""
   result = cscore(records.keep, records["train_correct"], records.subset_ratio)
   columns = {"cscore": result.estimate, "cscore_se": result.se}
   for r, values in zip(result.ratios, result.per_ratio):
     columns[f"cscore_at_{ratio_name(r)}"] = values
+  return EstimatorResult(columns=columns)
+
+
+def cscore_summary(columns, records, **options) -> dict:
   ratio_M = np.round(np.asarray(records.subset_ratio, np.float64), 6)
-  models = {ratio_name(r): int((ratio_M == r).sum()) for r in result.ratios}
-  summary = {"ratios": [float(r) for r in result.ratios], "models_per_ratio": models,
-             "median": _nanmedian(result.estimate), "median_se": _nanmedian(result.se),
-             "undefined": int(np.isnan(result.estimate).sum())}
-  lines = [f"C-score: ratios {', '.join(f'{k} ({v} models)' for k, v in models.items())}; "
-           f"median {summary['median']:.3f}, median standard error {summary['median_se']:.3f}"
-           + (f"; {summary['undefined']} examples undefined (a ratio without held-out models)"
-              if summary["undefined"] else "")]
-  return EstimatorResult(columns=columns, summary=summary, lines=lines)
+  ratios = [float(r) for r in np.unique(ratio_M)]
+  return {"ratios": ratios, "models_per_ratio": {ratio_name(r): int((ratio_M == r).sum()) for r in ratios},
+          "median": nanmedian(columns["cscore"]), "median_se": nanmedian(columns["cscore_se"]),
+          "undefined": int(np.isnan(columns["cscore"]).sum())}
 
 
-@register_estimator("learning_speed", requires=("train_correct", "train_correct_epochs"))
-def _learning_speed(records, *, context=None) -> EstimatorResult:
-  speed = learning_speed(records.keep, records["train_correct_epochs"])
-  context = context or {}
-  c = context.get("cscore")
-  if c is None:
-    c = cscore(records.keep, records["train_correct"], records.subset_ratio).estimate
-  rho = spearman(speed, c)
-  return EstimatorResult(columns={"learning_speed": speed},
-                         summary={"spearman_with_cscore": rho, "median": _nanmedian(speed)},
-                         lines=[f"learning-speed proxy: Spearman {rho:.3f} with the C-score"])
+def several_ratios(records) -> bool:
+  """The C-score is a default estimator only with several subset ratios: with one ratio it is that
+  ratio's held-out accuracy, which memorization already contrasts (and a summary line would just
+  report their -1 correlation)."""
+  return len({round(float(r), 6) for r in np.asarray(records.subset_ratio).reshape(-1)}) > 1
+
+
+def learning_speed_columns(records, *, context=None) -> EstimatorResult:
+  """Adapter: ``learning_speed``, and the C-score it is compared with as the hidden column
+  ``_cscore`` (the driver drops columns starting with ``_`` from the score table)."""
+  return EstimatorResult(columns={"learning_speed": learning_speed(records.keep, records["train_correct_epochs"]),
+                                  "_cscore": cscore(records.keep, records["train_correct"], records.subset_ratio).estimate})
+
+
+def learning_speed_summary(columns, records, **options) -> dict:
+  return {"spearman_with_cscore": spearman(columns["learning_speed"], columns["_cscore"]),
+          "median": nanmedian(columns["learning_speed"])}

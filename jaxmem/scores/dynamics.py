@@ -41,7 +41,8 @@ from typing import NamedTuple
 
 import numpy as np
 
-from jaxmem.scores import EstimatorResult, auroc, register_estimator
+from jaxmem.scores._result import EstimatorResult
+from jaxmem.scores._stats import MaskedMean, auroc, masked_mean  # noqa: F401  (MaskedMean: the studies' import path)
 
 
 def forgetting_counts(correct_MxExN: np.ndarray) -> np.ndarray:
@@ -63,26 +64,6 @@ def forgotten_forever_epoch(correct_MxExN: np.ndarray) -> np.ndarray:
   """Earliest 1-based epoch from which every evaluation is wrong; E + 1 if the last is correct
   (Maini et al.'s ``get_first_epoch_where_we_forget_forever``). (M, N) int."""
   return learned_forever_epoch(~np.asarray(correct_MxExN, dtype=bool))
-
-
-class MaskedMean(NamedTuple):
-  mean: np.ndarray  # NaN where n == 0
-  se: np.ndarray    # sample std / sqrt(n); NaN where n < 2
-  n: np.ndarray
-
-
-def masked_mean(values_MxN: np.ndarray, mask_MxN: np.ndarray) -> MaskedMean:
-  """Per-column mean and standard error over the rows where ``mask`` holds."""
-  values = np.asarray(values_MxN, dtype=np.float64)
-  mask = np.asarray(mask_MxN, dtype=bool)
-  n = mask.sum(axis=0)
-  with np.errstate(invalid="ignore", divide="ignore"):
-    mean = np.where(mask, values, 0.0).sum(axis=0) / n
-    mean = np.where(n > 0, mean, np.nan)
-    centered = np.where(mask, values - mean[None], 0.0)
-    var = (centered**2).sum(axis=0) / (n - 1)
-    se = np.where(n > 1, np.sqrt(var / n), np.nan)
-  return MaskedMean(mean, se, n)
 
 
 class DynamicsScores(NamedTuple):
@@ -118,45 +99,45 @@ def split_learning_times(correct_first_MxExN: np.ndarray, correct_second_MxFxN: 
   return learned_forever_epoch(correct_first_MxExN), forgotten_forever_epoch(correct_second_MxFxN)
 
 
-def _noisy_lines(name: str, values: np.ndarray, noisy: np.ndarray, fmt: str = "{:.2f}") -> tuple[dict, list[str]]:
+def _noisy_summary(name: str, values: np.ndarray, noisy: np.ndarray) -> dict:
   """Mean of a score on flipped vs clean labels, and its AUROC for finding the flipped ones."""
   if not noisy.any() or noisy.all():
-    return {}, []
-  flipped, clean = np.nanmean(values[noisy]), np.nanmean(values[~noisy])
-  area = auroc(values, noisy)
-  summary = {f"{name}_flipped_mean": float(flipped), f"{name}_clean_mean": float(clean), f"{name}_auroc": area}
-  line = (f"{name}: flipped labels {fmt.format(flipped)}, clean {fmt.format(clean)} "
-          f"(AUROC for finding flipped labels {area:.3f})")
-  return summary, [line]
+    return {}
+  return {f"{name}_flipped_mean": float(np.nanmean(values[noisy])), f"{name}_clean_mean": float(np.nanmean(values[~noisy])),
+          f"{name}_auroc": auroc(values, noisy)}
 
 
-@register_estimator("dynamics", requires=("train_correct_epochs",))
-def _dynamics(records, *, context=None, **options) -> EstimatorResult:
-  scores = dynamics_scores(records.keep, records["train_correct_epochs"])
+def dynamics_columns(records, *, context=None) -> EstimatorResult:
+  correct_MxExN = records["train_correct_epochs"]
+  scores = dynamics_scores(records.keep, correct_MxExN)
   columns = {name: getattr(scores, name) for name in DynamicsScores._fields if name != "n_models"}
-  num_epochs = int(records["train_correct_epochs"].shape[1])
-  summary = {"epochs_recorded": num_epochs,
-             "never_learned_by_any_model": int(np.sum(scores.never_learned_fraction == 1.0)),
-             "unforgettable": int(np.sum(scores.forgetting_events == 0))}
-  lines = [f"forgetting events over {num_epochs} recorded epochs: mean {np.nanmean(scores.forgetting_events):.2f}, "
-           f"{summary['unforgettable']} unforgettable examples, "
-           f"{summary['never_learned_by_any_model']} never learned by any model"]
+  columns["_epochs"] = np.full(correct_MxExN.shape[2], correct_MxExN.shape[1])  # hidden: for the summary
+  return EstimatorResult(columns=columns)
+
+
+def dynamics_summary(columns, records, **options) -> dict:
+  summary = {"epochs_recorded": int(columns["_epochs"][0]) if len(columns["_epochs"]) else 0,
+             "never_learned_by_any_model": int(np.sum(columns["never_learned_fraction"] == 1.0)),
+             "unforgettable": int(np.sum(columns["forgetting_events"] == 0)),
+             "mean_forgetting_events": float(np.nanmean(columns["forgetting_events"]))
+             if np.isfinite(columns["forgetting_events"]).any() else float("nan")}
   noisy = np.asarray(records.noisy, dtype=bool)
   for name in ("forgetting_events", "first_learned_epoch"):
-    more, more_lines = _noisy_lines(name, getattr(scores, name), noisy)
-    summary.update(more)
-    lines.extend(more_lines)
-  return EstimatorResult(columns=columns, summary=summary, lines=lines)
+    summary.update(_noisy_summary(name, columns[name], noisy))
+  return summary
 
 
-@register_estimator("el2n_grand", requires=("train_el2n", "train_grand"))
-def _el2n_grand(records, *, context=None, **options) -> EstimatorResult:
-  columns, summary, lines = {}, {}, []
-  noisy = np.asarray(records.noisy, dtype=bool)
+def el2n_grand_columns(records, *, context=None) -> EstimatorResult:
+  columns = {}
   for name in ("el2n", "grand"):
     result = masked_mean(records[f"train_{name}"], records.keep)
     columns[name], columns[f"{name}_se"] = result.mean, result.se
-    more, more_lines = _noisy_lines(name, result.mean, noisy, "{:.3f}")
-    summary.update(more)
-    lines.extend(more_lines)
-  return EstimatorResult(columns=columns, summary=summary, lines=lines)
+  return EstimatorResult(columns=columns)
+
+
+def el2n_grand_summary(columns, records, **options) -> dict:
+  noisy = np.asarray(records.noisy, dtype=bool)
+  summary = {}
+  for name in ("el2n", "grand"):
+    summary.update(_noisy_summary(name, columns[name], noisy))
+  return summary

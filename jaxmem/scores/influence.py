@@ -18,7 +18,9 @@ N×T, unless the full matrix is asked for (then it is streamed block by block in
 Standard error: Agresti & Caffo (2000), as for memorization (:mod:`jaxmem.scores.memorization`):
 each group gets one pseudo-success and one pseudo-failure, ``p̃ = (s + 1) / (n + 2)`` and
 ``se = sqrt(p̃_in (1 − p̃_in) / (n_in + 2) + p̃_out (1 − p̃_out) / (n_out + 2))``; the estimate itself
-is the plain difference. Pairs whose train example has no in- or no out-model are NaN.
+is the plain difference. Pairs whose train example has no in- or no out-model are NaN. With several
+subset ratios the difference is taken within each ratio and averaged with equal weight (pooling
+would report the accuracy gap between ratios as influence), SE ``sqrt(Σ_r se_r²) / R``.
 
 High-influence pairs (Feldman & Zhang 2020, Sec. 4 and the released CIFAR-100/ImageNet pair lists):
 pairs with infl(i → j) ≥ 0.15 whose training example has memorization ≥ 0.25; both thresholds
@@ -33,9 +35,7 @@ full matrix as train × test (N, T), i.e. ``infl[i, j]``, the transpose of its `
 
 from __future__ import annotations
 
-import csv
 import functools
-from pathlib import Path
 from typing import NamedTuple
 
 import jax
@@ -43,7 +43,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxmem.errors import JaxmemError
-from jaxmem.scores import EstimatorResult, register_estimator
+from jaxmem.scores._result import EstimatorResult
+from jaxmem.scores._stats import in_out_pair_sums, ratio_strata
 from jaxmem.scores.memorization import memorization
 
 #: Feldman & Zhang's (2020) thresholds for "high-influence pairs".
@@ -71,24 +72,30 @@ def _as_float(keep_MxN, correct_MxT):
   return keep_MxN, correct_MxT.astype(bool)
 
 
-def _block_influence(keep_MxB: jax.Array, correct_MxT: jax.Array, total_T: jax.Array):
-  """Influence and its Agresti-Caffo SE for a block of B training examples: (B, T) each."""
-  m = keep_MxB.shape[0]
-  sums_in_BxT = jnp.matmul(keep_MxB.T, correct_MxT, precision=_HIGHEST)
-  n_in_B = keep_MxB.sum(axis=0)
-  n_out_B = m - n_in_B
-  sums_out_BxT = total_T[None, :] - sums_in_BxT
-  n_in, n_out = n_in_B[:, None], n_out_B[:, None]
-  valid = (n_in > 0) & (n_out > 0)
-  infl = sums_in_BxT / jnp.maximum(n_in, 1) - sums_out_BxT / jnp.maximum(n_out, 1)
-  p_in, p_out = (sums_in_BxT + 1) / (n_in + 2), (sums_out_BxT + 1) / (n_out + 2)
-  se = jnp.sqrt(p_in * (1 - p_in) / (n_in + 2) + p_out * (1 - p_out) / (n_out + 2))
-  return jnp.where(valid, infl, jnp.nan), jnp.where(valid, se, jnp.nan)
+def _block_influence(keep_MxB: jax.Array, correct_MxT: jax.Array, onehot_MxR: jax.Array):
+  """Influence and its Agresti-Caffo SE for a block of B training examples: (B, T) each.
+
+  Per ratio, ``infl_r = (s_in·n_out − s_out·n_in) / (n_in·n_out)``: the numerator is a difference of
+  two products of integer counts, so where the two proportions agree it is exactly 0 and so is the
+  influence (``s_in/n_in − s_out/n_out`` is not: XLA's CPU division by a broadcast divisor rounds
+  61/61 to 0.99999994, and top-k lists would rank that float noise). The ratios' values are then
+  averaged with equal weight, SE ``sqrt(Σ_r se_r²) / R``."""
+  n_in_RxB, n_out_RxB, s_in_RxBxT, s_out_RxBxT = in_out_pair_sums(keep_MxB, correct_MxT, onehot_MxR)
+  n_in, n_out = n_in_RxB[..., None], n_out_RxB[..., None]
+  valid_BxT = jnp.all((n_in > 0) & (n_out > 0), axis=0)
+  numerator = s_in_RxBxT * n_out - s_out_RxBxT * n_in
+  infl_RxBxT = numerator / jnp.maximum(n_in * n_out, 1)
+  p_in, p_out = (s_in_RxBxT + 1) / (n_in + 2), (s_out_RxBxT + 1) / (n_out + 2)
+  var_RxBxT = p_in * (1 - p_in) / (n_in + 2) + p_out * (1 - p_out) / (n_out + 2)
+  r = onehot_MxR.shape[1]
+  infl = infl_RxBxT[0] if r == 1 else infl_RxBxT.mean(axis=0)
+  se = jnp.sqrt(var_RxBxT[0] if r == 1 else var_RxBxT.sum(axis=0) / r**2)
+  return jnp.where(valid_BxT, infl, jnp.nan), jnp.where(valid_BxT, se, jnp.nan)
 
 
 @jax.jit
-def _dense_block(keep_MxB, correct_MxT, total_T):
-  return _block_influence(keep_MxB, correct_MxT, total_T)
+def _dense_block(keep_MxB, correct_MxT, onehot_MxR):
+  return _block_influence(keep_MxB, correct_MxT, onehot_MxR)
 
 
 def _top_k(values, k):
@@ -97,11 +104,11 @@ def _top_k(values, k):
 
 
 @functools.partial(jax.jit, static_argnames=("k_test", "k_train"))
-def _topk_block(carry, keep_MxB, start, num_train, correct_MxT, total_T, *, k_test, k_train):
+def _topk_block(carry, keep_MxB, start, num_train, correct_MxT, onehot_MxR, *, k_test, k_train):
   """One block: its influence, the per-train top-k inside it, and the per-test running top-k
   merged with the block's candidates (earlier blocks first, so ties keep the lower index)."""
   best_val_TxK, best_se_TxK, best_idx_TxK = carry
-  infl_BxT, se_BxT = _block_influence(keep_MxB, correct_MxT, total_T)
+  infl_BxT, se_BxT = _block_influence(keep_MxB, correct_MxT, onehot_MxR)
   b = infl_BxT.shape[0]
   index_B = start + jnp.arange(b)
   # padding rows (past num_train) never win
@@ -131,27 +138,42 @@ class InfluenceComputation:
   """Blocked influence over training examples; each method streams the blocks once.
 
   Args:
-    keep_MxN: bool, model m trained on training example i.
+    keep_MxN: bool, model m trained on training example i; or a callable ``read_keep(block) ->
+      keep_MxB`` for a slice of training examples (records read block by block, never whole), with
+      ``num_train`` given.
     test_correct_MxT: bool, model m classifies test example j correctly.
-    block_size: training examples per block (memory is O(block_size × T) on the device).
+    ratio_M: subset ratio of every model (None: one ratio); influence is taken within each ratio
+      and averaged over ratios, as memorization.
+    block_size: training examples per block (memory is O(block_size × R × T) on the device).
   """
 
-  def __init__(self, keep_MxN, test_correct_MxT, *, block_size: int = 1024):
-    keep_MxN, correct_MxT = _as_float(keep_MxN, test_correct_MxT)
+  def __init__(self, keep_MxN, test_correct_MxT, *, ratio_M=None, block_size: int = 1024,
+               num_train: int | None = None):
+    if callable(keep_MxN):
+      correct_MxT = np.asarray(test_correct_MxT).astype(bool)
+      if num_train is None or correct_MxT.ndim != 2:
+        raise ValueError("reading keep by blocks needs num_train and a (M, T) test correctness")
+      self._read_keep = keep_MxN
+      self.num_models, self.num_train = correct_MxT.shape[0], int(num_train)
+    else:
+      keep_MxN, correct_MxT = _as_float(keep_MxN, test_correct_MxT)
+      self._read_keep = lambda block: keep_MxN[:, block]
+      self.num_models, self.num_train = keep_MxN.shape
     if not isinstance(block_size, (int, np.integer)) or block_size < 1:
       raise JaxmemError(f"influence block size must be a positive integer, got {block_size!r}")
-    self.num_models, self.num_train = keep_MxN.shape
     self.num_test = correct_MxT.shape[1]
     self.block_size = int(min(block_size, max(self.num_train, 1)))
-    self._keep = keep_MxN
     self._correct = jnp.asarray(correct_MxT, jnp.float32)
-    self._total = self._correct.sum(axis=0)
+    self.ratios, onehot_MxR = ratio_strata(np.zeros(self.num_models) if ratio_M is None else ratio_M)
+    if onehot_MxR.shape[0] != self.num_models:
+      raise ValueError(f"subset ratios {onehot_MxR.shape[0]} do not match {self.num_models} models")
+    self._onehot = jnp.asarray(onehot_MxR)
 
   def blocks(self):
     """Yields ``(start, keep_MxB)`` with the last block zero-padded to ``block_size`` (one
     compilation for all blocks; padded columns are masked out)."""
     for start in range(0, self.num_train, self.block_size):
-      block = self._keep[:, start: start + self.block_size]
+      block = np.asarray(self._read_keep(slice(start, min(start + self.block_size, self.num_train))), bool)
       if block.shape[1] < self.block_size:
         block = np.pad(block, ((0, 0), (0, self.block_size - block.shape[1])))
       yield start, jnp.asarray(block, jnp.float32)
@@ -159,7 +181,7 @@ class InfluenceComputation:
   def dense_blocks(self):
     """Yields ``(start, influence_BxT, se_BxT)`` as numpy, unpadded."""
     for start, keep_MxB in self.blocks():
-      infl, se = _dense_block(keep_MxB, self._correct, self._total)
+      infl, se = _dense_block(keep_MxB, self._correct, self._onehot)
       stop = min(start + self.block_size, self.num_train)
       yield start, np.asarray(infl[: stop - start]), np.asarray(se[: stop - start])
 
@@ -184,7 +206,7 @@ class InfluenceComputation:
         eligible_N = np.nan_to_num(np.asarray(memorization_N, np.float64), nan=-np.inf) >= pair_memorization
     for start, keep_MxB in self.blocks():
       carry, (val, se, pos), infl_BxT, se_BxT = _topk_block(
-          carry, keep_MxB, start, self.num_train, self._correct, self._total, k_test=k_test, k_train=k_train)
+          carry, keep_MxB, start, self.num_train, self._correct, self._onehot, k_test=k_test, k_train=k_train)
       stop = min(start + self.block_size, self.num_train)
       per_train_val.append(np.asarray(val[: stop - start]))
       per_train_se.append(np.asarray(se[: stop - start]))
@@ -216,18 +238,14 @@ class InfluenceComputation:
       pair_arrays = (np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.float32), np.zeros(0, np.float32))
     return topk, pair_arrays
 
-  def write_full(self, path: str | Path) -> None:
-    """Writes the full (N, T) float32 influence matrix to ``.npy`` block by block (memory-mapped)."""
-    out = np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=(self.num_train, self.num_test))
-    for start, infl, _ in self.dense_blocks():
-      out[start: start + infl.shape[0]] = infl
-    out.flush()
-    del out
+  @property
+  def shape(self) -> tuple[int, int]:
+    return (self.num_train, self.num_test)
 
 
-def influence(keep_MxN, test_correct_MxT, *, block_size: int = 1024) -> tuple[np.ndarray, np.ndarray]:
+def influence(keep_MxN, test_correct_MxT, *, ratio_M=None, block_size: int = 1024) -> tuple[np.ndarray, np.ndarray]:
   """The full (N, T) influence matrix and its standard errors (for small problems and tests)."""
-  comp = InfluenceComputation(keep_MxN, test_correct_MxT, block_size=block_size)
+  comp = InfluenceComputation(keep_MxN, test_correct_MxT, ratio_M=ratio_M, block_size=block_size)
   infl = np.full((comp.num_train, comp.num_test), np.nan, np.float32)
   se = np.full_like(infl, np.nan)
   for start, block, block_se in comp.dense_blocks():
@@ -236,81 +254,60 @@ def influence(keep_MxN, test_correct_MxT, *, block_size: int = 1024) -> tuple[np
   return infl, se
 
 
-def influence_topk(keep_MxN, test_correct_MxT, k: int = 10, *, block_size: int = 1024) -> InfluenceTopK:
+def influence_topk(keep_MxN, test_correct_MxT, k: int = 10, *, ratio_M=None, block_size: int = 1024) -> InfluenceTopK:
   """Top-k influence per test example and per training example without the N×T matrix."""
-  return InfluenceComputation(keep_MxN, test_correct_MxT, block_size=block_size).top_k(k)[0]
+  return InfluenceComputation(keep_MxN, test_correct_MxT, ratio_M=ratio_M, block_size=block_size).top_k(k)[0]
 
 
-TOPK_COLUMNS = ("test_index", "train_index", "influence", "influence_se", "memorization", "direction", "rank")
-PAIR_COLUMNS = ("test_index", "train_index", "influence", "influence_se", "memorization", "test_label", "train_label")
-
-
-def _fmt(value) -> str:
-  value = float(value)
-  return "" if np.isnan(value) else f"{value:.6g}"
-
-
-def topk_rows(topk: InfluenceTopK, memorization_N: np.ndarray):
-  """Rows of ``influence_topk.csv``: direction ``test`` lists the top train examples for each test
-  example, direction ``train`` the top test examples for each train example; rank 1 is the largest."""
+def topk_table(topk: InfluenceTopK, memorization_N: np.ndarray) -> dict[str, np.ndarray]:
+  """Columns of ``influence_topk.csv``: direction ``test`` lists the top train examples for each
+  test example, then direction ``train`` the top test examples for each train example; rank 1 is
+  the largest; unused slots are left out."""
   mem = np.asarray(memorization_N, np.float64)
-  for j in range(topk.train_for_test_TxK.shape[0]):
-    for r in range(topk.train_for_test_TxK.shape[1]):
-      i = int(topk.train_for_test_TxK[j, r])
-      if i >= 0:
-        yield (j, i, _fmt(topk.influence_for_test_TxK[j, r]), _fmt(topk.se_for_test_TxK[j, r]), _fmt(mem[i]), "test", r + 1)
-  for i in range(topk.test_for_train_NxK.shape[0]):
-    for r in range(topk.test_for_train_NxK.shape[1]):
-      j = int(topk.test_for_train_NxK[i, r])
-      if j >= 0:
-        yield (j, i, _fmt(topk.influence_for_train_NxK[i, r]), _fmt(topk.se_for_train_NxK[i, r]), _fmt(mem[i]), "train", r + 1)
+  parts = []
+  for direction, idx, val, se, own_is_test in (
+      ("test", topk.train_for_test_TxK, topk.influence_for_test_TxK, topk.se_for_test_TxK, True),
+      ("train", topk.test_for_train_NxK, topk.influence_for_train_NxK, topk.se_for_train_NxK, False)):
+    own, rank = np.nonzero(idx >= 0)
+    other = idx[own, rank].astype(np.int64)
+    test_j, train_i = (own, other) if own_is_test else (other, own)
+    parts.append({"test_index": test_j, "train_index": train_i,
+                  "influence": val[own, rank].astype(np.float64), "influence_se": se[own, rank].astype(np.float64),
+                  "memorization": mem[train_i], "direction": np.full(len(own), direction, object),
+                  "rank": rank.astype(np.int64) + 1})
+  return {name: np.concatenate([p[name] for p in parts]) for name in parts[0]}
 
 
-def _csv_writer(header, rows_fn):
-  def write(path):
-    from jaxmem.records import atomic_path
-    with atomic_path(Path(path)) as tmp:
-      with open(tmp, "w", newline="") as f:
-        writer = csv.writer(f, lineterminator="\n")
-        writer.writerow(header)
-        writer.writerows(rows_fn())
-  return write
-
-
-def _full_writer(comp: InfluenceComputation):
-  def write(path):
-    from jaxmem.records import atomic_path
-    with atomic_path(Path(path)) as tmp:
-      comp.write_full(tmp)
-  return write
-
-
-@register_estimator("influence", requires=("test_correct",))
-def _influence(records, *, context=None, topk: int = 10, full: bool = False, block_size: int = 1024,
-               pair_influence: float = HIGH_INFLUENCE,
-               pair_memorization: float = HIGH_MEMORIZATION) -> EstimatorResult:
-  """Adapter: ``influence_topk.csv``, ``influence_pairs.csv`` and, with ``full``, ``influence.npy``."""
+def influence_estimator(records, *, context=None, topk: int = 10, full: bool = False, block_size: int = 1024,
+                        pair_influence: float = HIGH_INFLUENCE,
+                        pair_memorization: float = HIGH_MEMORIZATION) -> EstimatorResult:
+  """Adapter: tables ``influence_topk`` and ``influence_pairs`` and, with ``full``, the matrix
+  ``influence`` (N, T), produced block by block."""
   context = context or {}
   mem_N = context.get("memorization")
-  if mem_N is None:
-    mem_N = memorization(records.keep, records["train_correct"]).estimate
-  comp = InfluenceComputation(records.keep, records["test_correct"], block_size=block_size)
+  if mem_N is None:  # not computed in this scoring run: by blocks of training examples, as the influence
+    mem_N = np.concatenate([
+        memorization(records.read("keep", examples=b), records.read("train_correct", examples=b),
+                     records.subset_ratio).estimate for b in records.example_blocks(max(block_size, 65536))])
+  # keep is read one block of training examples at a time: only (M, T) test records are whole
+  comp = InfluenceComputation(lambda block: records.read("keep", examples=block), records.read("test_correct"),
+                              ratio_M=records.subset_ratio, block_size=block_size, num_train=records.num_train)
   topk_result, pairs = comp.top_k(topk, memorization_N=mem_N, pair_influence=pair_influence,
                                   pair_memorization=pair_memorization)
   train_i, test_j, value, se = pairs
-  test_labels, train_labels = records.test_labels, records.train_labels
-  pair_rows = lambda: ((int(j), int(i), _fmt(v), _fmt(s), _fmt(mem_N[i]), int(test_labels[j]), int(train_labels[i]))
-                       for i, j, v, s in zip(train_i, test_j, value, se))
-  files = {"influence_topk.csv": _csv_writer(TOPK_COLUMNS, lambda: topk_rows(topk_result, mem_N)),
-           "influence_pairs.csv": _csv_writer(PAIR_COLUMNS, pair_rows)}
-  if full:
-    files["influence.npy"] = _full_writer(comp)
+  pair_table = {"test_index": test_j.astype(np.int64), "train_index": train_i.astype(np.int64),
+                "influence": value.astype(np.float64), "influence_se": se.astype(np.float64),
+                "memorization": np.asarray(mem_N, np.float64)[train_i],
+                "test_label": np.asarray(records.test_labels)[test_j].astype(np.int64),
+                "train_label": np.asarray(records.train_labels)[train_i].astype(np.int64)}
   best = topk_result.influence_for_test_TxK[:, 0]
   summary = {"topk": int(topk), "high_influence_pairs": int(len(value)),
              "pair_influence_threshold": float(pair_influence), "pair_memorization_threshold": float(pair_memorization),
              "train_examples_in_pairs": int(len(np.unique(train_i))), "test_examples_in_pairs": int(len(np.unique(test_j))),
-             "median_max_influence_per_test": float(np.nanmedian(best)) if np.isfinite(best).any() else float("nan")}
-  lines = [f"influence: {len(value)} high-influence pairs (influence >= {pair_influence:g}, memorization >= "
-           f"{pair_memorization:g}) over {summary['train_examples_in_pairs']} training and "
-           f"{summary['test_examples_in_pairs']} test examples; top-{topk} per example in influence_topk.csv"]
-  return EstimatorResult(summary=summary, lines=lines, files=files)
+             "median_max_influence_per_test": float(np.nanmedian(best)) if np.isfinite(best).any() else float("nan"),
+             "num_models": int(comp.num_models),
+             "median_pair_se": float(np.nanmedian(se)) if np.isfinite(se).any() else float("nan"),
+             "pairs_within_two_se": int(np.sum(value < 2 * se))}
+  return EstimatorResult(summary=summary,
+                         tables={"influence_topk": topk_table(topk_result, mem_N), "influence_pairs": pair_table},
+                         matrices={"influence": comp} if full else {})

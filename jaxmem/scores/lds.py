@@ -40,8 +40,6 @@ comparable across methods on one run but not directly with TRAK's tables.
 
 from __future__ import annotations
 
-import csv
-import io
 from typing import Any
 
 import jax
@@ -50,8 +48,7 @@ import numpy as np
 from scipy.stats import rankdata
 
 from jaxmem.errors import JaxmemError
-from jaxmem.scores import EstimatorResult, register_estimator
-from jaxmem.records import write_bytes_atomic, write_json_atomic
+from jaxmem.scores._result import EstimatorResult
 
 METHODS = ("influence_correctness", "influence_margin", "datamodels", "random")
 RIDGE_GRID: tuple[float, ...] = tuple(10.0 ** k for k in range(-2, 5))
@@ -212,29 +209,18 @@ def lds_report(keep_MxN, test_correct_MxT, test_margin_MxT, *, attribution_NxT=N
   return out, per_test
 
 
-def per_test_csv(per_test: dict[str, np.ndarray], test_labels_T: np.ndarray) -> bytes:
-  """``test_index, test_label`` and one LDS column per method; undefined values are empty cells."""
-  out = io.StringIO()
-  writer = csv.writer(out, lineterminator="\n")
-  writer.writerow(["test_index", "test_label", *per_test])
-  for j, label in enumerate(np.asarray(test_labels_T)):
-    writer.writerow([j, int(label), *("" if np.isnan(v[j]) else f"{v[j]:.6g}" for v in per_test.values())])
-  return out.getvalue().encode()
+def per_test_table(per_test: dict[str, np.ndarray], test_labels_T: np.ndarray) -> dict[str, np.ndarray]:
+  """Columns of ``lds_per_test.csv``: ``test_index, test_label`` and one LDS column per method
+  (NaN where undefined: an empty cell)."""
+  labels = np.asarray(test_labels_T, np.int64)
+  return {"test_index": np.arange(len(labels), dtype=np.int64), "test_label": labels,
+          **{method: np.asarray(v, np.float64) for method, v in per_test.items()}}
 
 
-@register_estimator("lds", requires=("test_correct", "test_margin"), default=False)
-def _lds_estimator(records, *, context=None, attribution=None, seed: int = 0, num_bootstrap: int = 1000) -> EstimatorResult:
-  """``lds.json`` (averages with intervals) and ``lds_per_test.csv`` (LDS of every test example) of
-  the built-in attributions and of ``attribution``, an (N, T) array."""
+def lds_estimator(records, *, context=None, attribution=None, seed: int = 0, num_bootstrap: int = 1000) -> EstimatorResult:
+  """Adapter: the summary (each method's LDS with its interval, written as ``lds.json``) and the
+  table ``lds_per_test`` (LDS of every test example) of the built-in attributions and of
+  ``attribution``, an (N, T) array."""
   summary, per_test = lds_report(records.read("keep"), records.read("test_correct"), records.read("test_margin"),
                                  attribution_NxT=attribution, seed=seed, num_bootstrap=num_bootstrap)
-  settings = summary["settings"]
-  lines = [f"LDS (Spearman over {settings['evaluation_models']} held-out models of the summed attribution vs the test "
-           f"margin; attributions from the other {settings['estimation_models']}; 95% bootstrap over test examples):"]
-  for method, entry in ((k, v) for k, v in summary.items() if k != "settings"):
-    lines.append(f"  {method:<22} {entry['lds']:.3f} [{entry['lds_low']:.3f}, {entry['lds_high']:.3f}]  "
-                 f"({entry['test_examples_used']} of {entry['test_examples']} test examples)")
-  table = per_test_csv(per_test, records.test_labels)
-  return EstimatorResult(summary=summary, lines=lines, files={
-      "lds.json": lambda path: write_json_atomic(path, summary),
-      "lds_per_test.csv": lambda path: write_bytes_atomic(path, table)})
+  return EstimatorResult(summary=summary, tables={"lds_per_test": per_test_table(per_test, records.test_labels)})

@@ -57,8 +57,9 @@ import numpy as np
 from scipy.special import log_ndtr
 
 from jaxmem.errors import JaxmemError
-from jaxmem.scores._stats import spearman
-from jaxmem.scores.attack_metrics import DEFAULT_FPRS, bootstrap_attack_metrics, per_example_auc, roc, tpr_key
+from jaxmem.scores._result import EstimatorResult
+from jaxmem.scores._stats import ratio_key, spearman
+from jaxmem.scores.attack_metrics import DEFAULT_FPRS, bootstrap_attack_metrics, per_example_auc, roc
 from jaxmem.scores.privacy_bounds import DEFAULT_DELTA, POOLED_CAVEAT, eps_lower_bound
 
 CENTERS = ("mean", "median")
@@ -90,6 +91,10 @@ class GaussianFits:
   n_out: np.ndarray
   fixed_std_in: np.ndarray
   fixed_std_out: np.ndarray
+  # Σ squared residuals and degrees of freedom behind fixed_std_* (leading axes), over the examples
+  # of this fit: sums over blocks of examples give the pooled variance of all of them.
+  pooled_in: tuple[np.ndarray, np.ndarray] | None = None
+  pooled_out: tuple[np.ndarray, np.ndarray] | None = None
 
 
 def as_queries(margin: np.ndarray) -> np.ndarray:
@@ -146,8 +151,10 @@ def _gather(sorted_MxNxA: np.ndarray, index_TxNxA: np.ndarray) -> np.ndarray:
 
 
 def _group_fit(x_MxNxA: np.ndarray, mask_MxN: np.ndarray, targets_T: np.ndarray | None, center: str,
-               min_models: int):
-  """Mean/median, std, count and pooled std of one group (in or out), leaving each target out."""
+               min_models: int, pooled: tuple[np.ndarray, np.ndarray] | None = None):
+  """Mean/median, std, count and pooled std of one group (in or out), leaving each target out.
+  ``pooled``: (Σ squared residuals, degrees of freedom) to take the fixed std from instead of this
+  fit's own examples (the totals over every block of examples)."""
   weight = mask_MxN[..., None].astype(np.float64)
   # Shift by the all-model mean of each (example, query) first: sums of squares of centred values
   # do not cancel catastrophically when a target's term is subtracted.
@@ -170,6 +177,9 @@ def _group_fit(x_MxNxA: np.ndarray, mask_MxN: np.ndarray, targets_T: np.ndarray 
   # Pooled within-example variance of this group over the examples with enough models.
   pooled_ss = np.where(enough & (n >= 2), ss, 0.0).sum(axis=(1, 2))
   pooled_df = np.where(enough & (n >= 2), np.broadcast_to(n - 1, ss.shape), 0.0).sum(axis=(1, 2))
+  own = (pooled_ss, pooled_df)
+  if pooled is not None:
+    pooled_ss, pooled_df = (np.asarray(v, np.float64).reshape(pooled_ss.shape) for v in pooled)
   fixed_std = np.where(pooled_df > 0, np.sqrt(pooled_ss / np.maximum(pooled_df, 1)), np.nan)
   if center == "median":
     targets = np.zeros(1, int) if targets_T is None else targets_T
@@ -179,12 +189,12 @@ def _group_fit(x_MxNxA: np.ndarray, mask_MxN: np.ndarray, targets_T: np.ndarray 
   center_value = np.where(enough, center_value, np.nan)
   count = n[..., 0].astype(np.int64)
   if targets_T is None:
-    return center_value[0], std[0], count[0], fixed_std[0]
-  return center_value, std, count, fixed_std
+    return center_value[0], std[0], count[0], fixed_std[0], (own[0][0], own[1][0])
+  return center_value, std, count, fixed_std, own
 
 
 def fit_gaussians(margin_MxNxA: np.ndarray, keep_MxN: np.ndarray, *, targets: np.ndarray | None = None,
-                  center: str = "mean", min_models: int = 2) -> GaussianFits:
+                  center: str = "mean", min_models: int = 2, pooled_in=None, pooled_out=None) -> GaussianFits:
   """In and out Gaussians of every example from the shadow models.
 
   Args:
@@ -194,6 +204,8 @@ def fit_gaussians(margin_MxNxA: np.ndarray, keep_MxN: np.ndarray, *, targets: np
       model out (leading axis T), computed from totals minus the target's contribution.
     center: "mean" or "median" of the shadow margins.
     min_models: fewer in (or out) shadows than this gives NaN for that group.
+    pooled_in, pooled_out: (Σ squared residuals, degrees of freedom) per leading axis for the fixed
+      variances, when the examples here are one block of more (default: these examples' own).
   """
   _check_center(center)
   if min_models < 2:
@@ -203,9 +215,9 @@ def fit_gaussians(margin_MxNxA: np.ndarray, keep_MxN: np.ndarray, *, targets: np
   if keep.shape != x.shape[:2]:
     raise ValueError(f"keep {keep.shape} does not match margins {x.shape}")
   targets = None if targets is None else np.asarray(targets, np.int64)
-  mean_in, std_in, n_in, fixed_in = _group_fit(x, keep, targets, center, min_models)
-  mean_out, std_out, n_out, fixed_out = _group_fit(x, ~keep, targets, center, min_models)
-  return GaussianFits(mean_in, std_in, n_in, mean_out, std_out, n_out, fixed_in, fixed_out)
+  mean_in, std_in, n_in, fixed_in, sums_in = _group_fit(x, keep, targets, center, min_models, pooled_in)
+  mean_out, std_out, n_out, fixed_out, sums_out = _group_fit(x, ~keep, targets, center, min_models, pooled_out)
+  return GaussianFits(mean_in, std_in, n_in, mean_out, std_out, n_out, fixed_in, fixed_out, sums_in, sums_out)
 
 
 def _log_normal_pdf(x, mean, std):
@@ -270,12 +282,13 @@ def global_threshold(target_NxA) -> np.ndarray:
 
 def leave_one_out_scores(margin_MxNxA: np.ndarray, keep_MxN: np.ndarray, targets: Sequence[int], *,
                          center: str = "mean", min_models: int = 2, variants: Sequence[str] = VARIANTS,
-                         block_values: int = 8_000_000) -> dict[str, np.ndarray]:
+                         block_values: int = 8_000_000, pooled=None) -> dict[str, np.ndarray]:
   """Each target model attacked with all other models as shadows: ``{variant: (T,N)}``.
 
   Equivalent to calling :func:`lira_scores` with :func:`fit_gaussians` on the margins without row t,
   for every t; computed in blocks of targets (vectorized within a block) so memory stays bounded
-  by ``block_values`` float64 values per intermediate array.
+  by ``block_values`` float64 values per intermediate array. ``pooled``: ``{"pooled_in": (ss_T,
+  df_T), "pooled_out": ...}`` over all examples when these margins are one block of examples.
   """
   x = as_queries(margin_MxNxA)
   keep = np.asarray(keep_MxN, bool)
@@ -284,7 +297,10 @@ def leave_one_out_scores(margin_MxNxA: np.ndarray, keep_MxN: np.ndarray, targets
   parts: dict[str, list[np.ndarray]] = {v: [] for v in variants}
   for start in range(0, len(targets), per_target):
     block = targets[start: start + per_target]
-    fits = fit_gaussians(x, keep, targets=block, center=center, min_models=min_models)
+    rows = slice(start, start + per_target)
+    fixed = {} if pooled is None else {name: tuple(np.asarray(v)[rows] for v in pooled[name])
+                                       for name in ("pooled_in", "pooled_out")}
+    fits = fit_gaussians(x, keep, targets=block, center=center, min_models=min_models, **fixed)
     for name, value in lira_scores(x[block], fits, variants=variants).items():
       parts[name].append(value)
   n = x.shape[1]
@@ -339,7 +355,12 @@ def lira_attack(margin_MxNxA: np.ndarray, keep_MxN: np.ndarray, *, targets: int 
     raise JaxmemError(f"a LiRA attack needs at least 3 models (a target and two shadows), got {x.shape[0]}")
   chosen = choose_targets(x.shape[0], targets, seed)
   scores = leave_one_out_scores(x, keep, chosen, center=center, min_models=min_models, variants=variants)
-  members = keep[chosen]
+  return evaluate_attack(chosen, scores, keep[chosen], num_bootstrap=num_bootstrap, seed=seed, fprs=fprs)
+
+
+def evaluate_attack(chosen: np.ndarray, scores: dict[str, np.ndarray], members: np.ndarray, *,
+                    num_bootstrap: int = 200, seed: int = 0, fprs: Sequence[float] = DEFAULT_FPRS) -> LiraAttack:
+  """Pooled metrics with bootstrap intervals and ROC curves of the targets' scores ``(T, N)``."""
   evaluated = np.all([~np.isnan(s) for s in scores.values()], axis=0)
   metrics, curves = {}, {}
   for name, s in scores.items():
@@ -383,105 +404,98 @@ def per_example_risk(margin_MxNxA: np.ndarray, keep_MxN: np.ndarray, *, center: 
   return out
 
 
-def format_attack_lines(attack: LiraAttack, fprs: Sequence[float] = DEFAULT_FPRS) -> list[str]:
-  """Human summary of the pooled attack metrics with intervals."""
-  pairs = int(attack.evaluated.sum())
-  lines = [f"LiRA attack: {len(attack.targets)} target models, each attacked with the other models as "
-           f"shadows; {pairs} (target, example) pairs ({int(attack.members[attack.evaluated].mean() * 100)}% members), "
-           "95% bootstrap intervals over examples"]
-  header = f"  {'attack':<36} {'AUC':>22}"
-  for alpha in fprs:
-    header += f" {'TPR@' + f'{100 * alpha:g}' + '%FPR':>22}"
-  header += f" {'balanced acc':>22}"
-  lines.append(header)
-  fmt = lambda m: f"{m['value']:.3f} [{m['low']:.3f}, {m['high']:.3f}]"
-  for name, metrics in attack.metrics.items():
-    row = f"  {VARIANT_LABELS.get(name, name):<36} {fmt(metrics['auc']):>22}"
-    for alpha in fprs:
-      row += f" {fmt(metrics[tpr_key(alpha)]):>22}"
-    row += f" {fmt(metrics['balanced_accuracy']):>22}"
-    lines.append(row)
-  if attack.unscored_examples:
-    lines.append(f"  warning: {attack.unscored_examples} examples lack enough in or out shadow models for "
-                 "some target and were left out of these metrics")
-  return lines
-
-
-def plot_roc(attack: LiraAttack, path, *, title: str = "LiRA on jaxmem subset models") -> None:
-  """Log-log ROC curves of every variant (PNG, matplotlib Agg backend)."""
-  import matplotlib
-  matplotlib.use("Agg", force=False)
-  from matplotlib.figure import Figure
-  from matplotlib.backends.backend_agg import FigureCanvasAgg
-
-  fig = Figure(figsize=(5.5, 4.5))
-  FigureCanvasAgg(fig)
-  ax = fig.add_subplot(1, 1, 1)
-  negatives = int((~attack.members[attack.evaluated]).sum())
-  floor = 1.0 / max(negatives, 1)
-  styles = {"global_threshold": dict(color="gray", ls="--"), "offline_pdf": dict(color="C4", ls=":")}
-  for name, (fpr, tpr) in attack.curves.items():
-    auc = attack.metrics[name]["auc"]["value"]
-    low = attack.metrics[name][tpr_key(0.01)]["value"] if tpr_key(0.01) in attack.metrics[name] else float("nan")
-    ax.plot(np.maximum(fpr, floor / 2), np.maximum(tpr, floor / 2),
-            label=f"{VARIANT_LABELS.get(name, name)} (AUC {auc:.3f}, TPR@1% {low:.3f})", **styles.get(name, {}))
-  ax.plot([floor / 2, 1], [floor / 2, 1], color="black", lw=0.5)
-  ax.set_xscale("log")
-  ax.set_yscale("log")
-  ax.set_xlim(floor / 2, 1)
-  ax.set_ylim(floor / 2, 1)
-  ax.set_xlabel("false positive rate")
-  ax.set_ylabel("true positive rate")
-  ax.set_title(title, fontsize=9)
-  ax.legend(fontsize=6, loc="lower right")
-  fig.tight_layout()
-  fig.savefig(path, dpi=120, format="png")  # path may be a temporary name
-
-
 def select_margins(records, queries: str = "auto") -> np.ndarray:
-  """The training-set margins LiRA uses: ``train_margin_aug`` (M,N,A) when recorded and
-  ``queries`` is "auto" or "aug", else ``train_margin`` (M,N)."""
+  """The training-set margins LiRA uses, whole (see :func:`margin_record`)."""
+  return np.asarray(records[margin_record(records, queries)])
+
+
+def check_single_ratio(ratio_M) -> None:
+  """LiRA's shadow Gaussians are fitted over all models; with several subset ratios those mix
+  models of different training-set sizes (the in-shadows mostly high-ratio ones), so the fit would
+  measure the ratio gap, not membership. Such runs are refused rather than pooled."""
+  ratios = sorted({ratio_key(r) for r in np.asarray(ratio_M).reshape(-1)})
+  if len(ratios) > 1:
+    raise JaxmemError(f"LiRA needs a run with one subset ratio (its shadow Gaussians would pool models of ratios "
+                      f"{', '.join(f'{r:g}' for r in ratios)}); score LiRA on a single-ratio run")
+
+
+def margin_record(records, queries: str = "auto") -> str:
+  """The record LiRA uses: ``train_margin_aug`` (M,N,A) when recorded and ``queries`` is "auto" or
+  "aug", else ``train_margin`` (M,N)."""
   if queries not in ("auto", "aug", "plain"):
     raise JaxmemError(f"LiRA queries must be auto, aug or plain, got {queries!r}")
   if queries in ("auto", "aug") and "train_margin_aug" in records:
-    return np.asarray(records["train_margin_aug"])
+    return "train_margin_aug"
   if queries == "aug":
     raise JaxmemError("this run recorded no augmented queries (train_margin_aug); rerun with --queries 2 or 18")
-  return np.asarray(records["train_margin"])
+  return "train_margin"
 
 
 def lira_report(records, *, memorization: np.ndarray | None = None, targets: int | str | Sequence[int] | None = None,
                 center: str = "mean", min_models: int = 2, num_bootstrap: int = 200, seed: int = 0,
-                queries: str = "auto", top: int = 10,
-                delta: float = DEFAULT_DELTA) -> tuple[dict[str, np.ndarray], dict[str, Any], list[str], LiraAttack]:
+                queries: str = "auto", top: int = 10, block_size: int | None = None,
+                delta: float = DEFAULT_DELTA,
+                ) -> tuple[dict[str, np.ndarray], dict[str, Any], LiraAttack]:
   """Everything ``jaxmem scores --estimators lira`` reports: per-example columns, the summary
-  (written to ``lira.json``), printed lines, and the attack (for the ROC plot)."""
-  margin = as_queries(select_margins(records, queries))
-  keep = np.asarray(records.keep, bool)
-  attack = lira_attack(margin, keep, targets=targets, center=center, min_models=min_models,
-                       num_bootstrap=num_bootstrap, seed=seed)
-  columns = per_example_risk(margin, keep, center=center, min_models=min_models, with_gap=True)
+  (written to ``lira.json``) and the attack (for the ROC curves).
+
+  The margins are read in blocks of ``block_size`` training examples (default: all), in two passes:
+  the first sums each target's pooled residuals for the fixed-variance variants (a sum over all
+  examples), the second scores every block with them. Per-example columns and per-pair scores do
+  not depend on the block size; the fixed variances only through float64 summation order."""
+  check_single_ratio(records.subset_ratio)
+  name = margin_record(records, queries)
+  num_models, num_train = records.num_models, records.num_train
+  if num_models < 3:
+    raise JaxmemError(f"a LiRA attack needs at least 3 models (a target and two shadows), got {num_models}")
+  _check_center(center)
+  chosen = choose_targets(num_models, targets, seed)
+  blocks = list(records.example_blocks(block_size or max(num_train, 1)))
+
+  def block_arrays(block):
+    return as_queries(records.read(name, examples=block)), np.asarray(records.read("keep", examples=block), bool)
+
+  pooled = None
+  if len(blocks) > 1:
+    sums = {"pooled_in": (0.0, 0.0), "pooled_out": (0.0, 0.0)}
+    for block in blocks:
+      x, keep = block_arrays(block)
+      fits = fit_gaussians(x, keep, targets=chosen, center="mean", min_models=min_models)
+      for key, (ss, df) in (("pooled_in", fits.pooled_in), ("pooled_out", fits.pooled_out)):
+        sums[key] = (sums[key][0] + ss, sums[key][1] + df)
+    pooled = sums
+  parts: dict[str, list[np.ndarray]] = {}
+  members, risk = [], {"lira_online": [], "lira_offline": [], "online_gap": []}
+  queries_seen = 1
+  for block in blocks:
+    x, keep = block_arrays(block)
+    queries_seen = x.shape[2]
+    for variant, value in leave_one_out_scores(x, keep, chosen, center=center, min_models=min_models,
+                                               pooled=pooled).items():
+      parts.setdefault(variant, []).append(value)
+    members.append(keep[chosen])
+    for key, value in per_example_risk(x, keep, center=center, min_models=min_models, with_gap=True).items():
+      risk[key].append(value)
+  scores = {variant: np.concatenate(v, axis=1) for variant, v in parts.items()}
+  attack = evaluate_attack(chosen, scores, np.concatenate(members, axis=1), num_bootstrap=num_bootstrap, seed=seed)
+  columns = {key: np.concatenate(v) for key, v in risk.items()}
   gap = columns.pop("online_gap")
   online = columns["lira_online"]
   unscored = int(np.isnan(online).sum())
+  margin_shape = (num_models, num_train, queries_seen)
   summary: dict[str, Any] = {
-      "models": int(margin.shape[0]), "examples": int(margin.shape[1]), "queries": int(margin.shape[2]),
+      "models": int(margin_shape[0]), "examples": int(margin_shape[1]), "queries": int(margin_shape[2]),
       "center": center, "min_models": min_models, "targets": attack.targets.tolist(),
       "pairs_evaluated": int(attack.evaluated.sum()), "num_bootstrap": num_bootstrap, "seed": seed,
       "attack": attack.metrics, "unscored_examples": unscored,
       "per_example_definition": "per-example AUC of the attack score over all models as targets (leave-one-out)"}
-  lines = format_attack_lines(attack)
+  summary["member_percent"] = int(attack.members[attack.evaluated].mean() * 100) if attack.evaluated.any() else 0
+  summary["unscored_attack_examples"] = int(attack.unscored_examples)
   # Empirical ε lower bound of each variant on the same pairs (jaxmem.scores.privacy_bounds).
   summary["eps_lower_bound"] = {
-      name: eps_lower_bound(np.where(attack.evaluated, s, np.nan), attack.members, delta=delta, seed=seed)
-      for name, s in attack.scores.items()}
+      variant: eps_lower_bound(np.where(attack.evaluated, s, np.nan), attack.members, delta=delta, seed=seed)
+      for variant, s in attack.scores.items()}
   summary["eps_caveat"] = POOLED_CAVEAT
-  lines.append(f"  eps lower bound (delta {delta:g}, 95% one-sided Clopper-Pearson): " + ", ".join(
-      f"{name} {bound['eps']:.2f}" for name, bound in summary["eps_lower_bound"].items()))
-  lines.append(f"  ({POOLED_CAVEAT})")
-  if unscored:
-    lines.append(f"  warning: {unscored} examples have fewer than {min_models} in or out shadow models; "
-                 "their lira_online is empty")
   # Most exposed first; ties (many examples reach AUC 1) broken by the mean log-ratio gap.
   order = np.lexsort((-np.nan_to_num(gap, nan=-np.inf), -np.nan_to_num(online, nan=-np.inf)))[:top]
   summary["fully_exposed_examples"] = int(np.sum(online == 1.0))
@@ -493,41 +507,36 @@ def lira_report(records, *, memorization: np.ndarray | None = None, targets: int
       row["memorization"] = float(memorization[i])
     exposed.append(row)
   summary["most_exposed"] = exposed
-  lines.append(f"most exposed training examples (lira_online = per-example attack AUC over {margin.shape[0]} target models; "
-               f"{summary['fully_exposed_examples']} examples at 1.0):")
-  lines.append("  index  label  noisy  lira_online  lira_offline" + ("  memorization" if memorization is not None else ""))
-  for row in exposed:
-    text = (f"  {row['index']:5d}  {row['label']:5d}  {'yes' if row['noisy'] else 'no':>5}  "
-            f"{row['lira_online']:11.3f}  {row['lira_offline']:12.3f}")
-    if memorization is not None:
-      text += f"  {row['memorization']:12.3f}"
-    lines.append(text)
   if memorization is not None:
     valid = ~np.isnan(online) & ~np.isnan(memorization)
-    rho = spearman(online, memorization)
-    summary["spearman_lira_online_memorization"] = rho
-    lines.append(f"Spearman rank correlation of lira_online with memorization: {rho:.3f} ({int(valid.sum())} examples)")
-  return columns, summary, lines, attack
+    summary["spearman_lira_online_memorization"] = spearman(online, memorization)
+    summary["spearman_examples"] = int(valid.sum())
+  return columns, summary, attack
 
 
-from jaxmem.scores import EstimatorResult, register_estimator  # noqa: E402  (registry defined before this module loads)
+def roc_table(attack: LiraAttack) -> dict[str, np.ndarray]:
+  """The ROC curve of every variant on the common (target, example) pairs, as one long table."""
+  names, fpr, tpr = [], [], []
+  for name, (f, t) in attack.curves.items():
+    names.append(np.full(len(f), name, object))
+    fpr.append(np.asarray(f, np.float64))
+    tpr.append(np.asarray(t, np.float64))
+  if not names:
+    return {"variant": np.zeros(0, object), "fpr": np.zeros(0), "tpr": np.zeros(0)}
+  return {"variant": np.concatenate(names), "fpr": np.concatenate(fpr), "tpr": np.concatenate(tpr)}
 
 
-@register_estimator("lira", requires=("train_margin",), default=False)
-def _lira_estimator(records, *, context=None, targets=None, center: str = "mean", min_models: int = 2,
-                    num_bootstrap: int = 200, seed: int = 0, queries: str = "auto", top: int = 10,
-                    delta: float = DEFAULT_DELTA) -> EstimatorResult:
-  """``lira`` columns, ``lira.json`` and ``lira_roc.png``; opt-in (``--estimators ...,lira``) because
-  the leave-one-out attack over all models and the bootstrap take seconds, not milliseconds."""
-  from jaxmem.records import atomic_path, write_json_atomic
+def lira_estimator(records, *, context=None, targets=None, center: str = "mean", min_models: int = 2,
+                   num_bootstrap: int = 200, seed: int = 0, queries: str = "auto", top: int = 10,
+                   block_values: int = 8_000_000, delta: float = DEFAULT_DELTA) -> EstimatorResult:
+  """Adapter: ``lira_online``/``lira_offline`` columns, the attack summary and the ROC table; opt-in
+  (``--estimators ...,lira``) because the leave-one-out attack over all models and the bootstrap
+  take seconds, not milliseconds. ``delta``: of the ε lower bounds in the summary. Margins are read in blocks of about ``block_values`` values."""
   memorization = None if context is None else context.get("memorization")
-  columns, summary, lines, attack = lira_report(
+  name = margin_record(records, queries)
+  per_example = records.num_models * max(1, int(np.prod(np.shape(records.read(name, examples=slice(0, 1)))[2:])))
+  columns, summary, attack = lira_report(
       records, memorization=memorization, targets=targets, center=center, min_models=min_models,
-      num_bootstrap=num_bootstrap, seed=seed, queries=queries, top=top, delta=delta)
-
-  def write_png(path):
-    with atomic_path(path) as tmp:
-      plot_roc(attack, tmp)
-
-  return EstimatorResult(columns=columns, summary=summary, lines=lines,
-                         files={"lira.json": lambda path: write_json_atomic(path, summary), "lira_roc.png": write_png})
+      num_bootstrap=num_bootstrap, seed=seed, queries=queries, top=top, delta=delta,
+      block_size=max(1, block_values // max(per_example, 1)))
+  return EstimatorResult(columns=columns, summary=summary, tables={"lira_roc": roc_table(attack)})

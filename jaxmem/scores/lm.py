@@ -19,7 +19,8 @@ from typing import Any
 
 import numpy as np
 
-from jaxmem.scores import EstimatorResult, auroc, register_estimator
+from jaxmem.scores._result import EstimatorResult
+from jaxmem.scores._stats import auroc
 from jaxmem.scores.exposure import CHANCE_EXPOSURE, canary_exposure, exposure_exact, exposure_extrapolated
 from jaxmem.scores.attack_metrics import per_example_auc
 from jaxmem.scores.lira import per_example_risk
@@ -35,8 +36,8 @@ def _num_targets(records) -> np.ndarray:
   return records.example_info["num_tokens"] - 1  # BOS is never predicted
 
 
-@register_estimator("text_memorization", requires=("train_token_accuracy", "train_loglik", "train_extractable"))
-def _text_memorization(records, **options) -> EstimatorResult:
+def text_memorization_estimator(records, *, context=None, **options) -> EstimatorResult:
+  """Adapter: the columns every text run's scores.csv has, and their medians and rates."""
   info, keep = records.example_info, records.keep
   accuracy = text_memorization(keep, records["train_token_accuracy"])
   loglik = text_memorization(keep, per_token_loglik(records["train_loglik"], _num_targets(records)))
@@ -47,18 +48,16 @@ def _text_memorization(records, **options) -> EstimatorResult:
              "extractable": rate_in, "extractable_se": se_in, "extractable_out": rate_out,
              "n_in": accuracy.n_in, "n_out": accuracy.n_out}
   ranked = np.argsort(-np.nan_to_num(accuracy.estimate, nan=-np.inf), kind="stable")
-  summary = {"median_memorization_se": float(np.nanmedian(accuracy.se)),
+  summary = {"median_memorization": float(np.nanmedian(accuracy.estimate)),
+             "median_memorization_se": float(np.nanmedian(accuracy.se)),
              "extractable_in": float(np.nanmean(rate_in)), "extractable_out": float(np.nanmean(rate_out)),
              "top_memorized": ranked[:10].tolist()}
-  lines = [f"text memorization (per-token accuracy in−out): median {np.nanmedian(accuracy.estimate):.3f}, "
-           f"median standard error {summary['median_memorization_se']:.3f}",
-           f"extractable (greedy from the prefix): {summary['extractable_in']:.3f} of sequences by models that "
-           f"trained on them, {summary['extractable_out']:.3f} by models that did not"]
-  return EstimatorResult(columns=columns, summary=summary, lines=lines)
+  return EstimatorResult(columns=columns, summary=summary)
 
 
-@register_estimator("exposure", requires=("candidate_logperp",))
-def _exposure(records, *, sample_size: int = EXTRAPOLATION_SAMPLE, seed: int = 0, **options) -> EstimatorResult:
+def exposure_estimator(records, *, context=None, sample_size: int = EXTRAPOLATION_SAMPLE, seed: int = 0,
+                       **options) -> EstimatorResult:
+  """Adapter: the canaries' exposure columns (empty for other sequences) and the means by copies."""
   info = records.example_info
   index_S = np.flatnonzero(info["secret_index"] >= 0)
   secret_S = info["secret_index"][index_S]
@@ -87,15 +86,12 @@ def _exposure(records, *, sample_size: int = EXTRAPOLATION_SAMPLE, seed: int = 0
   log2_space = float(np.log2(candidates.shape[-1]))
   out_mean = float(np.nanmean(exact.mean_out))
   summary = {"space_bits": log2_space, "chance": CHANCE_EXPOSURE, "by_copies": by_copies, "out_mean": out_mean}
-  lines = [f"canary exposure (bits, of log2|R| = {log2_space:.2f}; models that did not train on a canary: "
-           f"mean {out_mean:.2f}, chance {CHANCE_EXPOSURE:.2f}):"]
-  lines += [f"  {count:>3} copies: {v['exposure']:.2f} ± {v['exposure_se']:.2f} (not trained on: "
-            f"{v['exposure_out']:.2f} ± {v['exposure_out_se']:.2f})" for count, v in by_copies.items()]
-  return EstimatorResult(columns=columns, summary=summary, lines=lines)
+  return EstimatorResult(columns=columns, summary=summary)
 
 
-@register_estimator("lm_attacks", requires=("train_loglik", "train_token_logprob"))
-def _lm_attacks(records, *, k: float = 0.2, **options) -> EstimatorResult:
+def lm_attacks_estimator(records, *, context=None, k: float = 0.2, **options) -> EstimatorResult:
+  """Adapter: per-sequence AUROCs of the membership signals (and LiRA on the log-likelihood), with
+  the pooled AUROCs in the summary."""
   info, keep = records.example_info, records.keep
   targets = _num_targets(records)
   signals = {"loss": loss_signal(records["train_loglik"], targets),
@@ -103,16 +99,15 @@ def _lm_attacks(records, *, k: float = 0.2, **options) -> EstimatorResult:
              "mink": min_k_signal(records["train_token_logprob"], targets, k)}
   columns = {f"{name}_auc": per_example_auc(score, keep) for name, score in signals.items()}
   pooled = {name: auroc(score.ravel(), keep.ravel()) for name, score in signals.items()}
-  lines = ["membership attacks on sequences, AUROC over all (model, sequence) pairs: "
-           + ", ".join(f"{name} {value:.3f}" for name, value in pooled.items())]
+  summary: dict[str, Any] = {"pooled_auroc": pooled, "mink_k": k}
   if keep.shape[0] >= 3:  # LiRA needs a target and two shadow models
     # LiRA (Carlini et al. 2022) with the per-token log-likelihood as its statistic, through the
     # image attack's code: every model in turn the target, the others its shadows.
     risk = per_example_risk(signals["loss"][..., None], keep)
     columns["lira_loglik_online"], columns["lira_loglik_offline"] = risk["lira_online"], risk["lira_offline"]
-    lines.append("LiRA on the per-token log-likelihood, per-sequence AUROC over models: median online "
-                 f"{np.nanmedian(risk['lira_online']):.3f}, offline {np.nanmedian(risk['lira_offline']):.3f}")
-  return EstimatorResult(columns=columns, summary={"pooled_auroc": pooled, "mink_k": k}, lines=lines)
+    summary["lira_loglik_median"] = {"online": float(np.nanmedian(risk["lira_online"])),
+                                     "offline": float(np.nanmedian(risk["lira_offline"]))}
+  return EstimatorResult(columns=columns, summary=summary)
 
 
 def _scatter(n: int, index: np.ndarray, values: Any) -> np.ndarray:

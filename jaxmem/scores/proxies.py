@@ -35,9 +35,9 @@ import numpy as np
 import optax
 
 from jaxmem.errors import JaxmemError
-from jaxmem.scores import EstimatorResult, auroc, register_estimator
-from jaxmem.scores._stats import spearman
-from jaxmem.scores.dynamics import learned_forever_epoch, masked_mean
+from jaxmem.scores._result import EstimatorResult
+from jaxmem.scores._stats import auroc, masked_mean_float64, spearman
+from jaxmem.scores.dynamics import learned_forever_epoch
 
 DEFAULT_H = 1e-3
 DEFAULT_DRAWS = 10
@@ -55,7 +55,7 @@ def cumulative_sample_loss(keep_MxN: np.ndarray, margin_MxExN: np.ndarray) -> np
   margin_MxExN = np.asarray(margin_MxExN, np.float64)
   _check_epochs(keep_MxN, margin_MxExN, "per-epoch margins")
   loss_MxN = np.logaddexp(0.0, -margin_MxExN).sum(axis=1)    # softplus(−φ) = −log sigmoid(φ)
-  return masked_mean(loss_MxN, keep_MxN).mean
+  return masked_mean_float64(loss_MxN, keep_MxN)
 
 
 def learning_time(keep_MxN: np.ndarray, correct_MxExN: np.ndarray) -> dict[str, np.ndarray]:
@@ -64,8 +64,8 @@ def learning_time(keep_MxN: np.ndarray, correct_MxExN: np.ndarray) -> dict[str, 
   keep_MxN = np.asarray(keep_MxN, bool)
   correct_MxExN = np.asarray(correct_MxExN, bool)
   _check_epochs(keep_MxN, correct_MxExN, "per-epoch correctness")
-  return {"first_learned_epoch": masked_mean(learned_forever_epoch(correct_MxExN), keep_MxN).mean,
-          "cumulative_error": masked_mean(1.0 - correct_MxExN.mean(axis=1), keep_MxN).mean}
+  return {"first_learned_epoch": masked_mean_float64(learned_forever_epoch(correct_MxExN), keep_MxN),
+          "cumulative_error": masked_mean_float64(1.0 - correct_MxExN.mean(axis=1), keep_MxN)}
 
 
 def rademacher(key: jax.Array, num_draws: int, shape: tuple[int, ...]) -> jax.Array:
@@ -120,18 +120,16 @@ def input_curvature(apply_fn: Callable, params, x_NxD: np.ndarray, y_N: np.ndarr
 _curvature_jit = jax.jit(curvature_with_directions, static_argnames=("apply_fn", "h"))
 
 
-@register_estimator("csl", requires=("train_margin_epochs",), default=False)
-def _csl_estimator(records, *, context=None) -> EstimatorResult:
-  """``cumulative_sample_loss`` column from all models (opt-in: a proxy, reported with its agreement)."""
+def csl_estimator(records, *, context=None) -> EstimatorResult:
+  """Adapter: the ``cumulative_sample_loss`` column from all models, with its Spearman correlation
+  to memorization and its flipped-label AUROC in the summary (opt-in: a proxy, reported with its
+  agreement)."""
   csl = cumulative_sample_loss(records.read("keep"), records.read("train_margin_epochs"))
   summary: dict[str, float] = {}
-  lines = []
   memorization = None if context is None else context.get("memorization")
   if memorization is not None:
     summary["spearman_with_memorization"] = spearman(csl, memorization)
   noisy = np.asarray(records.noisy, bool)
   if noisy.any() and not noisy.all():
     summary["auroc_flipped"] = auroc(csl, noisy)
-  if summary:
-    lines.append("cumulative sample loss (a proxy): " + ", ".join(f"{k} {v:.3f}" for k, v in summary.items()))
-  return EstimatorResult(columns={"cumulative_sample_loss": csl}, summary=summary, lines=lines)
+  return EstimatorResult(columns={"cumulative_sample_loss": csl}, summary=summary)

@@ -61,12 +61,11 @@ import numpy as np
 from scipy.special import log_expit
 
 from jaxmem.errors import JaxmemError
-from jaxmem.scores import EstimatorResult, register_estimator
+from jaxmem.scores._result import EstimatorResult
 from jaxmem.scores._stats import spearman
-from jaxmem.scores.attack_metrics import DEFAULT_FPRS, attack_metrics, bootstrap_attack_metrics, per_example_auc, roc, tpr_key
-from jaxmem.scores.lira import choose_targets, lira_attack, plot_roc
+from jaxmem.scores.attack_metrics import DEFAULT_FPRS, attack_metrics, bootstrap_attack_metrics, per_example_auc, roc
+from jaxmem.scores.lira import choose_targets, lira_attack, roc_table
 from jaxmem.scores.privacy_bounds import DEFAULT_CONFIDENCE, DEFAULT_DELTA, POOLED_CAVEAT, eps_lower_bound
-from jaxmem.records import atomic_path, write_json_atomic
 
 VARIANTS = ("rmia_online", "rmia_offline")
 A_GRID: tuple[float, ...] = tuple(round(0.1 * k, 1) for k in range(1, 11))
@@ -300,11 +299,11 @@ def per_example_risk(margin_MxN, keep_MxN, test_margin_MxZ, *, a: float, gamma: 
 
 def rmia_report(records, *, memorization=None, targets=None, gamma: float = DEFAULT_GAMMA, a: float | None = None,
                 num_bootstrap: int = 200, seed: int = 0, delta: float = DEFAULT_DELTA,
-                confidence: float = DEFAULT_CONFIDENCE, compare_lira: bool = True) -> tuple[dict[str, np.ndarray], dict[str, Any], list[str], RmiaAttack]:
+                confidence: float = DEFAULT_CONFIDENCE, compare_lira: bool = True) -> tuple[dict[str, np.ndarray], dict[str, Any], RmiaAttack]:
   """Everything ``jaxmem scores --estimators rmia`` reports: columns, the ``rmia.json`` summary
-  (the layout of ``lira.json``), printed lines and the attack (for the ROC plot). With
-  ``compare_lira``, LiRA online, online fixed-variance and offline on the same targets join the
-  lines, ``rmia.json`` (``lira_same_targets``) and the plot."""
+  (the layout of ``lira.json``) and the attack (for the ROC curves). With ``compare_lira``, LiRA
+  online, online fixed-variance and offline on the same targets join the summary
+  (``lira_same_targets``) and the attack's ``comparison`` (for the same plot)."""
   check_single_ratio(records.subset_ratio, "RMIA")
   margin = np.asarray(records["train_margin"], np.float64)
   if margin.ndim == 3:  # augmented queries: RMIA takes one probability per example, the plain query
@@ -319,53 +318,32 @@ def rmia_report(records, *, memorization=None, targets=None, gamma: float = DEFA
       "population_source": "test split (never trained on)", "gamma": attack.gamma, "a": attack.a,
       "a_tuning": {"tuning_model": attack.tuner, "auc_by_a": {f"{k:g}": v for k, v in attack.a_aucs.items()}},
       "targets": attack.targets.tolist(), "pairs_evaluated": int(attack.evaluated.sum()),
+      "member_percent": int(attack.members[attack.evaluated].mean() * 100) if attack.evaluated.any() else 0,
       "num_bootstrap": num_bootstrap, "seed": seed, "attack": attack.metrics,
       "eps_lower_bound": attack.eps, "eps_caveat": POOLED_CAVEAT,
       "per_example_definition": "per-example AUC of the RMIA score over all models as targets (leave-one-out)"}
-  lines = [f"RMIA attack: {len(attack.targets)} target models, each attacked with the other models as references; "
-           f"population: {test_margin.shape[1]} test examples; a = {attack.a:g} (tuned on model {attack.tuner}), "
-           f"gamma = {attack.gamma:g}; 95% bootstrap intervals over examples"]
-  fmt = lambda m: f"{m['value']:.3f} [{m['low']:.3f}, {m['high']:.3f}]"
-  for name, metric in attack.metrics.items():
-    row = f"  {name:<28} AUC {fmt(metric['auc'])}"
-    for alpha in DEFAULT_FPRS:
-      row += f"  TPR@{100 * alpha:g}%FPR {fmt(metric[tpr_key(alpha)])}"
-    row += f"  eps >= {attack.eps[name]['eps']:.2f} (delta {delta:g}, {100 * confidence:g}% one-sided)"
-    lines.append(row)
-  lines.append(f"  ({POOLED_CAVEAT})")
   if compare_lira:
     # LiRA on the same targets, shadows and pairs, for the comparison the RMIA paper makes.
     lira = lira_attack(margin, keep, targets=attack.targets, num_bootstrap=num_bootstrap, seed=seed,
                        variants=("online", "online_fixed_variance", "offline"))
     summary["lira_same_targets"] = lira.metrics
-    for name, metric in lira.metrics.items():
-      lines.append(f"  {'lira_' + name:<28} AUC {fmt(metric['auc'])}  TPR@0.1%FPR {fmt(metric[tpr_key(0.001)])}  "
-                   f"TPR@1%FPR {fmt(metric[tpr_key(0.01)])}  (same targets)")
     attack.comparison = lira
   if memorization is not None:
-    rho = spearman(columns["rmia_online"], memorization)
-    summary["spearman_rmia_online_memorization"] = rho
-    lines.append(f"Spearman rank correlation of rmia_online with memorization: {rho:.3f}")
-  return columns, summary, lines, attack
+    summary["spearman_rmia_online_memorization"] = spearman(columns["rmia_online"], memorization)
+  return columns, summary, attack
 
 
-@register_estimator("rmia", requires=("train_margin", "test_margin"), default=False)
-def _rmia_estimator(records, *, context=None, targets=None, gamma: float = DEFAULT_GAMMA, a: float | None = None,
-                    num_bootstrap: int = 200, seed: int = 0, delta: float = DEFAULT_DELTA,
-                    confidence: float = DEFAULT_CONFIDENCE) -> EstimatorResult:
-  """``rmia_online``/``rmia_offline`` columns, ``rmia.json`` and ``rmia_roc.png``; opt-in like LiRA."""
+def rmia_estimator(records, *, context=None, targets=None, gamma: float = DEFAULT_GAMMA, a: float | None = None,
+                   num_bootstrap: int = 200, seed: int = 0, delta: float = DEFAULT_DELTA,
+                   confidence: float = DEFAULT_CONFIDENCE) -> EstimatorResult:
+  """Adapter: ``rmia_online``/``rmia_offline`` columns, the attack summary (``rmia.json``) and the
+  table ``rmia_roc``: the ROC curves of RMIA and of LiRA on the same pairs (one plot); opt-in like
+  LiRA."""
   memorization = None if context is None else context.get("memorization")
-  columns, summary, lines, attack = rmia_report(
+  columns, summary, attack = rmia_report(
       records, memorization=memorization, targets=targets, gamma=gamma, a=a, num_bootstrap=num_bootstrap,
       seed=seed, delta=delta, confidence=confidence)
-
-  def write_png(path):
-    shown = attack
-    if attack.comparison is not None:   # one plot: RMIA and LiRA on the same pairs
-      shown = dataclasses.replace(attack, curves={**attack.comparison.curves, **attack.curves},
-                                  metrics={**attack.comparison.metrics, **attack.metrics})
-    with atomic_path(path) as tmp:
-      plot_roc(shown, tmp, title="RMIA and LiRA on the same jaxmem targets")
-
-  return EstimatorResult(columns=columns, summary=summary, lines=lines,
-                         files={"rmia.json": lambda path: write_json_atomic(path, summary), "rmia_roc.png": write_png})
+  shown = attack
+  if attack.comparison is not None:   # one plot: RMIA and LiRA on the same pairs
+    shown = dataclasses.replace(attack, curves={**attack.comparison.curves, **attack.curves})
+  return EstimatorResult(columns=columns, summary=summary, tables={"rmia_roc": roc_table(shown)})

@@ -8,9 +8,12 @@ how many models a target standard error needs.
   matmuls ``w @ (keep·values)``, ``w @ keep`` etc. (B×N), computed on the device in blocks of
   examples. Seeded with an explicit ``jax.random`` key. Resamples where an example has no in- or no
   out-model are dropped for that example. The interval is the (α/2, 1 − α/2) percentile of the
-  resampled estimates. Known weakness: an example on which every model agrees gives a zero-width
-  interval (the bootstrap cannot see variance it did not observe); the Agresti–Caffo SE
-  (``memorization_se``) does not have this problem.
+  resampled estimates. The percentile interval alone is degenerate where every model agrees (the
+  bootstrap cannot see variance it did not observe: [1, 1] for an example with 7 in-models all
+  right and 1 out-model wrong, whose Agresti–Caffo SE is 0.29); wherever it is narrower than half
+  the SE-based interval ``estimate ± z·se``, that interval is reported instead (a deviation from
+  the plain percentile method; coverage in ``benchmarks/bootstrap_coverage.md``). With several
+  subset ratios each resample's difference is taken within ratios, as the estimate.
 - **Split-half reliability** (Spearman 1910; Brown 1910): split the models at random into two
   disjoint halves, estimate memorization on each half, and take the Spearman rank correlation over
   examples; averaged over a few seeded splits. ``2ρ / (1 + ρ)`` (Spearman–Brown) predicts the
@@ -22,20 +25,19 @@ how many models a target standard error needs.
 
 from __future__ import annotations
 
-import functools
 import math
 from typing import Callable, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from scipy.special import ndtri
 
 from jaxmem.errors import JaxmemError
-from jaxmem.scores import EstimatorResult, register_estimator
-from jaxmem.scores._stats import spearman
+from jaxmem.scores._result import EstimatorResult
+from jaxmem.scores._stats import in_out_stats, nanmedian, ratio_strata, spearman, stratified_difference
 from jaxmem.scores.memorization import memorization
 
-_HIGHEST = jax.lax.Precision.HIGHEST
 _SPLIT_TAG = 0x5B117
 #: Median-SE targets shown when the user gives none.
 DEFAULT_TARGETS = (0.02, 0.01)
@@ -47,34 +49,36 @@ def bootstrap_counts(key: jax.Array, num_resamples: int, num_models: int) -> jax
   return jax.vmap(lambda idx: jnp.bincount(idx, length=num_models))(idx_BxM).astype(jnp.float32)
 
 
-@jax.jit
-def _resampled_difference(counts_BxM, keep_MxN, values_MxN):
-  inside = keep_MxN.astype(jnp.float32)
-  outside = 1.0 - inside
-  dot = functools.partial(jnp.matmul, precision=_HIGHEST)
-  n_in, n_out = dot(counts_BxM, inside), dot(counts_BxM, outside)
-  sum_in, sum_out = dot(counts_BxM, inside * values_MxN), dot(counts_BxM, outside * values_MxN)
-  diff = sum_in / jnp.maximum(n_in, 1) - sum_out / jnp.maximum(n_out, 1)
-  return jnp.where((n_in > 0) & (n_out > 0), diff, jnp.nan)
-
-
-def bootstrap_differences(keep_MxN, values_MxN, counts_BxM, *, block_size: int = 4096) -> np.ndarray:
+def bootstrap_differences(keep_MxN, values_MxN, counts_BxM, *, ratio_M=None, block_size: int = 4096) -> np.ndarray:
   """(B, N) in−out differences of ``values`` for each resample (rows of ``counts``); NaN where a
-  resample has no in- or no out-model for the example. Blocks of examples bound device memory."""
+  resample has no in- or no out-model for the example (at some ratio). A resample's weights are its
+  counts times the one-hot of each model's ratio, so the kernel gives every (resample, ratio) mean
+  in one pass; differences are taken within ratios and averaged with equal weight, as the estimate
+  itself. Blocks of examples bound device memory."""
   keep_MxN = np.asarray(keep_MxN, bool)
   values_MxN = np.asarray(values_MxN, np.float32)
   if keep_MxN.shape != values_MxN.shape:
     raise ValueError(f"keep {keep_MxN.shape} and values {values_MxN.shape} must have the same shape")
-  counts = jnp.asarray(counts_BxM, jnp.float32)
-  n = keep_MxN.shape[1]
+  m, n = keep_MxN.shape
+  _, onehot_MxR = ratio_strata(np.zeros(m) if ratio_M is None else ratio_M)
+  counts_BxM = np.asarray(counts_BxM, np.float32)
+  resamples, r = counts_BxM.shape[0], onehot_MxR.shape[1]
+  weights_MxBR = (counts_BxM.T[:, :, None] * onehot_MxR[:, None, :]).reshape(m, resamples * r)
   block = max(1, min(block_size, n))
-  out = np.empty((counts.shape[0], n), np.float32)
+  out = np.empty((resamples, n), np.float32)
   for start in range(0, n, block):
     k, v = keep_MxN[:, start: start + block], values_MxN[:, start: start + block]
     width = k.shape[1]
     if width < block:  # pad: one compilation for every block
       k, v = np.pad(k, ((0, 0), (0, block - width))), np.pad(v, ((0, 0), (0, block - width)))
-    out[:, start: start + width] = np.asarray(_resampled_difference(counts, k, v))[:, :width]
+    stats = in_out_stats(k, v, weights_MxBR, with_m2=False)
+    shape = (resamples, r, block)
+    n_in, n_out = stats.inside.n.reshape(shape), stats.outside.n.reshape(shape)
+    diff = np.where((n_in > 0) & (n_out > 0), stats.inside.mean.reshape(shape) - stats.outside.mean.reshape(shape), np.nan)
+    total = diff[:, 0].copy()
+    for k in range(1, r):  # in ratio order for every example, whatever the block (see sum_over_ratios)
+      total += diff[:, k]
+    out[:, start: start + width] = (total / r)[:, :width]
   return out
 
 
@@ -82,26 +86,43 @@ class BootstrapInterval(NamedTuple):
   low: np.ndarray
   high: np.ndarray
   resamples: np.ndarray  # (N,) resamples that defined the estimate
+  fallback: np.ndarray | None = None  # (N,) bool: the SE-based interval replaced a degenerate bootstrap one
 
 
 def bootstrap_interval(keep_MxN, values_MxN, *, key: jax.Array, num_resamples: int = 200,
-                       confidence: float = 0.95, block_size: int = 4096) -> BootstrapInterval:
-  """Percentile bootstrap interval over models for each example's in−out difference."""
+                       confidence: float = 0.95, ratio_M=None, block_size: int = 4096) -> BootstrapInterval:
+  """Percentile bootstrap interval over models for each example's in−out difference, never
+  narrower than half the SE-based interval ``estimate ± z·se`` (Agresti-Caffo SE for a 0/1 measure,
+  Welch's otherwise): where the percentile interval is (the bootstrap cannot see variance that no
+  resampled model showed: with every model agreeing, all resamples give the same difference and the
+  interval is [x, x] while the SE is ~0.1 with 32 models), the SE-based interval is used instead,
+  clipped to the measure's range for proportions. An interval never claims more certainty than
+  its own estimate's SE allows."""
   if not isinstance(num_resamples, (int, np.integer)) or num_resamples < 2:
     raise JaxmemError(f"bootstrap resamples must be an integer >= 2, got {num_resamples!r}")
   if not 0 < confidence < 1:
     raise JaxmemError(f"confidence must be in (0, 1), got {confidence!r}")
   keep_MxN = np.asarray(keep_MxN, bool)
+  values_MxN = np.asarray(values_MxN, np.float32)
   counts = bootstrap_counts(key, int(num_resamples), keep_MxN.shape[0])
-  diffs_BxN = bootstrap_differences(keep_MxN, values_MxN, counts, block_size=block_size)
+  diffs_BxN = bootstrap_differences(keep_MxN, values_MxN, counts, ratio_M=ratio_M, block_size=block_size)
   alpha = 1.0 - confidence
   defined = np.isfinite(diffs_BxN).sum(axis=0)
   ok = defined >= 2
-  low, high = np.full(keep_MxN.shape[1], np.nan), np.full(keep_MxN.shape[1], np.nan)
+  n = keep_MxN.shape[1]
+  low, high = np.full(n, np.nan), np.full(n, np.nan)
   if ok.any():
     q = np.nanquantile(diffs_BxN[:, ok], [alpha / 2, 1 - alpha / 2], axis=0)
     low[ok], high[ok] = q[0], q[1]
-  return BootstrapInterval(low, high, defined)
+  binary = bool(np.all((values_MxN == 0) | (values_MxN == 1)))
+  point = stratified_difference(keep_MxN, values_MxN, ratio_M, binary=binary)
+  z = float(ndtri(1 - alpha / 2))
+  se_low, se_high = point.estimate - z * point.se, point.estimate + z * point.se
+  if binary:
+    se_low, se_high = np.maximum(se_low, -1.0), np.minimum(se_high, 1.0)
+  narrow = np.isfinite(se_low) & ~((high - low) >= 0.5 * (se_high - se_low))  # NaN bootstrap counts as narrow
+  low, high = np.where(narrow, se_low, low), np.where(narrow, se_high, high)
+  return BootstrapInterval(low, high, defined, narrow)
 
 
 class SplitHalf(NamedTuple):
@@ -110,21 +131,22 @@ class SplitHalf(NamedTuple):
   per_split: tuple[float, ...]
 
 
-def split_half_reliability(keep_MxN, values_MxN, *, seed: int, num_splits: int = 5,
+def split_half_reliability(keep_MxN, values_MxN, *, seed: int, num_splits: int = 5, ratio_M=None,
                            estimate: Callable[[np.ndarray, np.ndarray], np.ndarray] | None = None) -> SplitHalf:
   """Spearman correlation between the estimates from two disjoint random halves of the models.
 
-  ``estimate(keep, values) -> (N,)`` defaults to Feldman & Zhang's memorization."""
+  ``estimate(keep, values) -> (N,)`` defaults to Feldman & Zhang's memorization (within the
+  ratios of ``ratio_M``; each half keeps its models' ratios)."""
   keep_MxN, values_MxN = np.asarray(keep_MxN, bool), np.asarray(values_MxN)
   m = keep_MxN.shape[0]
+  ratio_M = np.zeros(m) if ratio_M is None else np.asarray(ratio_M)
   if estimate is None:
-    estimate = lambda k, v: memorization(k, v).estimate
-  rhos = []
-  if m >= 4:
-    for s in range(num_splits):
-      order = np.random.default_rng([seed, _SPLIT_TAG, s]).permutation(m)
-      a, b = np.sort(order[: m // 2]), np.sort(order[m // 2: 2 * (m // 2)])
-      rhos.append(spearman(estimate(keep_MxN[a], values_MxN[a]), estimate(keep_MxN[b], values_MxN[b])))
+    estimate = lambda k, v, rows: memorization(k, v, ratio_M[rows]).estimate
+  else:
+    given = estimate
+    estimate = lambda k, v, rows: given(k, v)
+  rhos = [spearman(estimate(keep_MxN[a], values_MxN[a], a), estimate(keep_MxN[b], values_MxN[b], b))
+          for a, b in split_halves(m, seed=seed, num_splits=num_splits)]
   finite = [r for r in rhos if np.isfinite(r)]
   rho = float(np.mean(finite)) if finite else float("nan")
   brown = 2 * rho / (1 + rho) if np.isfinite(rho) and rho > -1 else float("nan")
@@ -138,9 +160,9 @@ def models_needed(median_se: float, num_models: int, target_se: float) -> int | 
   return int(math.ceil(num_models * (median_se / target_se) ** 2))
 
 
-def median_memorization_se(keep_MxN, correct_MxN) -> float:
+def median_memorization_se(keep_MxN, correct_MxN, ratio_M=None) -> float:
   """Median Agresti–Caffo SE of memorization over examples (NaN if none is defined yet)."""
-  se = memorization(keep_MxN, correct_MxN).se
+  se = memorization(keep_MxN, correct_MxN, ratio_M).se
   return float(np.nanmedian(se)) if np.isfinite(se).any() else float("nan")
 
 
@@ -181,34 +203,50 @@ def _targets(target_se) -> Sequence[float]:
   return tuple(float(t) for t in target_se)
 
 
-@register_estimator("uncertainty", requires=("train_correct",))
-def _uncertainty(records, *, context=None, seed: int = 0, resamples: int = 200, confidence: float = 0.95,
-                 splits: int = 5, target_se=None) -> EstimatorResult:
-  """Adapter: ``memorization_ci_low/high`` (bootstrap), split-half reliability and models needed."""
+def split_halves(num_models: int, *, seed: int, num_splits: int) -> list[tuple[np.ndarray, np.ndarray]]:
+  """The seeded random halves of the models :func:`split_half_reliability` compares (none with
+  fewer than 4 models: a half needs an in- and an out-model for most examples)."""
+  halves = []
+  if num_models >= 4:
+    for s in range(num_splits):
+      order = np.random.default_rng([seed, _SPLIT_TAG, s]).permutation(num_models)
+      halves.append((np.sort(order[: num_models // 2]), np.sort(order[num_models // 2: 2 * (num_models // 2)])))
+  return halves
+
+
+def uncertainty_columns(records, *, context=None, seed: int = 0, resamples: int = 200, confidence: float = 0.95,
+                        splits: int = 5, target_se=None) -> EstimatorResult:
+  """Adapter: ``memorization_ci_low/high`` (bootstrap), and per split the two halves' estimates as
+  hidden columns ``_half_<s>_a/b`` (the driver drops them; the summary correlates them), so that
+  the estimator runs block by block over examples."""
   keep, correct = records.keep, records["train_correct"].astype(np.float32)
-  columns, summary, lines = {}, {}, []
+  columns = {}
   if resamples:
     interval = bootstrap_interval(keep, correct, key=jax.random.PRNGKey(seed), num_resamples=resamples,
-                                  confidence=confidence)
+                                  confidence=confidence, ratio_M=records.subset_ratio)
     columns = {"memorization_ci_low": interval.low, "memorization_ci_high": interval.high}
-    width = interval.high - interval.low
+  ratio_M = np.asarray(records.subset_ratio)
+  for s, (a, b) in enumerate(split_halves(keep.shape[0], seed=seed, num_splits=splits)):
+    columns[f"_half_{s}_a"] = memorization(keep[a], correct[a], ratio_M[a]).estimate
+    columns[f"_half_{s}_b"] = memorization(keep[b], correct[b], ratio_M[b]).estimate
+  columns["_se"] = memorization(keep, correct, ratio_M).se
+  return EstimatorResult(columns=columns)
+
+
+def uncertainty_summary(columns, records, *, seed: int = 0, resamples: int = 200, confidence: float = 0.95,
+                        splits: int = 5, target_se=None) -> dict:
+  summary = {}
+  m = records.num_models
+  if "memorization_ci_low" in columns:
+    width = columns["memorization_ci_high"] - columns["memorization_ci_low"]
     summary["bootstrap"] = {"resamples": int(resamples), "confidence": float(confidence), "seed": int(seed),
                             "median_width": float(np.nanmedian(width)) if np.isfinite(width).any() else None}
-  half = split_half_reliability(keep, correct, seed=seed, num_splits=splits)
-  summary["split_half"] = {"spearman": half.spearman, "spearman_brown": half.spearman_brown,
-                           "splits": list(half.per_split)}
-  context = context or {}
-  se = context.get("memorization_se")
-  median_se = (float(np.nanmedian(se)) if se is not None and np.isfinite(se).any()
-               else median_memorization_se(keep, correct))
-  m = records.num_models
-  needed = {f"{t:g}": models_needed(median_se, m, t) for t in _targets(target_se)}
-  summary["models_needed"] = {"median_se": median_se, "num_models": m, "targets": needed}
-  lines.append(f"memorization reliability: split-half Spearman {half.spearman:.3f} ({m // 2} vs {m // 2} models, "
-               f"{len(half.per_split)} splits); {half.spearman_brown:.3f} predicted for all {m} models (Spearman-Brown)")
-  if "bootstrap" in summary and summary["bootstrap"]["median_width"] is not None:
-    lines.append(f"memorization {confidence:.0%} bootstrap intervals over models ({resamples} resamples): "
-                 f"median width {summary['bootstrap']['median_width']:.3f}")
-  estimates = ", ".join(f"<= {t}: ~{n:,} models" if n is not None else f"<= {t}: unknown" for t, n in needed.items())
-  lines.append(f"models needed for median memorization SE {estimates} (now {m} models, median SE {median_se:.3f})")
-  return EstimatorResult(columns=columns, summary=summary, lines=lines)
+  rhos = [spearman(columns[f"_half_{s}_a"], columns[f"_half_{s}_b"]) for s in range(splits) if f"_half_{s}_a" in columns]
+  finite = [r for r in rhos if np.isfinite(r)]
+  rho = float(np.mean(finite)) if finite else float("nan")
+  brown = 2 * rho / (1 + rho) if np.isfinite(rho) and rho > -1 else float("nan")
+  summary["split_half"] = {"spearman": rho, "spearman_brown": brown, "splits": rhos, "half_models": m // 2}
+  median_se = nanmedian(columns["_se"])
+  summary["models_needed"] = {"median_se": median_se, "num_models": m,
+                              "targets": {f"{t:g}": models_needed(median_se, m, t) for t in _targets(target_se)}}
+  return summary

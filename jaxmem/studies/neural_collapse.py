@@ -5,8 +5,9 @@ have label noise (``--label-noise``). For every kept model, the penultimate feat
 the output layer reads, :func:`jaxmem.features.penultimate_layer`) of all training and test
 examples are computed on the device; :func:`jaxmem.scores.neural_collapse.neural_collapse_memorization`
 turns them into the per-model sums and the per-example ``nc_distance`` column, averaged over the kept
-models that trained on each example. The column (and its ``_se``) is merged into the run's
-``scores.csv`` and its correlation table (``correlations.csv``) is recomputed with it.
+models that trained on each example. The column (and its ``_se``) is stored as the run's
+``neural_collapse`` score table (``scores/neural_collapse.csv``), joined into its ``scores.csv`` and
+``correlations.csv`` like every estimator's table, so rescoring keeps it.
 
 Outputs in ``out`` (default ``RUN/neural_collapse``): ``nc_scores.csv`` and ``neural_collapse.json``.
 """
@@ -26,9 +27,9 @@ from jaxmem.errors import JaxmemError
 from jaxmem.features import embeddings, penultimate_layer, stack_params
 from jaxmem.models import build_model
 from jaxmem.scores import auroc
-from jaxmem.scores.correlations import correlation_table, summary_lines, write_correlations
+from jaxmem.scores.correlations import correlation_table
 from jaxmem.scores.neural_collapse import neural_collapse_memorization
-from jaxmem.scoring import SCORES_CSV, read_scores_csv, table_to_csv
+from jaxmem.scoring import SCORES_CSV, correlation_lines, read_scores_csv, table_to_csv, write_study_table
 from jaxmem.records import RunDir, kept_param_models, load_model_params, write_bytes_atomic, write_json_atomic
 
 NC_COLUMNS = ("nc_distance", "nc_distance_se")
@@ -42,23 +43,24 @@ class NeuralCollapseStudy:
   lines: list[str]
 
 
+#: The study's table among a run's score tables (``scores/neural_collapse.csv``).
+STUDY_TABLE = "neural_collapse"
+
+
 def merge_columns_into_run(run_dir: str | Path, columns: dict[str, np.ndarray], *,
                            dataset_fingerprint: str) -> list[str]:
-  """Adds (or replaces) per-example ``columns`` in a run's ``scores.csv`` and rewrites its
-  ``correlations.csv`` with them. The run must have been made on the same dataset content."""
+  """Stores per-example ``columns`` as the run's ``neural_collapse`` score table, which the run's
+  joined ``scores.csv`` and ``correlations.csv`` then include (and keep through rescoring). The run
+  must have been made on the same dataset content."""
   run = RunDir.open(run_dir)
   if run.manifest().get("dataset", {}).get("fingerprint") != dataset_fingerprint:
     raise JaxmemError(f"run directory {str(run.path)!r} was made on other data (dataset fingerprint differs)")
-  path = run.path / SCORES_CSV
-  if not path.is_file():
-    raise JaxmemError(f"run directory {str(run.path)!r} has no {SCORES_CSV} yet; run `jaxmem scores {run.path}` first")
-  table = read_scores_csv(path)
-  table.update(columns)
-  write_bytes_atomic(path, table_to_csv(table))
-  correlations = correlation_table(table, np.asarray(table["noisy"], dtype=bool))
-  write_correlations(run.path / "correlations.csv", correlations)
-  return [f"merged {', '.join(columns)} into {path}; rewrote {run.path / 'correlations.csv'}",
-          *summary_lines(correlations)]
+  n = len(next(iter(columns.values())))
+  path = write_study_table(run.path, STUDY_TABLE, {"index": np.arange(n), **columns})
+  joined = read_scores_csv(run.path / SCORES_CSV)
+  correlations = correlation_table(joined, np.asarray(joined["noisy"], dtype=bool))
+  return [f"stored {', '.join(columns)} as {path}; {run.path / SCORES_CSV} and {run.path / 'correlations.csv'} "
+          "include them", *correlation_lines(correlations)]
 
 
 def neural_collapse_study(run_dir: str | Path, out: str | Path | None = None, *, data_dir: str | None = None,

@@ -29,9 +29,8 @@ Outputs in ``out``: ``ssft_scores.csv`` (``index, label, clean_label, noisy, spl
 ssft, ssft_se``), ``ssft.json`` (settings, fit fractions, flipped-vs-clean means), and
 ``ssft_records.npz`` (the bit-packed correctness histories). A rerun with the same settings reuses
 ``ssft_scores.csv`` without training. Given a run directory (same dataset), ``fslt``/``ssft`` (and
-their ``_se``) are merged into its ``scores.csv`` and its ``correlations.csv`` is recomputed with
-them; ``jaxmem scores RUN`` recomputes ``scores.csv`` from the run's records and carries these
-columns over (``scoring.STUDY_COLUMNS``).
+their ``_se``) are stored as the run's ``ssft`` score table (``scores/ssft.csv``), joined into its
+``scores.csv`` and ``correlations.csv`` like every estimator's table, so rescoring keeps them.
 """
 
 from __future__ import annotations
@@ -46,9 +45,9 @@ import numpy as np
 from jaxmem.config import RunConfig
 from jaxmem.data import Dataset, load_dataset
 from jaxmem.errors import JaxmemError
-from jaxmem.scores.correlations import correlation_table, summary_lines, write_correlations
+from jaxmem.scores.correlations import correlation_table
 from jaxmem.scores.dynamics import forgotten_forever_epoch, learned_forever_epoch, masked_mean
-from jaxmem.scoring import SCORES_CSV, STUDY_COLUMNS, read_scores_csv, table_to_csv
+from jaxmem.scoring import SCORES_CSV, read_scores_csv, table_to_csv, write_study_table
 from jaxmem.records import RunDir, make_dirs, write_bytes_atomic, write_json_atomic, write_npz_atomic
 
 
@@ -58,6 +57,10 @@ class SsftResult:
   columns: dict[str, np.ndarray]   # index, label, clean_label, noisy, split, fslt(_se), ssft(_se)
   summary: dict[str, Any]
   lines: list[str]
+
+
+#: The study's per-example columns in a run's score tables.
+SSFT_COLUMNS = ("fslt", "fslt_se", "ssft", "ssft_se")
 
 
 def split_halves(num_train: int, seed: int) -> np.ndarray:
@@ -173,22 +176,24 @@ def _train(config: RunConfig, dataset: Dataset, settings: dict[str, Any], out: P
 
 
 def merge_into_run(run_dir: str | Path, columns: dict[str, np.ndarray], *, dataset_fingerprint: str) -> list[str]:
-  """Adds (or replaces) ``fslt``/``ssft`` and their ``_se`` in a run's ``scores.csv`` and rewrites
-  its ``correlations.csv`` with them. The run must have been made on the same dataset content."""
+  """Stores ``fslt``/``ssft`` and their ``_se`` as the run's ``ssft`` score table (``scores/ssft.csv``),
+  which the run's joined ``scores.csv`` and ``correlations.csv`` then include (and keep through
+  rescoring). The run must have been made on the same dataset content."""
   run = RunDir.open(run_dir)
   if run.manifest().get("dataset", {}).get("fingerprint") != dataset_fingerprint:
     raise JaxmemError(f"run directory {str(run.path)!r} was made on other data (dataset fingerprint differs); "
                       "run the study with the run's dataset, label noise and seed")
-  path = run.path / SCORES_CSV
-  if not path.is_file():
-    raise JaxmemError(f"run directory {str(run.path)!r} has no {SCORES_CSV} yet; run `jaxmem scores {run.path}` first")
-  table = read_scores_csv(path)
-  table.update({name: columns[name] for name in STUDY_COLUMNS if name in columns})
-  write_bytes_atomic(path, table_to_csv(table))
-  correlations = correlation_table(table, np.asarray(table["noisy"], dtype=bool))
-  write_correlations(run.path / "correlations.csv", correlations)
-  return [f"merged {', '.join(n for n in STUDY_COLUMNS if n in columns)} into {path}; rewrote {run.path / 'correlations.csv'}",
-          *summary_lines(correlations)]
+  n = len(columns["fslt"])
+  path = write_study_table(run.path, "ssft", {"index": np.arange(n), **{name: columns[name] for name in SSFT_COLUMNS if name in columns}})
+  joined = read_scores_csv(run.path / SCORES_CSV)
+  correlations = correlation_table(joined, np.asarray(joined["noisy"], dtype=bool))
+  lines = [f"stored {', '.join(n for n in SSFT_COLUMNS if n in columns)} as {path}; {run.path / SCORES_CSV} and {run.path / 'correlations.csv'} "
+           "include them"]
+  if "memorization" in correlations["names"] and len(correlations["names"]) > 1:
+    a = correlations["names"].index("memorization")
+    lines.append("Spearman correlation with memorization: " + ", ".join(
+        f"{name} {correlations['spearman'][a, j]:+.2f}" for j, name in enumerate(correlations["names"]) if j != a))
+  return lines
 
 
 def config_from_run(run_dir: str | Path) -> RunConfig:
