@@ -427,6 +427,13 @@ def table_to_csv(columns: dict[str, np.ndarray]) -> bytes:
   return out.getvalue().encode()
 
 
+def rows_to_csv(rows: Sequence[dict[str, Any]], columns: Sequence[str] | None = None) -> bytes:
+  """A study's rows (dicts) as CSV, cells written as in ``scores.csv`` (NaN an empty cell, floats
+  to 6 significant digits); ``columns`` default to the first row's keys."""
+  names = list(columns if columns is not None else (rows[0] if rows else ()))
+  return table_to_csv({name: [row[name] for row in rows] for name in names})
+
+
 def _defined(value) -> bool:
   return value is not None and bool(np.isfinite(float(value)))
 

@@ -32,9 +32,7 @@ Metrics: AUC and TPR at 0.1% and 1% FPR with 95% bootstrap intervals over exampl
 
 from __future__ import annotations
 
-import csv
 import dataclasses
-import io
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -48,6 +46,7 @@ from jaxmem.scores.lira import GaussianFits, choose_targets, fit_gaussians, lira
 from jaxmem.scores.privacy_bounds import DEFAULT_DELTA, POOLED_CAVEAT, eps_lower_bound
 from jaxmem.scores.rmia import DEFAULT_GAMMA, attack_with_references, check_single_ratio, pick_tuner, tune_offline_a
 from jaxmem.records import RunDir, atomic_path, write_bytes_atomic, write_json_atomic
+from jaxmem.scoring import rows_to_csv
 
 ATTACKS = ("lira_online", "lira_online_fixed_variance", "lira_offline", "lira_offline_fixed_variance",
            "rmia_online", "rmia_offline", "global_threshold")
@@ -168,15 +167,6 @@ def attack_refs(margin_MxN: np.ndarray, keep_MxN: np.ndarray, test_margin_MxZ: n
   return AttackRefsResult(rows, chosen, tuner, all_scores, members)
 
 
-def rows_csv(rows: Sequence[dict[str, Any]]) -> str:
-  out = io.StringIO()
-  writer = csv.writer(out, lineterminator="\n")
-  writer.writerow(COLUMNS)
-  for row in rows:
-    writer.writerow(["" if isinstance(row[c], float) and np.isnan(row[c]) else
-                     (f"{row[c]:.6g}" if isinstance(row[c], float) else row[c]) for c in COLUMNS])
-  return out.getvalue()
-
 
 def plot_attack_refs(rows: Sequence[dict[str, Any]], path, *, all_label: int | None = None) -> None:
   """AUC and TPR@0.1%FPR against K with bootstrap intervals, one line per attack."""
@@ -227,7 +217,7 @@ def attack_refs_study(run_dir: str | Path, out: str | Path | None = None, *, ref
   out = Path(out) if out is not None else run.path / "attack_refs"
   out.mkdir(parents=True, exist_ok=True)
   result.out, result.table, result.plot = out, out / "attack_refs.csv", out / "attack_refs.png"
-  write_bytes_atomic(result.table, rows_csv(result.rows).encode())
+  write_bytes_atomic(result.table, rows_to_csv(result.rows, COLUMNS))
   with atomic_path(result.plot) as tmp:
     plot_attack_refs(result.rows, tmp, all_label=records.num_models - 2)
   write_json_atomic(out / "attack_refs.json", {

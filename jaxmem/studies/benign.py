@@ -34,9 +34,7 @@ difference_ci_high, verdict``), ``benign.json`` and ``benign.png``.
 
 from __future__ import annotations
 
-import csv
 import dataclasses
-import io
 from pathlib import Path
 from typing import Any, Callable
 
@@ -51,6 +49,7 @@ from jaxmem.errors import JaxmemError
 from jaxmem.features import embeddings, layer_names
 from jaxmem.scores.knn_probe import knn_probe_accuracy
 from jaxmem.records import RunDir, write_bytes_atomic, write_json_atomic
+from jaxmem.scoring import rows_to_csv
 from jaxmem.studies.remove_top import interval
 
 
@@ -124,7 +123,7 @@ def benign_study(run_dir: str | Path, out: str | Path | None = None, *, num_mode
              "rows": rows}
   out = Path(out) if out is not None else run.path / "benign"
   out.mkdir(parents=True, exist_ok=True)
-  write_bytes_atomic(out / "benign.csv", _rows_csv(rows).encode())
+  write_bytes_atomic(out / "benign.csv", rows_to_csv(rows))
   write_json_atomic(out / "benign.json", summary)
   plot_benign(rows, out / "benign.png", title=f"{dataset.name}, label noise {config.label_noise:g}: "
               f"kNN probe (k={k}) on clean labels, {num_models} models")
@@ -133,14 +132,6 @@ def benign_study(run_dir: str | Path, out: str | Path | None = None, *, num_mode
            f"{r['verdict']}" for r in rows]
   return BenignResult(out, rows, summary, lines)
 
-
-def _rows_csv(rows: list[dict[str, Any]]) -> str:
-  buffer = io.StringIO()
-  writer = csv.DictWriter(buffer, fieldnames=list(rows[0]), lineterminator="\n")
-  writer.writeheader()
-  for row in rows:
-    writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
-  return buffer.getvalue()
 
 
 def plot_benign(rows: list[dict[str, Any]], path: Path, *, title: str = "") -> None:

@@ -29,9 +29,7 @@ and ``layer_rewind.png``.
 
 from __future__ import annotations
 
-import csv
 import dataclasses
-import io
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -44,7 +42,7 @@ from jaxmem.engine import Engine
 from jaxmem.engine.trainer import standardize
 from jaxmem.errors import JaxmemError
 from jaxmem.features import logits
-from jaxmem.scoring import SCORES_CSV, read_scores_csv
+from jaxmem.scoring import SCORES_CSV, read_scores_csv, rows_to_csv
 from jaxmem.records import RunDir, write_bytes_atomic, write_json_atomic
 from jaxmem.studies.remove_top import interval
 
@@ -146,20 +144,12 @@ def layer_rewind_study(run_dir: str | Path, out: str | Path | None = None, *, nu
              "memorized_group": memorized_name, "num_memorized": int(memorized_N.sum()), "rows": rows}
   out = Path(out) if out is not None else run.path / "layer_rewind"
   out.mkdir(parents=True, exist_ok=True)
-  write_bytes_atomic(out / "layer_rewind.csv", rows_csv(rows).encode())
+  write_bytes_atomic(out / "layer_rewind.csv", rows_to_csv(rows))
   write_json_atomic(out / "layer_rewind.json", summary)
   plot_rewind(rows, out / "layer_rewind.png", memorized_name,
               title=f"{dataset.name}: layer rewinding, {num_models} models")
   return LayerRewindResult(out, rows, summary, format_rewind(rows, memorized_name))
 
-
-def rows_csv(rows: list[dict[str, Any]]) -> str:
-  buffer = io.StringIO()
-  writer = csv.DictWriter(buffer, fieldnames=list(rows[0]), lineterminator="\n")
-  writer.writeheader()
-  for row in rows:
-    writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
-  return buffer.getvalue()
 
 
 def format_rewind(rows: list[dict[str, Any]], memorized: str) -> list[str]:

@@ -28,9 +28,7 @@ without writing anything).
 
 from __future__ import annotations
 
-import csv
 import dataclasses
-import io
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -47,6 +45,7 @@ from jaxmem.scores._stats import auroc
 from jaxmem.scores.memorization import memorization
 from jaxmem.scores.proxies import DEFAULT_DRAWS, DEFAULT_H, cumulative_sample_loss, input_curvature, learning_time
 from jaxmem.records import RunDir, kept_param_models, load_model_params, write_bytes_atomic, write_json_atomic
+from jaxmem.scoring import rows_to_csv
 
 COLUMNS = ("models", "proxy", "models_used", "examples_used", "spearman", "spearman_low", "spearman_high",
            "pearson", "pearson_low", "pearson_high", "auroc_flipped", "auroc_flipped_low", "auroc_flipped_high",
@@ -196,15 +195,6 @@ def proxies_from_records(records, ks: Sequence[int], *, epochs: int, curvature_f
   return ProxiesResult(rows, proxies, notes)
 
 
-def rows_csv(rows: Sequence[dict[str, Any]]) -> str:
-  out = io.StringIO()
-  writer = csv.writer(out, lineterminator="\n")
-  writer.writerow(COLUMNS)
-  for row in rows:
-    writer.writerow(["" if isinstance(row[c], float) and np.isnan(row[c]) else
-                     (f"{row[c]:.6g}" if isinstance(row[c], float) else row[c]) for c in COLUMNS])
-  return out.getvalue()
-
 
 def proxies_study(run_dir: str | Path, out: str | Path | None = None, *, ks: Sequence[int] = (1, 4, 16),
                   h: float = DEFAULT_H, draws: int = DEFAULT_DRAWS, curvature_epochs: Sequence[int] | None = None,
@@ -252,7 +242,7 @@ def proxies_study(run_dir: str | Path, out: str | Path | None = None, *, ks: Seq
   out = Path(out) if out is not None else run.path / "proxies"
   out.mkdir(parents=True, exist_ok=True)
   result.out, result.table = out, out / "proxies.csv"
-  write_bytes_atomic(result.table, rows_csv(result.rows).encode())
+  write_bytes_atomic(result.table, rows_to_csv(result.rows, COLUMNS))
   write_json_atomic(out / "proxies.json", {
       "run": str(run.path), "models": records.num_models, "epochs": config.epochs, "ks": list(ks), "seed": seed,
       "curvature": {"h": h, "draws": draws, "models": len(kept_rows), "epochs": epochs_used,
