@@ -638,7 +638,8 @@ def test_readme_python_example_sets_up_devices_and_fits():
   epochs: 10 found flipped labels at AUROC 0.61 only) and the README says how long the tests take."""
   code = _readme_python_example()
   assert "use_one_cpu_device_per_core()" in code and "epochs=10" not in code and "label_noise=0.1" in code
-  assert "takes about 17 minutes on a 2-core CPU" in (Path(__file__).resolve().parents[1] / "README.md").read_text()
+  readme = " ".join((Path(__file__).resolve().parents[1] / "README.md").read_text().split())
+  assert "The default suite (468 tests) took 10 minutes of tests, 11 minutes with the install" in readme
 
 
 @pytest.mark.slow
