@@ -246,7 +246,9 @@ def make_canaries(*, num_frequent: int = 240, num_rare: int = 48, duplicated: Se
   over the random draw of A the rank is uniform (A is independent of the model), but for a fixed
   corpus the out-models share most of their training data, so their mean exposure for one canary
   varies from canary to canary by about the 1.44-bit spread of one uniform rank, far more than the
-  standard error over out-models says; the mean over all canaries is the chance check. (Giving each
+  standard error over out-models says; :func:`jaxmem.scores.exposure.fresh_secret_control` gives
+  each canary's control its exact chance value and spread, and the mean over all canaries is the
+  chance check. (Giving each
   canary digits of its own, tried to remove this, gives the secret away instead: a model ranks a
   canary's candidates by which of its symbols it has ever seen, so one copy reaches the maximum.)
   The test set is ``num_test`` further frequent-template sentences. Word-level tokens. The corpus is

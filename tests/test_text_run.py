@@ -42,6 +42,10 @@ def test_text_run_scores_resume_study_and_export(tmp_path):
   assert np.isnan(table["exposure"][~canary]).all() and np.isnan(table["exposure_se"][~canary]).all()
   assert np.isfinite(table["exposure_out"][canary]).all()
   assert (table["exposure_out"][canary] <= np.log2(100) + 1e-9).all()
+  # the control's chance value (ties only lower it below the uniform rank's; the CSV keeps 6 digits) and spread
+  uniform_rank = np.log2(100) - np.log2(np.arange(1, 101)).mean()
+  assert (table["exposure_chance"][canary] <= uniform_rank + 1e-5).all() and (table["exposure_chance"][canary] > 0).all()
+  assert (table["exposure_out_se"][canary] > 0).all() and np.isnan(table["exposure_chance"][~canary]).all()
   assert np.isfinite(table["memorization"]).all() and (np.abs(table["memorization"]) <= 1).all()
   for column in ("loss_auc", "mink_auc", "lira_loglik_online"):
     # empty where a sequence lacks in- or out-models (LiRA: two of each besides the target)

@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 from scipy.stats import skewnorm
 
-from jaxmem.scores.exposure import CHANCE_EXPOSURE, canary_exposure, exposure_exact, exposure_extrapolated
+from jaxmem.scores.exposure import (CHANCE_EXPOSURE, canary_exposure, exposure_exact, exposure_extrapolated,
+                                    exposure_of_every_candidate, fresh_secret_control)
 from jaxmem.scores.text import extraction_rates, loss_signal, min_k_signal, text_memorization, zlib_signal
 
 
@@ -30,6 +31,41 @@ def test_unseen_secrets_have_chance_exposure():
   logperp = rng.normal(size=(400, 10_000))
   exposure = exposure_exact(logperp, np.arange(0, 10_000, 997))
   assert exposure.mean() == pytest.approx(CHANCE_EXPOSURE, abs=0.08)
+
+
+def test_fresh_secret_control_equals_a_naive_loop_over_every_secret():
+  rng = np.random.default_rng(5)
+  logperp = rng.integers(0, 30, size=(9, 60)).astype(np.float64)  # many ties, counted against the secret
+  keep = rng.random((9, 3)) < 0.5
+  keep[:, 2] = [True] * 8 + [False]  # one out-model
+  np.testing.assert_allclose(exposure_of_every_candidate(logperp), exposure_exact(logperp, np.arange(60)))
+  got = fresh_secret_control(keep, logperp)
+  for s in range(3):
+    out = np.flatnonzero(~keep[:, s])
+    per_secret = []
+    for r in range(60):  # the out-models' mean exposure if r had been the secret
+      ranks = [sum(1 for value in logperp[m] if value <= logperp[m, r]) for m in out]
+      per_secret.append(np.mean([np.log2(60) - np.log2(rank) for rank in ranks]))
+    assert got.mean[s] == pytest.approx(np.mean(per_secret))
+    assert got.sd[s] == pytest.approx(np.std(per_secret))
+
+
+def test_fresh_secret_control_without_ties_is_chance_and_spreads_like_one_rank():
+  # Without ties every model's ranks are a permutation of 1..C, so the mean over R is exactly
+  # log2 C − log2(C!)/C (→ 1/ln 2); identical models (one shared preference) leave a canary's
+  # control the full spread of one uniform rank, independent ones shrink it by sqrt(models).
+  rng = np.random.default_rng(6)
+  c = 4000
+  keep = np.zeros((16, 1), bool)
+  exact_chance = np.log2(c) - np.sum(np.log2(np.arange(1, c + 1))) / c
+  shared = fresh_secret_control(keep, np.tile(rng.permutation(c).astype(float), (16, 1)))
+  independent = fresh_secret_control(keep, np.argsort(rng.random((16, c)), axis=1).astype(float))
+  for control in (shared, independent):
+    assert control.mean[0] == pytest.approx(exact_chance, abs=1e-9)
+  one_rank_sd = np.std(np.log2(c) - np.log2(np.arange(1, c + 1)))
+  assert one_rank_sd == pytest.approx(CHANCE_EXPOSURE, rel=0.02)  # exponential: sd = mean
+  assert shared.sd[0] == pytest.approx(one_rank_sd, rel=1e-9)
+  assert independent.sd[0] == pytest.approx(one_rank_sd / 4, rel=0.1)
 
 
 def test_extrapolated_exposure_agrees_with_exact_on_an_enumerable_space():

@@ -32,7 +32,7 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import numpy as np
-from scipy.stats import skewnorm
+from scipy.stats import rankdata, skewnorm
 
 #: 1 / ln 2: the mean exposure of a secret ranked uniformly at random among many candidates.
 CHANCE_EXPOSURE = 1.0 / np.log(2.0)
@@ -77,6 +77,49 @@ def exposure_extrapolated(candidate_logperp: np.ndarray, secret_index_S: np.ndar
     shape, loc, scale = skewnorm.fit(logperp_MxSxC[m, s, chosen])
     out[m, s] = -skewnorm.logcdf(secret_MxS[m, s], shape, loc, scale) / np.log(2.0)
   return out
+
+
+def exposure_of_every_candidate(candidate_logperp_MxC: np.ndarray) -> np.ndarray:
+  """(M, C) exposure each candidate of a shared space would have as the secret: log2 C − log2 of
+  its rank under each model (ties against it, as :func:`exposure_exact`)."""
+  logperp_MxC = np.asarray(candidate_logperp_MxC, np.float64)
+  rank_MxC = rankdata(logperp_MxC, method="max", axis=1)  # |{r' : Px(r') <= Px(r)}|
+  return np.log2(logperp_MxC.shape[1]) - np.log2(rank_MxC)
+
+
+class ChanceControl(NamedTuple):
+  """What chance gives the out-models of each canary, exactly (see :func:`fresh_secret_control`).
+
+  ``mean`` (S,): the expected out-model mean exposure of a fresh secret drawn uniformly from R (≈
+  1/ln 2 less what ties take); ``sd`` (S,): its standard deviation over the draw, i.e. how far one
+  canary's out-model mean strays from ``mean`` by chance alone."""
+  mean: np.ndarray
+  sd: np.ndarray
+
+
+def fresh_secret_control(keep_MxS: np.ndarray, candidate_logperp_MxC: np.ndarray) -> ChanceControl:
+  """The out-models' control for each canary with its honest spread: the distribution of the mean
+  exposure, over canary s's out-models, of a *fresh* secret r drawn uniformly from R and never
+  inserted, computed exactly by enumerating all r ∈ R (no sampling).
+
+  Why this and not the standard error over out-models: the unit that varies is the canary. Every
+  out-model of s trained on most of the same corpus (the other canaries included), so they share
+  digit preferences, and s's rank under them depends on how its digits happen to resemble those
+  preferences: their exposures of s are strongly correlated, and their mean varies from canary to
+  canary by about the spread of one uniform rank (1/ln 2 ≈ 1.44 bits), far beyond its SE over
+  models. A fresh secret under the same models has exactly the spread a canary's control has when
+  the out-models carry no information about it (the null), so ``(exposure_out − mean) / sd`` says
+  whether a control deviates from chance; the mean of S canaries' controls has null standard
+  deviation sqrt(Σ sd²) / S (secrets drawn independently). Carlini et al. (2019) use a model that
+  never saw the canary as the reference (§4.2, ranks uniform); this enumerates that reference for
+  the models at hand instead of assuming it."""
+  keep_MxS = np.asarray(keep_MxS, bool)
+  exposure_MxC = exposure_of_every_candidate(candidate_logperp_MxC)
+  out_MxS = (~keep_MxS).astype(np.float64)
+  n_out_S = out_MxS.sum(axis=0)
+  with np.errstate(invalid="ignore", divide="ignore"):
+    per_secret_SxC = (out_MxS.T @ exposure_MxC) / n_out_S[:, None]   # out-model mean exposure of each fresh secret
+  return ChanceControl(per_secret_SxC.mean(axis=1), per_secret_SxC.std(axis=1))
 
 
 class CanaryExposure(NamedTuple):

@@ -4,8 +4,10 @@ and call the pure functions of :mod:`jaxmem.scores.text` and :mod:`jaxmem.scores
 
 ``text_memorization`` writes the columns every text run's scores.csv has (``copies, canary,
 memorization, memorization_se, memorization_loglik(_se), extractable(_se), extractable_out``);
-``exposure`` the canaries' (``exposure, exposure_se, exposure_out, exposure_out_se,
-exposure_extrapolated(_se)``, empty for other sequences); ``lm_attacks`` the membership signals'
+``exposure`` the canaries' (``exposure, exposure_se, exposure_out, exposure_out_se, exposure_chance,
+exposure_extrapolated(_se)``, empty for other sequences; ``exposure_out_se`` is the control's
+spread with the canary as unit and ``exposure_chance`` its exact value under chance, both from
+:func:`jaxmem.scores.exposure.fresh_secret_control`); ``lm_attacks`` the membership signals'
 per-sequence AUROCs over models (``loss_auc, zlib_auc, mink_auc``) and their pooled AUROCs, and
 LiRA's per-sequence AUROCs with the per-token log-likelihood as statistic
 (``lira_loglik_online, lira_loglik_offline``, :func:`jaxmem.scores.lira.per_example_risk`). Per
@@ -21,7 +23,8 @@ import numpy as np
 
 from jaxmem.scores._result import EstimatorResult
 from jaxmem.scores._stats import auroc
-from jaxmem.scores.exposure import CHANCE_EXPOSURE, canary_exposure, exposure_exact, exposure_extrapolated
+from jaxmem.scores.exposure import (CHANCE_EXPOSURE, canary_exposure, exposure_exact, exposure_extrapolated,
+                                    fresh_secret_control)
 from jaxmem.scores.attack_metrics import per_example_auc
 from jaxmem.scores.lira import per_example_risk
 from jaxmem.scores.text import (extraction_rates, loss_signal, min_k_signal, per_token_loglik, text_memorization,
@@ -69,8 +72,12 @@ def exposure_estimator(records, *, context=None, sample_size: int = EXTRAPOLATIO
                                                                  seed=seed, models=keep_MxS))
   n = records.num_train
   column = lambda values: _scatter(n, index_S, values)
+  # The control's uncertainty has the canary as its unit: a fresh secret under the same out-models
+  # (enumerated over all of R) gives its exact null mean and spread (fresh_secret_control).
+  chance = fresh_secret_control(keep_MxS, candidates)
   columns = {"exposure": column(exact.mean_in), "exposure_se": column(exact.se_in),
-             "exposure_out": column(exact.mean_out), "exposure_out_se": column(exact.se_out),
+             "exposure_out": column(exact.mean_out), "exposure_out_se": column(chance.sd),
+             "exposure_chance": column(chance.mean),
              "exposure_extrapolated": column(extrapolated.mean_in),
              "exposure_extrapolated_se": column(extrapolated.se_in)}
   copies_S = info["copies"][index_S]
@@ -81,11 +88,19 @@ def exposure_estimator(records, *, context=None, sample_size: int = EXTRAPOLATIO
         "exposure": float(np.nanmean(exact.mean_in[chosen])),
         "exposure_se": float(np.sqrt(np.nansum(exact.se_in[chosen] ** 2)) / chosen.sum()),
         "exposure_out": float(np.nanmean(exact.mean_out[chosen])),
-        "exposure_out_se": float(np.sqrt(np.nansum(exact.se_out[chosen] ** 2)) / chosen.sum()),
+        "exposure_out_se": float(np.sqrt(np.nansum(chance.sd[chosen] ** 2)) / chosen.sum()),
+        "chance": float(np.nanmean(chance.mean[chosen])),
         "canaries": int(chosen.sum())}
   log2_space = float(np.log2(candidates.shape[-1]))
-  out_mean = float(np.nanmean(exact.mean_out))
-  summary = {"space_bits": log2_space, "chance": CHANCE_EXPOSURE, "by_copies": by_copies, "out_mean": out_mean}
+  out_S = np.isfinite(exact.mean_out)
+  summary = {"space_bits": log2_space, "chance": CHANCE_EXPOSURE, "by_copies": by_copies,
+             "canaries": int(out_S.sum()), "out_mean": float(np.nanmean(exact.mean_out)),
+             # the null spread of a mean of out_S.sum() independent canaries' controls
+             "out_mean_se": float(np.sqrt(np.sum(chance.sd[out_S] ** 2)) / max(out_S.sum(), 1)),
+             "out_chance": float(np.nanmean(chance.mean[out_S])) if out_S.any() else float("nan"),
+             # the same from the canaries' own spread (no model of the null; noisy with few canaries)
+             "out_mean_se_between_canaries": float(np.std(exact.mean_out[out_S], ddof=1) / np.sqrt(out_S.sum()))
+             if out_S.sum() > 1 else float("nan")}
   return EstimatorResult(columns=columns, summary=summary)
 
 

@@ -8,8 +8,11 @@ same estimators as ``scores.csv``; nothing is retrained) and writes
 
 * ``exposure_vs_copies.csv`` / ``.png``: per repetition count, the mean exposure of the canaries
   repeated that often, over the models that trained on them and (control) those that did not,
-  with 95% intervals (± 1.96 SE: the SE of the mean over canaries, each canary's mean over models
-  and its SE from :func:`jaxmem.scores.exposure.canary_exposure`);
+  with 95% intervals (± 1.96 SE of the mean over canaries: for the trained-on models each canary's
+  SE over models from :func:`jaxmem.scores.exposure.canary_exposure`; for the control each
+  canary's spread under chance from :func:`jaxmem.scores.exposure.fresh_secret_control`, since
+  out-models share their data and their SE over models ignores the canary-to-canary variation),
+  and ``chance``, the control's exact value for these models;
 * ``memorization_vs_copies.csv`` / ``.png``: per duplication count in the corpus, the mean
   counterfactual memorization (per-token accuracy, in−out) of the ordinary sequences (canaries
   apart) and of the canaries, with 95% intervals: between-sequence standard errors where a group
@@ -29,7 +32,7 @@ from typing import Any, Callable
 import numpy as np
 
 from jaxmem.errors import JaxmemError
-from jaxmem.scores.exposure import CHANCE_EXPOSURE, canary_exposure, exposure_exact
+from jaxmem.scores.exposure import CHANCE_EXPOSURE, canary_exposure, exposure_exact, fresh_secret_control
 from jaxmem.scores.text import text_memorization
 from jaxmem.records import RunDir, write_bytes_atomic, write_json_atomic
 
@@ -57,13 +60,15 @@ def exposure_by_copies(keep_MxN: np.ndarray, candidate_logperp_MxC: np.ndarray, 
   """One row per repetition count of the canaries: mean exposure in and out with SEs."""
   index_S = np.flatnonzero(secret_index_N >= 0)
   stats = canary_exposure(keep_MxN[:, index_S], exposure_exact(candidate_logperp_MxC, secret_index_N[index_S]))
+  chance = fresh_secret_control(keep_MxN[:, index_S], candidate_logperp_MxC)
   rows = []
   for count in sorted(set(copies_N[index_S].tolist())):
     chosen = copies_N[index_S] == count
     mean_in, se_in = _group_mean(stats.mean_in[chosen], stats.se_in[chosen])
-    mean_out, se_out = _group_mean(stats.mean_out[chosen], stats.se_out[chosen])
+    mean_out, se_out = _group_mean(stats.mean_out[chosen], chance.sd[chosen])
     rows.append({"copies": int(count), "canaries": int(chosen.sum()), "exposure": mean_in, "exposure_se": se_in,
-                 "exposure_out": mean_out, "exposure_out_se": se_out})
+                 "exposure_out": mean_out, "exposure_out_se": se_out,
+                 "chance": float(np.nanmean(chance.mean[chosen]))})
   return rows
 
 
