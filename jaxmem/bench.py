@@ -20,7 +20,8 @@ Variants:
   program that runs all of a model's epochs (the best case of a loop of single-model programs;
   it uses the engine's convolution, so it is a stronger baseline than a user's loop).
 * ``torch-loop``: the same model in PyTorch (CPU, its default thread count unless
-  ``torch_threads``), trained per model with ``torch.optim.Adam`` and the same cosine schedule;
+  ``torch_threads``), trained per model with ``torch.optim.Adam`` and the same cosine schedule
+  (for text, :func:`torch_transformer`, the same batches of sequences and the same records);
   skipped with a message when PyTorch is absent (``pip install 'jaxmem[torch]'``).
 
 Loop baselines train fewer models than the engine (their cost is linear in the model count, so
@@ -328,8 +329,6 @@ class _TorchLoop:
   """The same model in PyTorch, trained per model with the same batches, optimizer and schedule."""
 
   def __init__(self, dataset: Dataset, config: RunConfig, keep_KxN: np.ndarray, threads: int | None = None):
-    if dataset.is_text:
-      raise JaxmemError("the PyTorch baseline has no transformer yet; jax-model-loop is the text baseline")
     import torch
     from jaxmem.engine.step import steps_per_epoch
     from jaxmem.engine.trainer import standardize
@@ -409,6 +408,139 @@ class _TorchLoop:
     return time.perf_counter() - start, record_seconds
 
 
+def torch_transformer(torch, vocab_size: int, *, num_layers: int = 2, width: int = 64, num_heads: int = 4,
+                      mlp_ratio: int = 4, max_len: int = 256, positions: str = "learned"):
+  """:class:`jaxmem.models.Transformer` in PyTorch, for the ``torch-loop`` baseline: the same
+  layers and widths (pre-norm blocks, LayerNorm eps 1e-6 as flax's, tanh-approximated GELU as
+  flax's ``nn.gelu``, biases in every projection, tied embedding logits), the same parameter count
+  (``tests/test_text_run.py``) and the same initial scale (embeddings and positions N(0, 0.02),
+  projections flax's ``lecun_normal``: truncated normal of variance 1/fan_in, biases 0). Attention
+  is ``scaled_dot_product_attention(is_causal=True)``, what a PyTorch user writes."""
+  if positions != "learned":
+    raise JaxmemError(f"the PyTorch baseline implements learned positions only, not {positions!r}")
+  nn, functional = torch.nn, torch.nn.functional
+
+  def lecun_normal_(linear):
+    std = (1.0 / linear.in_features) ** 0.5 / 0.87962566103423978  # flax's truncation correction
+    nn.init.trunc_normal_(linear.weight, std=std, a=-2 * std, b=2 * std)
+    nn.init.zeros_(linear.bias)
+    return linear
+
+  class Block(nn.Module):
+    def __init__(self):
+      super().__init__()
+      self.ln_attn, self.ln_mlp = nn.LayerNorm(width, eps=1e-6), nn.LayerNorm(width, eps=1e-6)
+      self.qkv, self.out = lecun_normal_(nn.Linear(width, 3 * width)), lecun_normal_(nn.Linear(width, width))
+      self.mlp_in = lecun_normal_(nn.Linear(width, mlp_ratio * width))
+      self.mlp_out = lecun_normal_(nn.Linear(mlp_ratio * width, width))
+
+    def forward(self, x_BxLxW):
+      batch, length, _ = x_BxLxW.shape
+      qkv = self.qkv(self.ln_attn(x_BxLxW)).view(batch, length, 3, num_heads, width // num_heads)
+      q_BxHxLxD, k_BxHxLxD, v_BxHxLxD = qkv.permute(2, 0, 3, 1, 4)
+      attended = functional.scaled_dot_product_attention(q_BxHxLxD, k_BxHxLxD, v_BxHxLxD, is_causal=True)
+      x_BxLxW = x_BxLxW + self.out(attended.transpose(1, 2).reshape(batch, length, width))
+      return x_BxLxW + self.mlp_out(functional.gelu(self.mlp_in(self.ln_mlp(x_BxLxW)), approximate="tanh"))
+
+  class Model(nn.Module):
+    def __init__(self):
+      super().__init__()
+      self.embed = nn.Embedding(vocab_size, width)
+      self.position = nn.Parameter(torch.zeros(max_len, width))
+      nn.init.normal_(self.embed.weight, std=0.02)
+      nn.init.normal_(self.position, std=0.02)
+      self.blocks = nn.ModuleList([Block() for _ in range(num_layers)])
+      self.ln_final = nn.LayerNorm(width, eps=1e-6)
+
+    def forward(self, tokens_BxL):
+      x_BxLxW = self.embed(tokens_BxL) + self.position[: tokens_BxL.shape[1]][None]
+      for block in self.blocks:
+        x_BxLxW = block(x_BxLxW)
+      return self.ln_final(x_BxLxW) @ self.embed.weight.T   # tied embedding: logits (B, L, V)
+
+  return Model()
+
+
+class _TorchTransformerLoop:
+  """The causal transformer in PyTorch, trained per model on the same text work as the engine:
+  each member sequence every copy every epoch, batches of the config's size, next-token
+  cross-entropy over real targets, Adam with the cosine schedule; then the same records
+  (teacher-forced per-token accuracy, log-likelihood and token log-probabilities of every train
+  and test sequence, and with canaries the log-perplexity of every candidate secret)."""
+
+  def __init__(self, dataset, config: RunConfig, keep_KxN: np.ndarray, threads: int | None = None):
+    import torch
+    from jaxmem.engine.step import steps_per_epoch
+    from jaxmem.engine.text import candidate_rows
+    from jaxmem.engine.trainer import members_from_keep
+    if config.optimizer != "adam" or config.compute_dtype != "float32" or config.weight_decay:
+      raise JaxmemError("the PyTorch baseline implements float32 adam without weight decay only")
+    threads = threads or torch.get_num_threads()
+    self.torch, self.config, self.keep, self.threads = torch, config, keep_KxN, threads
+    self.note = f"{threads} torch thread(s)"
+    self.vocab_size = dataset.num_classes
+    self.x_train = torch.from_numpy(np.asarray(dataset.x_train, np.int64))
+    self.x_test = torch.from_numpy(np.asarray(dataset.x_test, np.int64))
+    members_KxS, counts_K = members_from_keep(keep_KxN, dataset.copies)
+    self.members = [members_KxS[k, : counts_K[k]] for k in range(len(keep_KxN))]
+    self.total_steps = config.epochs * steps_per_epoch(int(counts_K.max()), config.batch_size)
+    self.candidates = None
+    secrets = dataset.secrets
+    if secrets is not None and secrets["canaries"]:
+      rows = candidate_rows(secrets["format_tokens"], secrets["symbol_tokens"], int(secrets["length"]))
+      self.candidates = (torch.from_numpy(rows.astype(np.int64)), len(secrets["format_tokens"]), int(secrets["length"]),
+                         torch.as_tensor(secrets["symbol_tokens"], dtype=torch.int64))
+    self._model = lambda: torch_transformer(torch, self.vocab_size, **config.model_options)
+
+  def __call__(self) -> tuple[float, float]:
+    torch = self.torch
+    threads = torch.get_num_threads()
+    torch.set_num_threads(self.threads)
+    try:
+      return self._train_all()
+    finally:
+      torch.set_num_threads(threads)
+
+  def _train_all(self) -> tuple[float, float]:
+    torch, cfg, functional = self.torch, self.config, self.torch.nn.functional
+    record_seconds = 0.0
+    start = time.perf_counter()
+    for k, members in enumerate(self.members):
+      torch.manual_seed(cfg.seed * 100003 + k)
+      members = torch.from_numpy(members.astype(np.int64))
+      model = self._model()
+      opt = torch.optim.Adam(model.parameters(), lr=cfg.learning_rate)
+      schedule = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=self.total_steps)
+      for _ in range(cfg.epochs):
+        order = members[torch.randperm(members.numel())]
+        for s in range(0, order.numel(), cfg.batch_size):
+          tokens_BxL = self.x_train[order[s: s + cfg.batch_size]]
+          logits_BxTxV = model(tokens_BxL[:, :-1])
+          loss = functional.cross_entropy(logits_BxTxV.reshape(-1, self.vocab_size), tokens_BxL[:, 1:].reshape(-1),
+                                          ignore_index=0)  # padding targets (token 0) do not count
+          opt.zero_grad(set_to_none=True)
+          loss.backward()
+          opt.step()
+          schedule.step()
+      record_start = time.perf_counter()
+      with torch.no_grad():
+        for tokens_BxL in (self.x_train, self.x_test):
+          logprob_BxTxV = functional.log_softmax(model(tokens_BxL[:, :-1]), dim=-1)
+          targets_BxT = tokens_BxL[:, 1:]
+          valid_BxT = targets_BxT != 0
+          logprob_BxT = logprob_BxTxV.gather(2, targets_BxT[..., None])[..., 0] * valid_BxT
+          correct_BxT = (logprob_BxTxV.argmax(-1) == targets_BxT) & valid_BxT
+          (correct_BxT.sum(1) / valid_BxT.sum(1).clamp(min=1)).numpy(), logprob_BxT.sum(1).numpy(), logprob_BxT.numpy()
+        if self.candidates is not None:
+          rows_RxS, format_len, length, symbols_B = self.candidates
+          logp = functional.log_softmax(model(rows_RxS[:, :-1])[:, format_len - 1:, :], dim=-1)[..., symbols_B]
+          digit_index = (rows_RxS[:, format_len: format_len + length - 1, None] == symbols_B).int().argmax(-1)
+          prefix_R = logp[:, : length - 1].gather(2, digit_index[..., None])[..., 0].sum(1)
+          (-(prefix_R[:, None] + logp[:, length - 1])).reshape(-1).numpy()
+      record_seconds += time.perf_counter() - record_start
+    return time.perf_counter() - start, record_seconds
+
+
 def torch_available() -> bool:
   return importlib.util.find_spec("torch") is not None
 
@@ -473,7 +605,8 @@ def bench(workload: Workload | str = "digits-mlp", *, quick: bool = False, repea
       elif name == "jax-model-loop":
         variants[name] = _EngineVariant(dataset, config, keep[:loop_models], "loop")
       else:
-        variants[name] = _TorchLoop(dataset, config, keep[:loop_models], torch_threads)
+        loop = _TorchTransformerLoop if dataset.is_text else _TorchLoop
+        variants[name] = loop(dataset, config, keep[:loop_models], torch_threads)
       models[name] = loop_models
     except JaxmemError as e:
       skipped[name] = str(e)

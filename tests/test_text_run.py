@@ -67,9 +67,22 @@ def test_text_run_scores_resume_study_and_export(tmp_path):
     assert (study.out / name).stat().st_size > 0
 
   jaxmem.export_records(RunDir.open(out).load_records(), tmp_path / "records.npz")
+  # every text record and per-sequence fact is exported under a name whose axis letters are its shape
+  sizes = {"M": 6, "N": ds.num_train, "T": len(ds.x_test), "L": ds.seq_len - 1, "candidates": 100}
+  contract = {"keep", "train_labels", "test_labels", "noisy", "subset_ratio", "model_ids", "clean_train_labels",
+              "epoch_loss"}  # named as in image runs
   with np.load(tmp_path / "records.npz") as f:
-    assert f["train_token_accuracy"].shape == (6, ds.num_train)
-    assert f["candidate_logperp"].shape == (6, 100)
+    text_keys = sorted(set(f.files) - contract)
+    assert text_keys == sorted(["train_token_accuracy_MxN", "test_token_accuracy_MxT", "train_loglik_MxN",
+                                "test_loglik_MxT", "train_extractable_MxN", "train_token_logprob_MxNxL",
+                                "candidate_logperp_Mxcandidates", "copies_N", "canary_N", "prefix_len_N",
+                                "zlib_bytes_N", "num_tokens_N", "secret_index_N"])
+    for key in text_keys:
+      axes = key.rsplit("_", 1)[1].split("x")
+      assert f[key].shape == tuple(sizes[a] for a in axes), key
+    np.testing.assert_array_equal(f["copies_N"], ds.copies)
+    np.testing.assert_array_equal(f["secret_index_N"], ds.secret_index())
+    np.testing.assert_array_equal(f["train_loglik_MxN"], RunDir.open(out).load_records()["train_loglik"])
 
 
 def test_text_data_needs_a_text_model_and_the_other_way_round(tmp_path):
@@ -136,12 +149,54 @@ def test_sigkill_then_resume_of_a_text_run_is_bitwise(tmp_path):
 
 
 @pytest.mark.slow
-def test_bench_text_workload_runs_engine_and_model_loop_side_by_side(monkeypatch):
+def test_bench_text_workload_runs_engine_and_model_loop_side_by_side():
   from jaxmem import bench
-  monkeypatch.setattr(bench, "torch_available", lambda: True)  # reach the baseline's own text check
   result = bench.bench("canaries-transformer", quick=True, repeats=1, strategies=["vmap"],
                        baselines=["jax-model-loop", "jax-step-loop", "torch-loop"], engine_models=2, loop_models=1,
                        epochs=1, peak_size=256)
-  assert [r.variant for r in result.rows] == ["engine:vmap", "jax-model-loop"]
-  assert "classifiers only" in result.skipped["jax-step-loop"] and "no transformer" in result.skipped["torch-loop"]
+  torch_row = ["torch-loop"] if bench.torch_available() else []
+  assert [r.variant for r in result.rows] == ["engine:vmap", "jax-model-loop"] + torch_row
+  assert "classifiers only" in result.skipped["jax-step-loop"]
+  assert torch_row or "PyTorch is not installed" in result.skipped["torch-loop"]
   assert result.model_flops > 0 and all(r.median > 0 for r in result.rows)
+
+
+def test_torch_transformer_is_the_flax_transformer():
+  """The PyTorch baseline's model has the flax model's parameter count and, given the flax
+  parameters, the same logits (layout, LayerNorm eps, GELU form, tied logits all agree)."""
+  torch = pytest.importorskip("torch")
+  import jax
+  from jaxmem.bench import torch_transformer
+  from jaxmem.models import build_model
+  options = {"num_layers": 2, "width": 32, "num_heads": 4, "mlp_ratio": 4, "max_len": 24}
+  vocab, width = 40, 32
+  model = build_model("transformer", vocab, options)
+  tokens_BxL = np.random.default_rng(0).integers(0, vocab, (3, 20)).astype(np.int32)
+  params = model.init(jax.random.PRNGKey(0), tokens_BxL)["params"]
+  torch_model = torch_transformer(torch, vocab, **options)
+  assert sum(p.size for p in jax.tree_util.tree_leaves(params)) == sum(p.numel() for p in torch_model.parameters())
+  t = lambda a: torch.from_numpy(np.array(a, np.float32))
+  state = {"embed.weight": t(params["embed"]["embedding"]), "position": t(params["position"]),
+           "ln_final.weight": t(params["ln_final"]["scale"]), "ln_final.bias": t(params["ln_final"]["bias"])}
+  for layer in range(2):
+    attn, b = params[f"attn_{layer}"], f"blocks.{layer}."
+    for name in ("ln_attn", "ln_mlp"):
+      state[b + name + ".weight"] = t(params[f"{name}_{layer}"]["scale"])
+      state[b + name + ".bias"] = t(params[f"{name}_{layer}"]["bias"])
+    state[b + "qkv.weight"] = t(np.asarray(attn["qkv"]["kernel"]).reshape(width, 3 * width).T)
+    state[b + "qkv.bias"] = t(np.asarray(attn["qkv"]["bias"]).reshape(-1))
+    state[b + "out.weight"] = t(np.asarray(attn["out"]["kernel"]).reshape(width, width).T)
+    state[b + "out.bias"] = t(attn["out"]["bias"])
+    for name in ("mlp_in", "mlp_out"):
+      state[b + name + ".weight"] = t(np.asarray(params[f"{name}_{layer}"]["kernel"]).T)
+      state[b + name + ".bias"] = t(params[f"{name}_{layer}"]["bias"])
+  fresh = torch_model.state_dict()
+  for name, value in state.items():  # the same initial scale (different draws): std within 10%
+    if float(value.std()) > 0:  # random: 768 or more entries each, so the std is known to a few %
+      assert value.numel() >= 768 and float(fresh[name].std()) == pytest.approx(float(value.std()), rel=0.1), name
+    else:  # LayerNorm scales and biases start at 1 and 0, projection biases at 0
+      np.testing.assert_array_equal(fresh[name].numpy(), value.numpy(), err_msg=name)
+  torch_model.load_state_dict(state)  # strict: every torch parameter is set from a flax one
+  with torch.no_grad():
+    got = torch_model(torch.from_numpy(tokens_BxL.astype(np.int64))).numpy()
+  np.testing.assert_allclose(got, np.asarray(model.apply({"params": params}, tokens_BxL)), atol=2e-5, rtol=1e-4)

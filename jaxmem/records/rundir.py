@@ -390,9 +390,22 @@ EXPORT_KEYS = ("keep", "train_labels", "test_labels", "noisy", "train_correct", 
                "train_margin", "test_margin", "subset_ratio")
 
 
+#: A text run's records are exported under names that say their shapes (DESIGN.md's axis letters;
+#: L is the L − 1 predicted tokens; the candidates of the canaries' space get a word, R being the
+#: subset-ratio letter), and its per-sequence facts (``Records.example_info``) beside them.
+TEXT_EXPORT_NAMES = {
+    "train_token_accuracy": "train_token_accuracy_MxN", "test_token_accuracy": "test_token_accuracy_MxT",
+    "train_loglik": "train_loglik_MxN", "test_loglik": "test_loglik_MxT",
+    "train_extractable": "train_extractable_MxN", "train_token_logprob": "train_token_logprob_MxNxL",
+    "candidate_logperp": "candidate_logperp_Mxcandidates",
+}
+
+
 def export_records(records: Records, out: str | Path) -> list[str]:
-  """Writes the raw records to one .npz (contract keys first, then every other record). Records
-  are read one at a time while they are written, so memory holds one record, not all."""
+  """Writes the raw records to one .npz (contract keys first, then every other record; a text
+  run's under :data:`TEXT_EXPORT_NAMES`, with its per-sequence facts as ``copies_N``,
+  ``canary_N``, ...). Records are read one at a time while they are written, so memory holds one
+  record, not all."""
   out = Path(out)
   if out.suffix != ".npz":
     raise JaxmemError(f"export path {str(out)!r} must end in .npz")
@@ -403,9 +416,12 @@ def export_records(records: Records, out: str | Path) -> list[str]:
   small = {"train_labels": records.train_labels, "test_labels": records.test_labels, "noisy": records.noisy,
            "subset_ratio": records.subset_ratio.astype(np.float32), "model_ids": records.model_ids,
            "clean_train_labels": records.clean_train_labels}
+  stored = {TEXT_EXPORT_NAMES.get(name, name): name for name in records.record_names()}
+  if any(name in TEXT_EXPORT_NAMES for name in records.record_names()):
+    small.update({f"{key}_N": np.asarray(value) for key, value in records.example_info.items()})
   names = ["keep", "train_labels", "test_labels", "noisy", "subset_ratio", "model_ids", "clean_train_labels",
-           *records.record_names()]
-  write_npz_atomic(out, _LazyArrays(names, lambda name: small[name] if name in small else records.read(name)))
+           *[key for key in small if key.endswith("_N")], *stored]
+  write_npz_atomic(out, _LazyArrays(names, lambda name: small[name] if name in small else records.read(stored.get(name, name))))
   return sorted(names)
 
 
