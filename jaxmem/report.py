@@ -161,6 +161,12 @@ class _Context:
   images: list[str] = dataclasses.field(default_factory=list)
   stale: frozenset = frozenset()  # estimators whose tables and files no longer describe the records
 
+  @property
+  def is_text(self) -> bool:
+    """A language-model run (its manifest describes text): no labels, classes or images, so the
+    label-based parts (per-class figures, label noise, image galleries) have nothing to show."""
+    return "text" in self.manifest.get("dataset", {})
+
   def has(self, column: str) -> bool:
     return column in self.scores and bool(np.isfinite(self.scores[column].astype(float)).any())
 
@@ -242,6 +248,12 @@ def _facts_section(ctx: _Context, note: str) -> _Section:
   config, ds = m.get("config", {}), m.get("dataset", {})
   rows = [("dataset", f"{ds.get('name')} ({ds.get('num_train')} train, {ds.get('num_test')} test, "
                       f"{ds.get('num_classes')} classes, input {tuple(ds.get('input_shape', ()))})")]
+  if ctx.is_text:
+    text = ds["text"]
+    rows = [("dataset", f"{ds.get('name')} ({ds.get('num_train')} distinct training sequences, "
+                        f"{text.get('corpus_size')} with their copies; {ds.get('num_test')} test sequences; "
+                        f"{text.get('tokenizer')}-level tokens, vocabulary {text.get('vocab_size')}, "
+                        f"context {text.get('seq_len')})")]
   if config.get("label_noise"):
     flipped = int(np.sum(ctx.scores["noisy"])) if "noisy" in ctx.scores else "?"
     rows.append(("label noise", f"{config['label_noise']} ({flipped} labels flipped)"))
@@ -254,7 +266,8 @@ def _facts_section(ctx: _Context, note: str) -> _Section:
                            f"{', augmented' if config.get('augment') else ''}, seed {config.get('seed')}"))
   acc = s.get("accuracy")
   if acc:
-    rows.append(("accuracy (mean over models)", f"own subset {acc['train_subset']:.3f}, held-out training examples "
+    rows.append(("per-token accuracy (mean over models)" if ctx.is_text else "accuracy (mean over models)",
+                 f"own subset {acc['train_subset']:.3f}, held-out training examples "
                                                 f"{acc['train_held_out']:.3f}, test {acc['test']:.3f}"))
   if "seconds" in s:
     rows.append(("time (last jaxmem run of this directory)", f"{s['seconds']:.1f} s"))
@@ -268,7 +281,7 @@ def _facts_section(ctx: _Context, note: str) -> _Section:
   if versions:
     rows.append(("versions", ", ".join(f"{k} {v}" for k, v in versions.items())))
   rows.append(("created", m.get("created", "")))
-  if note:
+  if note and not ctx.is_text:
     rows.append(("images", note))
   body = _few_models_warning(models.get("finished"), s.get("memorization_median_se")) + _table(None, rows, "facts")
   return _Section("facts", "Run", body)
@@ -309,9 +322,16 @@ def _memorization_section(ctx: _Context) -> _Section | None:
   ax.set_yscale("log")
   ax.set_xlabel("memorization estimate")
   ax.set_ylabel("training examples (log scale)")
-  ax.set_title(f"memorization of {int(finite.sum())} training examples")
+  ax.set_title(f"memorization of {int(finite.sum())} training {'sequences' if ctx.is_text else 'examples'}")
   overall = ctx.save(fig, "memorization_hist.png", "memorization histogram")
 
+  q = np.nanquantile(mem, [0.5, 0.9, 0.99])
+  if ctx.is_text:  # no labels: no per-class figure; the text definition (Zhang et al. 2021)
+    text = (f"<p>Counterfactual memorization of a sequence mem<sub>i</sub> = E[per-token accuracy on i | i in "
+            f"subset] − E[per-token accuracy on i | i held out] (Zhang et al. 2021, eq. 1), all copies of a sequence "
+            f"held in or out together. Median {q[0]:.3f}, 90th percentile {q[1]:.3f}, 99th percentile "
+            f"{q[2]:.3f}.</p>")
+    return _Section("memorization", "Memorization", text + overall)
   classes = np.unique(labels)
   if len(classes) <= 20:
     cols = min(5, len(classes))
@@ -337,8 +357,6 @@ def _memorization_section(ctx: _Context) -> _Section | None:
     ax.set_xlabel("class (sorted by mean memorization)")
     ax.set_ylabel("mean memorization")
   per_class = ctx.save(fig, "memorization_per_class.png", "memorization per class")
-
-  q = np.nanquantile(mem, [0.5, 0.9, 0.99])
   text = (f"<p>Memorization mem<sub>i</sub> = P[correct on i | i in subset] − P[correct on i | i held out] "
           f"(Feldman &amp; Zhang 2020, eq. 3). Median {q[0]:.3f}, 90th percentile {q[1]:.3f}, 99th "
           f"percentile {q[2]:.3f}; {int(np.sum(mem[finite] > 0.5))} examples above 0.5.</p>")
@@ -395,7 +413,7 @@ def _tie_note(values: np.ndarray, k: int) -> str:
 
 
 def _gallery_section(ctx: _Context) -> _Section | None:
-  if not ctx.has("memorization"):
+  if not ctx.has("memorization") or ctx.is_text:  # the text section lists sequences as text
     return None
   mem = ctx.scores["memorization"]
   finite = np.flatnonzero(np.isfinite(mem.astype(float)))
@@ -449,6 +467,17 @@ def _text_section(ctx: _Context, dataset) -> _Section | None:
     ax.set(xlabel="canary repetitions", ylabel="exposure (bits), 95% interval")
     ax.legend(fontsize=7)
     body += "<h3>Canary exposure by repetitions</h3>" + ctx.save(fig, "text_exposure.png", "exposure by repetitions")
+  if ctx.has("exposure") and ctx.has("exposure_chance"):
+    canaries = np.flatnonzero(np.isfinite(s["exposure"].astype(float)))
+    canaries = canaries[np.argsort(s["copies"][canaries], kind="stable")]
+    rows = [(int(i), int(s["copies"][i]), dataset.decode(dataset.x_train[i]), float(s["exposure"][i]),
+             float(s["exposure_se"][i]), float(s["exposure_out"][i]), float(s["exposure_chance"][i]),
+             float(s["exposure_out_se"][i])) for i in canaries]
+    body += ("<p>Each canary's exposure over the models that trained on it (± its standard error over them), "
+             "and over those that did not, beside what chance gives those models: the mean exposure of a fresh "
+             "secret never inserted, enumerated over all candidates, ± its spread over the secret's draw (the "
+             "canary, not the model, is the unit that varies: out-models share most of their data).</p>"
+             + _table(("index", "copies", "canary", "exposure", "± SE", "not trained on", "chance", "± spread"), rows))
   mem = s["memorization"]
   most = _order(mem, True)[: ctx.top]
   header = ("index", "copies", "canary", "memorization", "standard error", "extractable", "exposure", "text")
@@ -744,6 +773,9 @@ def _correlation_section(ctx: _Context) -> _Section | None:
       rows = list(csv.reader(f))
     if len(rows) < 2:
       return None
+    if ctx.is_text:  # a label-noise column has no meaning without labels
+      keep = [j for j, name in enumerate(rows[0]) if name != "auroc_flipped"]
+      rows = [[row[j] for j in keep if j < len(row)] for row in rows]
     body_rows = [[_number_or_text(cell) for cell in row] for row in rows[1:]]
     return _Section("correlations", "Score correlations",
                     "<p>From the run's <code>correlations.csv</code>.</p>" + _table(rows[0], body_rows))

@@ -15,21 +15,28 @@ import jaxmem
 from jaxmem import JaxmemError, RunConfig
 from jaxmem.scoring import read_scores_csv
 from jaxmem.records import RunDir, read_events
+from jaxmem.report import write_report
 from jaxmem.studies.secret_sharer import secret_sharer
 from jaxmem.text import make_canaries
 
 from conftest import jaxmem_cli
+from test_report import CHROMIUM, browser_image_check
 
 TINY_LM = {"num_layers": 1, "width": 16, "num_heads": 2, "mlp_ratio": 2, "max_len": 16}
 TINY_TEXT_RUN = RunConfig(dataset="canaries", model="transformer", model_options=TINY_LM, num_models=6, epochs=4,
                           batch_size=16, learning_rate=1e-2, chunk_size=6, strategy="vmap", subset_ratios=(0.5,))
 
 
-def test_text_run_scores_resume_study_and_export(tmp_path):
+@pytest.fixture(scope="module")
+def tiny_text_run(tmp_path_factory):
   ds = make_canaries(num_frequent=40, num_rare=8, duplicated=(2, 4), repetitions=(1, 4), canaries_per_repetition=2,
                      secret_length=2, num_test=8)
-  out = tmp_path / "run"
-  result = jaxmem.run(TINY_TEXT_RUN, out, dataset=ds, progress=False, log=lambda m: None)
+  out = tmp_path_factory.mktemp("text") / "run"
+  return ds, out, jaxmem.run(TINY_TEXT_RUN, out, dataset=ds, progress=False, log=lambda m: None)
+
+
+def test_text_run_scores_resume_study_and_export(tiny_text_run, tmp_path):
+  ds, out, result = tiny_text_run
   table = read_scores_csv(out / "scores.csv")
   for column in ("index", "copies", "canary", "memorization", "memorization_se", "memorization_loglik",
                  "exposure", "exposure_se", "extractable", "loss_auc", "zlib_auc", "mink_auc",
@@ -83,6 +90,23 @@ def test_text_run_scores_resume_study_and_export(tmp_path):
     np.testing.assert_array_equal(f["copies_N"], ds.copies)
     np.testing.assert_array_equal(f["secret_index_N"], ds.secret_index())
     np.testing.assert_array_equal(f["train_loglik_MxN"], RunDir.open(out).load_records()["train_loglik"])
+
+
+def test_text_run_report_shows_sequences_and_no_label_or_image_parts(tiny_text_run, tmp_path):
+  ds, out, _ = tiny_text_run
+  report = write_report(out, dataset=ds)
+  page = report.path.read_text()
+  assert report.sections == ["facts", "memorization", "text", "correlations"]  # no image gallery
+  assert sorted(report.images) == ["memorization_hist.png", "text_exposure.png"]  # no per-class figure
+  for absent in ("Per class", "flipped", "auroc_flipped", "classes", "label", "Feldman"):
+    assert absent not in page, absent
+  assert f"{ds.num_train} distinct training sequences, {int(ds.copies.sum())} with their copies" in page
+  assert "Zhang et al. 2021" in page and "per-token accuracy (mean over models)" in page
+  for entry in ds.secrets["canaries"]:  # each canary's row in the exposure table, as text
+    assert "my pin is " + " ".join(entry["secret"]) in page
+  if CHROMIUM is not None:  # the page loads in a real browser with every figure
+    count, broken = browser_image_check(report.path, tmp_path)
+    assert broken == [] and count == 2
 
 
 def test_text_data_needs_a_text_model_and_the_other_way_round(tmp_path):
