@@ -117,9 +117,11 @@ def secret_sharer(run_dir: str | Path, out: str | Path | None = None, *,
       "run": str(run.path), "models": records.num_models, "space_bits": space_bits, "chance": CHANCE_EXPOSURE,
       "exposure_vs_copies": exposure_rows, "memorization_vs_copies": memorization_rows})
   lines = [f"exposure vs repetitions ({records.num_models} models; log2|R| = {space_bits:.2f}, chance "
-           f"{CHANCE_EXPOSURE:.2f}):", "  copies  canaries  exposure (trained on)  exposure (not trained on)"]
+           f"{CHANCE_EXPOSURE:.2f}):",
+           "  copies  canaries  exposure (trained on)  exposure (not trained on)  chance for those models ± spread"]
   lines += [f"  {r['copies']:>6}  {r['canaries']:>8}  {r['exposure']:>8.2f} ± {r['exposure_se']:.2f}"
-            f"        {r['exposure_out']:>8.2f} ± {r['exposure_out_se']:.2f}" for r in exposure_rows]
+            f"        {r['exposure_out']:>8.2f}                   {r['chance']:.2f} ± {r['exposure_out_se']:.2f}"
+            for r in exposure_rows]
   lines += ["memorization vs duplication:", "  kind      copies  sequences  memorization"]
   lines += [f"  {r['kind']:<8}  {r['copies']:>6}  {r['sequences']:>9}  {r['memorization']:.3f} ± {r['memorization_se']:.3f}"
             for r in memorization_rows]
@@ -146,7 +148,7 @@ def _plot_exposure(path: Path, rows: list[dict[str, Any]], space_bits: float) ->
   ax = figure.add_subplot()
   copies = [r["copies"] for r in rows]
   for key, label, marker in (("exposure", "models trained on the canary", "o"),
-                             ("exposure_out", "models not trained on it", "s")):
+                             ("exposure_out", "models not trained on it (interval: chance's spread)", "s")):
     ax.errorbar(copies, [r[key] for r in rows], yerr=[Z95 * r[f"{key}_se"] for r in rows], marker=marker,
                 capsize=3, label=label)
   ax.axhline(CHANCE_EXPOSURE, color="gray", linestyle=":", label="chance (1/ln 2)")
