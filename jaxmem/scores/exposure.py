@@ -22,7 +22,8 @@ Differences from tensorflow/privacy's ``secret_sharer`` (``compute_exposure_inte
 ``compute_exposure_extrapolation``): that code takes the perplexities of one model and returns one
 exposure per canary; here every model of a run gives one, and a canary's score is the mean over the
 models that trained on it with its standard error, beside the same mean over the models that did
-not (the control, which should sit near 1.44 bits). Ties count against the canary (≤ in the rank), as
+not (the control, which should sit near 1.44 bits; :func:`fresh_secret_control` gives its exact
+chance value and spread under the same models). Ties count against the canary (≤ in the rank), as
 the definition and the reference's interpolation do. The skew-normal is fitted to all candidates or
 to a seeded sample of them.
 """
