@@ -53,6 +53,8 @@ def test_text_run_scores_resume_study_and_export(tiny_text_run, tmp_path):
   uniform_rank = np.log2(100) - np.log2(np.arange(1, 101)).mean()
   assert (table["exposure_chance"][canary] <= uniform_rank + 1e-5).all() and (table["exposure_chance"][canary] > 0).all()
   assert (table["exposure_out_se"][canary] > 0).all() and np.isnan(table["exposure_chance"][~canary]).all()
+  header = (out / "correlations.csv").read_text().splitlines()[0].split(",")
+  assert "exposure_out" in header and "exposure_chance" not in header  # a reference value, not a score
   assert np.isfinite(table["memorization"]).all() and (np.abs(table["memorization"]) <= 1).all()
   for column in ("loss_auc", "mink_auc", "lira_loglik_online"):
     # empty where a sequence lacks in- or out-models (LiRA: two of each besides the target)

@@ -25,8 +25,9 @@ import numpy as np
 from jaxmem.scores._result import EstimatorResult
 from jaxmem.scores._stats import auroc, spearman
 
-#: Columns that describe an example or a count, not a score.
-NOT_SCORES = frozenset({"index", "label", "clean_label", "noisy", "n_in", "n_out", "split"})
+#: Columns that describe an example or a count, not a score (``exposure_chance``: what chance gives
+#: a canary's control, a reference value).
+NOT_SCORES = frozenset({"index", "label", "clean_label", "noisy", "n_in", "n_out", "split", "exposure_chance"})
 NOT_SCORE_SUFFIXES = ("_se", "_ci_low", "_ci_high", "_n")
 
 
