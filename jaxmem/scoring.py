@@ -349,7 +349,8 @@ def format_lines(name: str, summary: dict, options: dict | None = None) -> list[
     return ([f"canary exposure (bits, of log2|R| = {summary['space_bits']:.2f}; models that did not train on a "
              f"canary: mean {_f(summary['out_mean'], '.2f')}, chance {_f(summary.get('out_chance', summary['chance']), '.2f')}"
              f" ± {_f(summary.get('out_mean_se'), '.2f')} over the draw of {summary.get('canaries', '')} secrets):"]
-            + [f"  {count:>3} copies: {_f(v['exposure'], '.2f')} ± {_f(v['exposure_se'], '.2f')} (not trained on: "
+            + [f"  {count:>3} copies: {_f(v['exposure'], '.2f')} ± {_f(v['exposure_se'], '.2f')} over models, ± "
+               f"{_f(v.get('exposure_se_between_canaries'), '.2f')} over canaries (not trained on: "
                f"{_f(v['exposure_out'], '.2f')}; chance {_f(v.get('chance'), '.2f')} ± {_f(v['exposure_out_se'], '.2f')})"
                for count, v in summary["by_copies"].items()])
   if name == "lm_attacks":

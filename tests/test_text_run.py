@@ -64,6 +64,9 @@ def test_text_run_scores_resume_study_and_export(tiny_text_run, tmp_path):
   assert [c["secret"] for c in manifest["dataset"]["text"]["secrets"]["canaries"]] == \
       [c["secret"] for c in ds.secrets["canaries"]]
   assert "exposure" in result.summary["scores"] and len(result.summary["scores"]["exposure"]["by_copies"]) == 2
+  for count, entry in result.summary["scores"]["exposure"]["by_copies"].items():  # the canary as the unit
+    values = table["exposure"][canary & (ds.copies == int(count))]
+    assert entry["exposure_se_between_canaries"] == pytest.approx(values.std(ddof=1) / np.sqrt(len(values)), rel=1e-4)
 
   again = jaxmem.run(TINY_TEXT_RUN, out, dataset=ds, progress=False, log=lambda m: None)  # resumes: nothing to train
   assert again.trained_chunks == [] and again.skipped_chunks == [0]

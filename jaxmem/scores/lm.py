@@ -87,6 +87,8 @@ def exposure_estimator(records, *, context=None, sample_size: int = EXTRAPOLATIO
     by_copies[int(count)] = {
         "exposure": float(np.nanmean(exact.mean_in[chosen])),
         "exposure_se": float(np.sqrt(np.nansum(exact.se_in[chosen] ** 2)) / chosen.sum()),
+        # the canaries differ by more than their models do: the SE with the canary as the unit
+        "exposure_se_between_canaries": _between_se(exact.mean_in[chosen]),
         "exposure_out": float(np.nanmean(exact.mean_out[chosen])),
         "exposure_out_se": float(np.sqrt(np.nansum(chance.sd[chosen] ** 2)) / chosen.sum()),
         "chance": float(np.nanmean(chance.mean[chosen])),
@@ -99,8 +101,7 @@ def exposure_estimator(records, *, context=None, sample_size: int = EXTRAPOLATIO
              "out_mean_se": float(np.sqrt(np.sum(chance.sd[out_S] ** 2)) / max(out_S.sum(), 1)),
              "out_chance": float(np.nanmean(chance.mean[out_S])) if out_S.any() else float("nan"),
              # the same from the canaries' own spread (no model of the null; noisy with few canaries)
-             "out_mean_se_between_canaries": float(np.std(exact.mean_out[out_S], ddof=1) / np.sqrt(out_S.sum()))
-             if out_S.sum() > 1 else float("nan")}
+             "out_mean_se_between_canaries": _between_se(exact.mean_out)}
   return EstimatorResult(columns=columns, summary=summary)
 
 
@@ -123,6 +124,12 @@ def lm_attacks_estimator(records, *, context=None, k: float = 0.2, **options) ->
     summary["lira_loglik_median"] = {"online": float(np.nanmedian(risk["lira_online"])),
                                      "offline": float(np.nanmedian(risk["lira_offline"]))}
   return EstimatorResult(columns=columns, summary=summary)
+
+
+def _between_se(values: np.ndarray) -> float:
+  """Standard error of a mean over canaries from their own spread (NaN with fewer than two)."""
+  values = values[np.isfinite(values)]
+  return float(np.std(values, ddof=1) / np.sqrt(len(values))) if len(values) > 1 else float("nan")
 
 
 def _scatter(n: int, index: np.ndarray, values: Any) -> np.ndarray:
