@@ -66,7 +66,11 @@ def exposure_by_copies(keep_MxN: np.ndarray, candidate_logperp_MxC: np.ndarray, 
     chosen = copies_N[index_S] == count
     mean_in, se_in = _group_mean(stats.mean_in[chosen], stats.se_in[chosen])
     mean_out, se_out = _group_mean(stats.mean_out[chosen], chance.sd[chosen])
+    between = stats.mean_in[chosen][np.isfinite(stats.mean_in[chosen])]
     rows.append({"copies": int(count), "canaries": int(chosen.sum()), "exposure": mean_in, "exposure_se": se_in,
+                 # with the canary as the unit: the canaries of a count differ by more than their models do
+                 "exposure_se_between_canaries": float(between.std(ddof=1) / np.sqrt(len(between)))
+                 if len(between) > 1 else float("nan"),
                  "exposure_out": mean_out, "exposure_out_se": se_out,
                  "chance": float(np.nanmean(chance.mean[chosen]))})
   return rows
