@@ -459,7 +459,8 @@ def _text_section(ctx: _Context, dataset) -> _Section | None:
     counts = sorted(by_copies, key=int)
     fig = _figure(5, 3.2)
     ax = fig.add_subplot()
-    for key, label in (("exposure", "trained on the canary"), ("exposure_out", "not trained on it")):
+    for key, label in (("exposure", "trained on the canary"),
+                       ("exposure_out", "not trained on it (interval: chance's spread)")):
       ax.errorbar([int(c) for c in counts], [by_copies[c][key] for c in counts],
                   yerr=[1.96 * by_copies[c][f"{key}_se"] for c in counts], marker="o", capsize=3, label=label)
     ax.axhline(1 / np.log(2), color="gray", linestyle=":", label="chance")
