@@ -226,14 +226,21 @@ def privacy_forgetting_study(run_dir: str | Path, out: str | Path | None = None,
              "alpha": alpha, "attack": "LiRA online (leave-one-out over the study's models)",
              "decay": curves.decay,
              "forgetting_k_at_alpha_mean": {name: float(np.mean(k_alpha[mask])) for name, mask in groups.items()}}
-  out = Path(out) if out is not None else run.path / "privacy_forgetting"
+  out = write_outputs(Path(out) if out is not None else run.path / "privacy_forgetting", curves, examples, summary,
+                      title=f"{dataset.name}: LiRA on injected examples, k epochs after last seen ({num_models} models)")
+  return PrivacyForgettingResult(out, curves, examples, summary, format_forgetting(curves, summary))
+
+
+def write_outputs(out: Path, curves: ForgettingCurves, examples: dict[str, np.ndarray], summary: dict[str, Any], *,
+                  title: str) -> Path:
+  """The study's files in ``out`` (the report reads them): ``forgetting_curve.csv``,
+  ``forgetting_examples.csv``, ``privacy_forgetting.json`` and ``privacy_forgetting.png``."""
   out.mkdir(parents=True, exist_ok=True)
   write_bytes_atomic(out / "forgetting_curve.csv", curve_csv(curves).encode())
   write_bytes_atomic(out / "forgetting_examples.csv", _table_csv(examples).encode())
   write_json_atomic(out / "privacy_forgetting.json", summary)
-  plot_curves(curves, out / "privacy_forgetting.png",
-              title=f"{dataset.name}: LiRA on injected examples, k epochs after last seen ({num_models} models)")
-  return PrivacyForgettingResult(out, curves, examples, summary, format_forgetting(curves, summary))
+  plot_curves(curves, out / "privacy_forgetting.png", title=title)
+  return out
 
 
 def curve_csv(curves: ForgettingCurves) -> str:
