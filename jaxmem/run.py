@@ -179,8 +179,7 @@ def check_config_against_dataset(config: RunConfig, dataset: Dataset) -> None:
     raise JaxmemError(f"model {config.model!r} cannot train on dataset {dataset.name!r}: text datasets need "
                       f"--model {' or '.join(TEXT_MODELS)}, which trains on text only")
   if dataset.is_text:
-    for field, off in (("record_epochs", False), ("score_epoch", None), ("augment", False), ("label_noise", 0.0),
-                       ("target_se", None)):
+    for field, off in (("score_epoch", None), ("augment", False), ("label_noise", 0.0), ("target_se", None)):
       if getattr(config, field) != off:
         raise JaxmemError(f"{field} is for classification; text dataset {dataset.name!r} needs {field}={off!r}")
   check_model_builds(config, dataset)
