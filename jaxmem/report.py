@@ -121,6 +121,7 @@ def write_report(run_dir: str | Path, *, dataset=None, data_dir: str | None = No
       _lds_section(ctx),
       _proxies_section(ctx),
       _dynamics_section(ctx),
+      _exact_memorization_section(ctx),
       _neural_collapse_section(ctx),
       _benign_section(ctx),
       _layer_rewind_section(ctx),
@@ -749,8 +750,8 @@ def _dynamics_section(ctx: _Context) -> _Section | None:
 # each writes a table, a JSON summary and a plot in its own folder; the report shows them as they are.
 
 
-def _study_section(ctx: _Context, section_id: str, title: str, folder: Path, table: str, summary: str,
-                   plot: str, intro: str, render: Callable[[dict[str, np.ndarray], dict[str, Any]], str]
+def _study_section(ctx: _Context, section_id: str, title: str, folder: Path, table: str, summary: str | None,
+                   plot: str | None, intro: str, render: Callable[[dict[str, np.ndarray], dict[str, Any]], str]
                    ) -> _Section | None:
   """A study's section: ``intro``, its plot (``folder/plot``, copied beside the page as
   ``<section_id>.png``) and ``render(table columns, JSON summary)``; None when the study has not run
@@ -763,11 +764,11 @@ def _study_section(ctx: _Context, section_id: str, title: str, folder: Path, tab
     columns = read_scores_csv(path)
     if not columns or not len(next(iter(columns.values()))):
       raise ValueError("the table has no rows")
-    body = render(columns, _read_json(folder / summary))
+    body = render(columns, _read_json(folder / summary) if summary else {})
   except (KeyError, IndexError, TypeError, ValueError, JaxmemError) as e:
     ctx.log(f"report: leaving out {path}: unreadable or incomplete ({type(e).__name__}: {e})")
     return None
-  image = _copy_image(ctx, folder / plot, f"{section_id}.png", title) if (folder / plot).is_file() else ""
+  image = _copy_image(ctx, folder / plot, f"{section_id}.png", title) if plot and (folder / plot).is_file() else ""
   return _Section(section_id, title, f"<p>{intro}</p>" + image + body)
 
 
@@ -776,6 +777,34 @@ def _ci(columns: dict[str, np.ndarray], name: str, row: int, low: str | None = N
   by default ``name_ci_low`` and ``name_ci_high``)."""
   return _with_interval(columns[name][row], columns[low or name + "_ci_low"][row],
                         columns[high or name + "_ci_high"][row])
+
+
+def _exact_memorization_section(ctx: _Context) -> _Section | None:
+  """Def. 2 per epoch for a text run recorded with ``--record-epochs`` (the ``exact_memorization``
+  estimator's table at the run's top level)."""
+  if "exact_memorization" in ctx.stale:
+    return None
+
+  def render(t, summary):
+    rows = [(int(e), _ci(t, "exact_memorization_in", r), _ci(t, "exact_memorization_out", r))
+            for r, e in enumerate(t["epoch"])]
+    fig = _figure(6, 3.2)
+    ax = fig.add_subplot()
+    for side, label in (("in", "own training sequences"), ("out", "sequences not trained on")):
+      key = f"exact_memorization_{side}"
+      line, = ax.plot(t["epoch"], t[key], marker="o", label=label)
+      ax.fill_between(t["epoch"], t[key + "_ci_low"], t[key + "_ci_high"], color=line.get_color(), alpha=0.2)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("next tokens predicted (arg-max)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return (ctx.save(fig, "exact_memorization.png", "exact memorization per epoch")
+            + _table(("epoch", "own training sequences", "sequences not trained on"), rows))
+  return _study_section(
+      ctx, "exact_memorization", "Exact memorization per epoch", ctx.run_path, "exact_memorization.csv", None, None,
+      "Def. 2 (Tirumala et al. 2022): the fraction of next tokens of a model's training sequences (duplicates "
+      "counted) that its arg-max predicts under teacher forcing, after every epoch, against the same fraction on "
+      "the sequences it did not train on; mean over models with 95% Student-t intervals.", render)
 
 
 def _neural_collapse_section(ctx: _Context) -> _Section | None:

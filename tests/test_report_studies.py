@@ -12,11 +12,23 @@ from jaxmem.masks import balanced_masks
 from jaxmem.records import RunDir, write_json_atomic
 from jaxmem.report import write_report
 from jaxmem.scores._stats import spearman
-from jaxmem.scoring import read_scores_csv, rows_to_csv
+from jaxmem.scores.lm import exact_memorization_estimator
+from jaxmem.scoring import read_scores_csv, rows_to_csv, table_to_csv
 from jaxmem.studies import benign, layer_rewind, privacy_forgetting, sweep
 from jaxmem.studies.neural_collapse import merge_columns_into_run
 
-STUDY_SECTIONS = ["neural_collapse", "benign", "layer_rewind", "privacy_forgetting", "sweep"]
+class TextRecords:
+  """The part of a text run's records the exact-memorization estimator reads."""
+
+  def __init__(self, keep, token_accuracy_epochs, example_info):
+    self.keep, self.example_info = keep, example_info
+    self.arrays = {"train_token_accuracy_epochs": token_accuracy_epochs}
+
+  def __getitem__(self, name):
+    return self.arrays[name]
+
+
+STUDY_SECTIONS = ["exact_memorization", "neural_collapse", "benign", "layer_rewind", "privacy_forgetting", "sweep"]
 
 
 def text_of(page: str) -> str:
@@ -110,6 +122,13 @@ def study_run(tiny_run, tmp_path_factory):
   curves, examples, summary = planted_forgetting()
   privacy_forgetting.write_outputs(path / "privacy_forgetting", curves, examples, summary, title="planted")
 
+  # A text run's def. 2 table (here beside an image run's scores: the report shows what the run has).
+  rng = np.random.default_rng(3)
+  text_records = TextRecords(rng.random((4, n)) < 0.5, rng.random((4, 3, n)).astype(np.float32),
+                             {"num_tokens": rng.integers(3, 9, n), "copies": rng.integers(1, 3, n)})
+  result = exact_memorization_estimator(text_records)
+  (path / "exact_memorization.csv").write_bytes(table_to_csv(result.tables["exact_memorization"]))
+
   names = ["weight_decay=0", "weight_decay=0.01"]
   rows = sweep_rows(names)
   pairs = [{"a": names[0], "b": names[1], "spearman": 0.7, "ci_low": 0.6, "ci_high": 0.8}]
@@ -117,19 +136,24 @@ def study_run(tiny_run, tmp_path_factory):
   write_json_atomic(path.parent / "sweep.json", {"rows": rows, "spearman_memorization": {"variants": names,
                                                                                          "pairs": pairs}})
   sweep.plot_sweep(rows, path.parent / "sweep.png")
-  return path, curves, summary
+  return path, curves, summary, result.tables["exact_memorization"]
 
 
 def test_each_study_gets_its_section_with_its_numbers(study_run):
-  path, curves, pf_summary = study_run
+  path, curves, pf_summary, exact = study_run
   lines = []
   report = write_report(path, log=lines.append)
   assert not [line for line in lines if "leaving out" in line]
   assert [s for s in report.sections if s in STUDY_SECTIONS] == STUDY_SECTIONS
-  for name in ("benign.png", "layer_rewind.png", "privacy_forgetting.png", "sweep.png",
+  for name in ("exact_memorization.png", "benign.png", "layer_rewind.png", "privacy_forgetting.png", "sweep.png",
                "nc_distance_vs_memorization.png"):
     assert name in report.images and (report.path.parent / name).stat().st_size > 0
   text = text_of(report.path.read_text())
+
+  for e in range(3):
+    assert (f"{e + 1} {cell(*(exact[f'exact_memorization_in{s}'][e] for s in ('', '_ci_low', '_ci_high')))} "
+            f"{cell(*(exact[f'exact_memorization_out{s}'][e] for s in ('', '_ci_low', '_ci_high')))}") \
+        in re.sub(r"\s+", " ", text)
 
   scores = read_scores_csv(path / "scores.csv")
   assert f"{spearman(scores['nc_distance'], scores['memorization']):.3f} [" in text
@@ -159,7 +183,7 @@ def test_each_study_gets_its_section_with_its_numbers(study_run):
 
 
 def test_incomplete_tables_are_left_out_with_a_line(study_run, tmp_path):
-  source, _, _ = study_run
+  source = study_run[0]
   path = tmp_path / "sweep" / "other"  # a run the sweep does not list
   shutil.copytree(source, path)
   shutil.copyfile(source.parent / "sweep.csv", path.parent / "sweep.csv")
@@ -169,7 +193,8 @@ def test_incomplete_tables_are_left_out_with_a_line(study_run, tmp_path):
   (path / "benign" / "benign.csv").write_text("variant,layer\n")  # a study stopped after the header
   lines = []
   report = write_report(path, log=lines.append)
-  assert [s for s in report.sections if s in STUDY_SECTIONS] == ["neural_collapse", "layer_rewind"]
+  assert [s for s in report.sections if s in STUDY_SECTIONS] == ["exact_memorization", "neural_collapse",
+                                                                 "layer_rewind"]
   assert any(str(curve) in line and "auc_high" in line for line in lines)
   assert any("benign.csv" in line for line in lines)
   assert any("'other'" in line and "sweep.csv" in line for line in lines)
