@@ -199,3 +199,29 @@ def test_incomplete_tables_are_left_out_with_a_line(study_run, tmp_path):
   assert any("benign.csv" in line for line in lines)
   assert any("'other'" in line and "sweep.csv" in line for line in lines)
   assert not {"benign.png", "privacy_forgetting.png", "sweep.png"} & set(report.images)
+
+
+@pytest.mark.slow  # four studies on a 4-model digits run, then the report: ~2 min on 2 cores
+def test_real_study_outputs_on_a_tiny_noisy_run(tiny_config, tmp_path):
+  import jaxmem
+  from jaxmem.studies.neural_collapse import neural_collapse_study
+  config = tiny_config.replace(num_models=4, chunk_size=4, label_noise=0.2, keep_params="all",
+                               model_options={"hidden_sizes": (32, 16)})
+  run = tmp_path / "run"
+  jaxmem.run(config, run, progress=False, log=lambda m: None)
+  quiet = {"log": lambda m: None}
+  neural_collapse_study(run, **quiet)
+  benign.benign_study(run, num_models=2, k=5, augment_variants=False, **quiet)
+  rewound = layer_rewind.layer_rewind_study(run, num_models=2, rewind_epochs=(0,), **quiet)
+  forgetting = privacy_forgetting.privacy_forgetting_study(run, num_models=4, inject=20, first_epochs=2,
+                                                           second_epochs=2, **quiet)
+  lines = []
+  report = write_report(run, log=lines.append)
+  assert [s for s in report.sections if s in STUDY_SECTIONS] == ["neural_collapse", "benign", "layer_rewind",
+                                                                 "privacy_forgetting"]
+  assert not [line for line in lines if "leaving out" in line]
+  flat = re.sub(r"\s+", " ", text_of(report.path.read_text()))
+  trained = {r["group"]: r for r in rewound.rows if r["layer"] == "none"}
+  assert f"trained {cell(trained['flipped']['accuracy'], trained['flipped']['ci_low'], trained['flipped']['ci_high'])}" in flat
+  auc = forgetting.curves.metrics["all"][0]["auc"]
+  assert f"all {cell(auc['value'], auc['low'], auc['high'])}" in flat
