@@ -213,7 +213,7 @@ def test_real_study_outputs_on_a_tiny_noisy_run(tiny_config, tmp_path):
   neural_collapse_study(run, **quiet)
   benign.benign_study(run, num_models=2, k=5, augment_variants=False, **quiet)
   rewound = layer_rewind.layer_rewind_study(run, num_models=2, rewind_epochs=(0,), **quiet)
-  forgetting = privacy_forgetting.privacy_forgetting_study(run, num_models=4, inject=20, first_epochs=2,
+  forgetting = privacy_forgetting.privacy_forgetting_study(run, num_models=6, inject=20, first_epochs=2,
                                                            second_epochs=2, **quiet)
   lines = []
   report = write_report(run, log=lines.append)
