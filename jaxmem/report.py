@@ -4,9 +4,13 @@ The report reads only what a run wrote (``manifest.json``, ``summary.json``, ``s
 estimators' files ``influence_topk.csv``, ``lira.json``, ``lira_roc.png``, ``correlations.csv``)
 and writes ``RUN/report/index.html`` plus its PNGs beside it, referenced by relative paths, so the
 folder opens offline and can be copied as a whole. A section appears only when the run has the
-scores it shows. Galleries need the images: the dataset is loaded again from the manifest's config
-(:func:`jaxmem.load_dataset`) and used only if its fingerprint equals the manifest's; otherwise,
-and for non-image data, the report shows tables instead of pictures.
+scores it shows; the model-level studies (``jaxmem study neural-collapse|benign|layer-rewind|
+privacy-forgetting``, in their default folders under the run, and ``sweep`` for a run that is one of
+its variants) and a text run's per-epoch ``exact_memorization.csv`` get a section each, drawn from
+their own files by one helper (:func:`_study_section`). Galleries need the images: the dataset is
+loaded again from the manifest's config (:func:`jaxmem.load_dataset`) and used only if its
+fingerprint equals the manifest's; otherwise, and for non-image data, the report shows tables
+instead of pictures.
 
 Figures mirror Feldman & Zhang (2020, "What Neural Networks Memorize and Why"): the distribution of
 memorization overall and per class (their Fig. 2), galleries of the most and least memorized
