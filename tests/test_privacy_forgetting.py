@@ -12,7 +12,7 @@ from jaxmem.scores.text import loss_signal
 from jaxmem.scoring import read_scores_csv
 from jaxmem.studies.privacy_forgetting import (attack_statistic, exponential_decay_rate, forgetting_curves,
                                                forgetting_k_at_alpha, memorization_quantile, privacy_forgetting_study)
-from jaxmem.text import make_canaries
+from jaxmem.text import PAD, make_canaries
 
 TINY_LM = {"num_layers": 1, "width": 16, "num_heads": 2, "mlp_ratio": 2, "max_len": 16}
 
@@ -80,6 +80,20 @@ def test_tiny_study_on_digits(tiny_run, tmp_path):
   assert (tmp_path / "pf" / "forgetting_curve.csv").read_text().startswith("group,k,auc")
   with pytest.raises(JaxmemError, match="num_models must be even"):
     privacy_forgetting_study(tiny_run.run_dir, tmp_path / "x", num_models=5)
+
+
+def test_attack_statistic_is_the_margin_or_the_per_token_loglik():
+  ds = make_canaries(num_frequent=12, num_rare=2, duplicated=(2,), repetitions=(1,), canaries_per_repetition=1,
+                     secret_length=2, num_test=4)
+  rng = np.random.default_rng(0)
+  loglik_KxExN = -rng.random((2, 3, ds.num_train)) * 20
+  per_token = attack_statistic({"train_loglik_epochs": loglik_KxExN}, ds, epochs=True)
+  for i in range(ds.num_train):  # predicted tokens: the sequence's non-padding tokens after BOS
+    targets = int((ds.x_train[i] != PAD).sum()) - 1
+    np.testing.assert_allclose(per_token[:, :, i], loglik_KxExN[:, :, i] / targets)
+  image = type("Images", (), {"is_text": False})()
+  margin_KxN = rng.normal(size=(2, 5))
+  assert attack_statistic({"train_margin": margin_KxN}, image) is margin_KxN
 
 
 @pytest.mark.slow  # a text run and the study's two phases: ~1 min on 2 cores; the math is pinned above
