@@ -776,11 +776,12 @@ def _study_section(ctx: _Context, section_id: str, title: str, folder: Path, tab
   return _Section(section_id, title, f"<p>{intro}</p>" + image + body)
 
 
-def _ci(columns: dict[str, np.ndarray], name: str, row: int, low: str | None = None, high: str | None = None) -> str:
+def _ci(columns: dict[str, np.ndarray], name: str, row: int, low: str | None = None, high: str | None = None,
+        digits: int = 3) -> str:
   """Row ``row`` of a study table's column ``name`` with its interval (columns ``low`` and ``high``,
-  by default ``name_ci_low`` and ``name_ci_high``)."""
-  return _with_interval(columns[name][row], columns[low or name + "_ci_low"][row],
-                        columns[high or name + "_ci_high"][row])
+  by default ``name_ci_low`` and ``name_ci_high``), ``digits`` decimals."""
+  value, lo, hi = (float(columns[c][row]) for c in (name, low or name + "_ci_low", high or name + "_ci_high"))
+  return f"{_fmt(value, digits)} [{_fmt(lo, digits)}, {_fmt(hi, digits)}]" if np.isfinite(value) else ""
 
 
 def _exact_memorization_section(ctx: _Context) -> _Section | None:
@@ -943,10 +944,13 @@ def _sweep_section(ctx: _Context) -> _Section | None:
   def render(t, summary):
     if this not in set(t["variant"]):
       raise JaxmemError(f"the sweep there does not list {this!r} among its variants")
-    metrics = [m for m in ("test_accuracy", "mean_memorization", "num_memorization_over_0.5", "flipped_auroc") if m in t]
-    rows = [(("▶ " if v == this else "") + v, int(t["num_models"][r]), *(_ci(t, m, r) for m in metrics))
+    headers = {"test_accuracy": "test accuracy", "mean_memorization": "mean memorization",
+               "num_memorization_over_0.5": "examples with memorization > 0.5", "flipped_auroc": "flipped-label AUROC"}
+    metrics = [m for m in headers if m in t]
+    rows = [(("▶ " if v == this else "") + v, int(t["num_models"][r]),
+             *(_ci(t, m, r, digits=0 if m.startswith("num_") else 3) for m in metrics))
             for r, v in enumerate(t["variant"])]
-    body = _table(("variant", "models", *(m.replace("_", " ") for m in metrics)), rows)
+    body = _table(("variant", "models", *(headers[m] for m in metrics)), rows)
     pairs = summary.get("spearman_memorization", {}).get("pairs", [])
     if pairs:
       body += ("<h3>Rank correlation of memorization between variants</h3>"
