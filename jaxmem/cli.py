@@ -140,9 +140,11 @@ def _add_run_arguments(p: argparse.ArgumentParser) -> None:
                  help="random flip and crop on the device (images)")
   p.add_argument("--record-epochs", dest="record_epochs", action=argparse.BooleanOptionalAction, default=None,
                  help="record every model's correctness on every training example after each epoch (bit-packed; "
-                      "forgetting events, first-learned epoch)")
+                      "forgetting events, first-learned epoch); text runs: each sequence's next-token accuracy "
+                      "(exact memorization per epoch)")
   p.add_argument("--record-epoch-margin", dest="record_epoch_margin", action=argparse.BooleanOptionalAction,
-                 default=None, help="with --record-epochs, also each epoch's margins (float32, 32x the disk)")
+                 default=None, help="with --record-epochs, also each epoch's margins (float32, 32x the disk; "
+                                    "text runs: log-likelihoods)")
   p.add_argument("--config", default=None, help="config file: .py with CONFIG or get_config(), or .json")
   p.add_argument("--out", default=None, help="run directory (default: runs/DATASET-MODEL-sSEED)")
   p.add_argument("--overwrite", action="store_true", help="replace a run directory made with another config")
@@ -366,7 +368,8 @@ def _add_model_level_studies(studies) -> None:
   p.set_defaults(handler=_cmd_study_layer_rewind)
 
   p = studies.add_parser("privacy-forgetting", help="def. 11: LiRA on an injected set k epochs after it was last "
-                         "seen, repeated vs single, by memorization (Jagielski et al. 2023)")
+                         "seen, repeated vs single, by memorization (Jagielski et al. 2023); on a text run the "
+                         "injected set is sequences, attacked on the per-token log-likelihood")
   p.add_argument("run_dir")
   p.add_argument("--num-models", type=int, default=32, help="models, even (default 32)")
   p.add_argument("--inject", type=int, default=100, help="injected examples (default 100)")

@@ -4,9 +4,13 @@ The report reads only what a run wrote (``manifest.json``, ``summary.json``, ``s
 estimators' files ``influence_topk.csv``, ``lira.json``, ``lira_roc.png``, ``correlations.csv``)
 and writes ``RUN/report/index.html`` plus its PNGs beside it, referenced by relative paths, so the
 folder opens offline and can be copied as a whole. A section appears only when the run has the
-scores it shows. Galleries need the images: the dataset is loaded again from the manifest's config
-(:func:`jaxmem.load_dataset`) and used only if its fingerprint equals the manifest's; otherwise,
-and for non-image data, the report shows tables instead of pictures.
+scores it shows; the model-level studies (``jaxmem study neural-collapse|benign|layer-rewind|
+privacy-forgetting``, in their default folders under the run, and ``sweep`` for a run that is one of
+its variants) and a text run's per-epoch ``exact_memorization.csv`` get a section each, drawn from
+their own files by one helper (:func:`_study_section`). Galleries need the images: the dataset is
+loaded again from the manifest's config (:func:`jaxmem.load_dataset`) and used only if its
+fingerprint equals the manifest's; otherwise, and for non-image data, the report shows tables
+instead of pictures.
 
 Figures mirror Feldman & Zhang (2020, "What Neural Networks Memorize and Why"): the distribution of
 memorization overall and per class (their Fig. 2), galleries of the most and least memorized
@@ -30,6 +34,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from jaxmem.errors import JaxmemError
+from jaxmem.scores._stats import spearman
 from jaxmem.scores.lira import VARIANT_LABELS
 from jaxmem.scoring import SCORES_CSV, read_index, read_scores_csv, stale_tables
 from jaxmem.records import RunDir, make_dirs, write_bytes_atomic
@@ -106,7 +111,7 @@ def write_report(run_dir: str | Path, *, dataset=None, data_dir: str | None = No
   log(f"report: {note}" if note else "report: images from the reloaded dataset")
 
   ctx = _Context(run.path, out, manifest, summary, scores, dataset if images_ok else None, top,
-                 stale=frozenset(stale))
+                 stale=frozenset(stale), log=log)
   sections = [s for s in (
       _facts_section(ctx, note),
       _memorization_section(ctx),
@@ -120,6 +125,12 @@ def write_report(run_dir: str | Path, *, dataset=None, data_dir: str | None = No
       _lds_section(ctx),
       _proxies_section(ctx),
       _dynamics_section(ctx),
+      _exact_memorization_section(ctx),
+      _neural_collapse_section(ctx),
+      _benign_section(ctx),
+      _layer_rewind_section(ctx),
+      _privacy_forgetting_section(ctx),
+      _sweep_section(ctx),
       _correlation_section(ctx),
   ) if s is not None]
   page = _page(manifest, sections)
@@ -160,6 +171,7 @@ class _Context:
   top: int
   images: list[str] = dataclasses.field(default_factory=list)
   stale: frozenset = frozenset()  # estimators whose tables and files no longer describe the records
+  log: Callable[[str], None] = lambda message: None
 
   @property
   def is_text(self) -> bool:
@@ -765,6 +777,222 @@ def _dynamics_section(ctx: _Context) -> _Section | None:
   body += ctx.save(fig, "dynamics_vs_memorization.png", "dynamics vs memorization")
   title = "Forgetting vs memorization" if "forgetting_events" in present else "Training dynamics vs memorization"
   return _Section("dynamics", title, body)
+
+
+# ---------------------------------------------------------------------------------------------
+# Model-level studies (``jaxmem study neural-collapse|benign|layer-rewind|privacy-forgetting|sweep``):
+# each writes a table, a JSON summary and a plot in its own folder; the report shows them as they are.
+
+
+def _study_section(ctx: _Context, section_id: str, title: str, folder: Path, table: str, summary: str | None,
+                   plot: str | None, intro: str, render: Callable[[dict[str, np.ndarray], dict[str, Any]], str]
+                   ) -> _Section | None:
+  """A study's section: ``intro``, its plot (``folder/plot``, copied beside the page as
+  ``<section_id>.png``) and ``render(table columns, JSON summary)``; None when the study has not run
+  here. A table that cannot be read or lacks a column ``render`` needs (a study stopped while
+  writing, a file from another version) is left out with a log line: half a table would mislead."""
+  path = folder / table
+  if not path.is_file():
+    return None
+  try:
+    columns = read_scores_csv(path)
+    if not columns or not len(next(iter(columns.values()))):
+      raise ValueError("the table has no rows")
+    body = render(columns, _read_json(folder / summary) if summary else {})
+  except (KeyError, IndexError, TypeError, ValueError, JaxmemError) as e:
+    ctx.log(f"report: leaving out {path}: unreadable or incomplete ({type(e).__name__}: {e})")
+    return None
+  image = _copy_image(ctx, folder / plot, f"{section_id}.png", title) if plot and (folder / plot).is_file() else ""
+  return _Section(section_id, title, f"<p>{intro}</p>" + image + body)
+
+
+def _ci(columns: dict[str, np.ndarray], name: str, row: int, low: str | None = None, high: str | None = None,
+        digits: int = 3) -> str:
+  """Row ``row`` of a study table's column ``name`` with its interval (columns ``low`` and ``high``,
+  by default ``name_ci_low`` and ``name_ci_high``), ``digits`` decimals."""
+  value, lo, hi = (float(columns[c][row]) for c in (name, low or name + "_ci_low", high or name + "_ci_high"))
+  return f"{_fmt(value, digits)} [{_fmt(lo, digits)}, {_fmt(hi, digits)}]" if np.isfinite(value) else ""
+
+
+def _exact_memorization_section(ctx: _Context) -> _Section | None:
+  """Def. 2 per epoch for a text run recorded with ``--record-epochs`` (the ``exact_memorization``
+  estimator's table at the run's top level)."""
+  if "exact_memorization" in ctx.stale:
+    return None
+
+  def render(t, summary):
+    rows = [(int(e), _ci(t, "exact_memorization_in", r), _ci(t, "exact_memorization_out", r))
+            for r, e in enumerate(t["epoch"])]
+    fig = _figure(6, 3.2)
+    ax = fig.add_subplot()
+    for side, label in (("in", "own training sequences"), ("out", "sequences not trained on")):
+      key = f"exact_memorization_{side}"
+      line, = ax.plot(t["epoch"], t[key], marker="o", label=label)
+      ax.fill_between(t["epoch"], t[key + "_ci_low"], t[key + "_ci_high"], color=line.get_color(), alpha=0.2)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("next tokens predicted (arg-max)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return (ctx.save(fig, "exact_memorization.png", "exact memorization per epoch")
+            + _table(("epoch", "own training sequences", "sequences not trained on"), rows))
+  return _study_section(
+      ctx, "exact_memorization", "Exact memorization per epoch", ctx.run_path, "exact_memorization.csv", None, None,
+      "Def. 2 (Tirumala et al. 2022): the fraction of next tokens of a model's training sequences (duplicates "
+      "counted) that its arg-max predicts under teacher forcing, after every epoch, against the same fraction on "
+      "the sequences it did not train on; mean over models with 95% Student-t intervals.", render)
+
+
+def _neural_collapse_section(ctx: _Context) -> _Section | None:
+  if not ctx.has("nc_distance") or not ctx.has("memorization"):
+    return None
+  nc, mem = ctx.scores["nc_distance"].astype(float), ctx.scores["memorization"].astype(float)
+  noisy = ctx.scores.get("noisy", np.zeros(len(mem))).astype(bool)
+  ok = np.isfinite(nc) & np.isfinite(mem)
+  fig = _figure(6, 3.4)
+  ax = fig.add_subplot()
+  ax.scatter(nc[ok & ~noisy], mem[ok & ~noisy], s=4, alpha=0.4, color="#4c72b0", label="clean label")
+  if noisy.any():
+    ax.scatter(nc[ok & noisy], mem[ok & noisy], s=6, alpha=0.7, color="#dd5555", label="flipped label")
+    ax.legend(fontsize=8, markerscale=2)
+  ax.set_xlabel("nc_distance: penultimate feature to its label's mean test feature")
+  ax.set_ylabel("memorization")
+  body = ("<p>Memorization under neural collapse (def. 5, Nguyen et al. 2023): the distance of an example's "
+          "penultimate features to the mean feature of unseen test examples of its training label, averaged over "
+          "the kept models that trained on it (<code>jaxmem study neural-collapse</code>). The paper's quantity is "
+          "its sum over the flipped examples.</p>" + ctx.save(fig, "nc_distance_vs_memorization.png",
+                                                               "nc_distance vs memorization"))
+  rng = np.random.default_rng(0)  # fixed: the same report for the same scores
+  index = np.flatnonzero(ok)
+  draws = np.array([spearman(nc[pick], mem[pick]) for pick in rng.choice(index, (200, index.size))]) \
+      if index.size > 2 else np.array([np.nan])
+  draws = draws[np.isfinite(draws)]
+  low, high = np.percentile(draws, [2.5, 97.5]) if draws.size else (np.nan, np.nan)
+  rows = [("Spearman of nc_distance with memorization (95% bootstrap over examples)",
+           _with_interval(spearman(nc, mem), low, high)), ("examples with both", int(ok.sum()))]
+  facts = _read_json(ctx.run_path / "neural_collapse" / "neural_collapse.json")
+  for key, label in (("layer", "layer"), ("num_flipped", "flipped labels"),
+                     ("nc_distance_flipped_mean", "mean nc_distance, flipped"),
+                     ("nc_distance_clean_mean", "mean nc_distance, clean"),
+                     ("nc_distance_auroc_flipped", "nc_distance's AUROC for the flipped labels")):
+    if facts.get(key) is not None:
+      rows.append((label, facts[key]))
+  if facts.get("mem_per_corrupted_example_mean") is not None:
+    se = facts.get("mem_per_corrupted_example_se")
+    rows.append(("def. 5 per flipped example, mean over models",
+                 _fmt(facts["mem_per_corrupted_example_mean"]) + (f" ± {_fmt(se)} (se)" if se is not None else "")))
+  if facts.get("model_ids") is not None:
+    rows.append(("kept models", len(facts["model_ids"])))
+  return _Section("neural_collapse", "Neural-collapse memorization", body + _table(None, rows, "facts"))
+
+
+def _benign_section(ctx: _Context) -> _Section | None:
+  def render(t, summary):
+    rows = [(t["variant"][r], t["layer"][r], _ci(t, "init_accuracy", r, "init_ci_low", "init_ci_high"),
+             _ci(t, "trained_accuracy", r, "trained_ci_low", "trained_ci_high"), _ci(t, "difference", r),
+             t["verdict"][r]) for r in range(len(t["layer"]))]
+    return (f"<p>{summary.get('num_models', '?')} models, k = {summary.get('k', '?')} neighbours, label noise "
+            f"{_fmt(summary.get('label_noise', float('nan')))}; 95% Student-t intervals over models.</p>"
+            + _table(("variant", "layer", "probe at init", "probe trained", "trained − init", "verdict"), rows))
+  return _study_section(
+      ctx, "benign", "Benign vs malign memorization", ctx.run_path / "benign", "benign.csv", "benign.json",
+      "benign.png", "Def. 4 (Anagnostidis et al. 2023): a kNN probe on each layer's embeddings, fitted on the "
+      "training examples with their clean labels and tested on the test set, after training on the run's labels "
+      "and at initialization (<code>jaxmem study benign</code>). Benign: the trained probe beats the one at "
+      "initialization (the interval of the difference lies above 0); malign: below; undecided otherwise.", render)
+
+
+def _layer_rewind_section(ctx: _Context) -> _Section | None:
+  def render(t, summary):
+    memorized = summary.get("memorized_group", "flipped")
+    groups = [g for g in (memorized, "clean", "test") if g in set(t["group"])]
+    cells = {(int(e), layer, g): r for r, (e, layer, g) in enumerate(zip(t["rewind_epoch"], t["layer"], t["group"]))}
+    variants = list(dict.fromkeys((int(e), layer) for e, layer in zip(t["rewind_epoch"], t["layer"])))
+    trained = {g: t["accuracy"][r] for (e, layer, g), r in cells.items() if layer == "none"}
+    rows = []
+    for epoch, layer in variants:
+      found = [cells.get((epoch, layer, g)) for g in groups]
+      drop = lambda g: trained.get(g, np.nan) - t["accuracy"][cells[(epoch, layer, g)]] \
+          if (epoch, layer, g) in cells else np.nan
+      rows.append(["trained" if layer == "none" else layer, "" if layer == "none" else epoch,
+                   *(_ci(t, "accuracy", r, "ci_low", "ci_high") if r is not None else "" for r in found),
+                   "" if layer == "none" else drop(memorized) - drop("clean")])
+    return (f"<p>{summary.get('num_models', '?')} models, {summary.get('num_memorized', '?')} examples in the "
+            f"{html.escape(memorized)} group; accuracy with 95% Student-t intervals over models. The last column is "
+            f"how much more the {html.escape(memorized)} group loses than the clean one when the layer is rewound: "
+            "the layers with the largest values hold the memorization.</p>"
+            + _table(("layer", "rewound to epoch", *groups, f"{memorized} drop − clean drop"), rows))
+  return _study_section(
+      ctx, "layer_rewind", "Where memorization lives: layer rewinding", ctx.run_path / "layer_rewind",
+      "layer_rewind.csv", "layer_rewind.json", "layer_rewind.png",
+      "Stephenson et al. 2021; Maini et al. 2023: one layer's parameters (kernel and bias) rewound to an earlier "
+      "epoch of the same training, accuracy on memorized (flipped-label, judged by the label trained on) vs clean "
+      "training examples vs test examples (<code>jaxmem study layer-rewind</code>).", render)
+
+
+def _privacy_forgetting_section(ctx: _Context) -> _Section | None:
+  def render(t, summary):
+    tpr = "tpr_at_0.1%_fpr"
+    groups = list(dict.fromkeys(t["group"]))
+    ks = sorted(set(int(k) for k in t["k"]))
+    at = {(g, int(k)): r for r, (g, k) in enumerate(zip(t["group"], t["k"]))}
+    decay, k_alpha = summary.get("decay", {}), summary.get("forgetting_k_at_alpha_mean", {})
+    first, last = ks[0], ks[-1]
+    rows = [(g, _ci(t, "auc", at[(g, first)], "auc_low", "auc_high"), _ci(t, "auc", at[(g, last)], "auc_low", "auc_high"),
+             _ci(t, tpr, at[(g, first)], tpr + "_low", tpr + "_high"), _ci(t, tpr, at[(g, last)], tpr + "_low", tpr + "_high"),
+             (f"{_fmt(decay[g]['rate'])} ± {_fmt(decay[g]['se'])}" if g in decay else ""), k_alpha.get(g, float("nan")))
+            for g in groups]
+    alpha = summary.get("alpha", "α")
+    body = (f"<p>{summary.get('num_models', '?')} models, {summary.get('inject', '?')} injected examples (half of them "
+            f"repeated {summary.get('repeats', '?')} times per epoch, selection {summary.get('selection', '?')}), "
+            f"{summary.get('first_epochs', '?')} epochs with them, then {summary.get('second_epochs', '?')} without; "
+            f"attack: {html.escape(str(summary.get('attack', 'LiRA')))}. 95% bootstrap intervals over examples; the "
+            "decay rate is that of the mean in−out margin gap (± its standard error).</p>"
+            + _table(("group", f"AUC at k={first}", f"AUC at k={last}", f"TPR@0.1%FPR at k={first}",
+                      f"TPR@0.1%FPR at k={last}", "decay rate per epoch", f"mean first k with advantage < {alpha}"),
+                     rows)
+            + "<h3>Attack AUC at every k</h3>"
+            + _table(("group", *(f"k={k}" for k in ks)),
+                     [(g, *(_ci(t, "auc", at[(g, k)], "auc_low", "auc_high") if (g, k) in at else "" for k in ks))
+                      for g in groups]))
+    return body
+  return _study_section(
+      ctx, "privacy_forgetting", "Privacy forgetting", ctx.run_path / "privacy_forgetting", "forgetting_curve.csv",
+      "privacy_forgetting.json", "privacy_forgetting.png",
+      "(A, α, k)-forgetting (def. 11, Jagielski et al. 2023): a membership attack on an injected set k epochs after "
+      "it was last trained on (<code>jaxmem study privacy-forgetting</code>), per group: seen once (r=1) or "
+      "repeated (r&gt;1) per epoch, and by the run's memorization.", render)
+
+
+def _sweep_section(ctx: _Context) -> _Section | None:
+  """The comparison of the sweep this run is a variant of (its parent folder holds ``sweep.csv``
+  and names this run's folder among the variants)."""
+  folder = ctx.run_path.parent
+  if not (folder / "sweep.csv").is_file():
+    return None
+  this = ctx.run_path.name
+
+  def render(t, summary):
+    if this not in set(t["variant"]):
+      raise JaxmemError(f"the sweep there does not list {this!r} among its variants")
+    headers = {"test_accuracy": "test accuracy", "mean_memorization": "mean memorization",
+               "num_memorization_over_0.5": "examples with memorization > 0.5", "flipped_auroc": "flipped-label AUROC"}
+    metrics = [m for m in headers if m in t]
+    rows = [(("▶ " if v == this else "") + v, int(t["num_models"][r]),
+             *(_ci(t, m, r, digits=0 if m.startswith("num_") else 3) for m in metrics))
+            for r, v in enumerate(t["variant"])]
+    body = _table(("variant", "models", *(headers[m] for m in metrics)), rows)
+    pairs = summary.get("spearman_memorization", {}).get("pairs", [])
+    if pairs:
+      body += ("<h3>Rank correlation of memorization between variants</h3>"
+               + _table(("variant", "variant", "Spearman"), [(p["a"], p["b"], _with_interval(
+                   p["spearman"], p["ci_low"], p["ci_high"])) for p in pairs]))
+    return body
+  return _study_section(
+      ctx, "sweep", "Sweep over training settings", folder, "sweep.csv", "sweep.json", "sweep.png",
+      f"This run (▶) is one variant of a sweep (<code>jaxmem study sweep</code>, {html.escape(str(folder))}): the "
+      "same recipe with the fields varied. Test accuracy with a Student-t interval over models; memorization "
+      "metrics with a percentile bootstrap over models; the Spearman correlations with a bootstrap over "
+      "examples; all 95%.", render)
 
 
 def _correlation_section(ctx: _Context) -> _Section | None:

@@ -147,11 +147,17 @@ def versions() -> dict[str, str]:
           "numpy": np.__version__, "python": sys.version.split()[0], "platform": platform.platform()}
 
 
-def epoch_record_estimate(config: RunConfig, num_train: int) -> str:
+def epoch_record_estimate(config: RunConfig, num_train: int, *, text: bool = False) -> str:
   """What ``record_epochs`` costs: bit-packed correctness on disk (M x E x ceil(N/8) bytes), the
-  bool array ``load_records`` unpacks (M x E x N bytes), and per-epoch margins (4 bytes each)."""
+  bool array ``load_records`` unpacks (M x E x N bytes), and per-epoch margins (4 bytes each); for
+  a text run float32 token accuracies (and with ``record_epoch_margin`` log-likelihoods)."""
   m, e, n = config.num_models, config.epochs, num_train
   mib = lambda b: f"{b / 2**20:,.1f} MiB"
+  if text:
+    per_record = 4 * m * e * n
+    return (f"per-epoch records: {m} models x {e} epochs x {n} sequences: token accuracy {mib(per_record)}"
+            + (f", log-likelihood {mib(per_record)}" if config.record_epoch_margin else "")
+            + " on disk and in memory")
   text = (f"per-epoch records: {m} models x {e} epochs x {n} examples: correctness {mib(m * e * -(-n // 8))} "
           f"on disk (bit-packed), {mib(m * e * n)} in memory when loaded; "
           f"{mib(config.chunk_size * e * n)} per chunk on the device")
@@ -179,8 +185,7 @@ def check_config_against_dataset(config: RunConfig, dataset: Dataset) -> None:
     raise JaxmemError(f"model {config.model!r} cannot train on dataset {dataset.name!r}: text datasets need "
                       f"--model {' or '.join(TEXT_MODELS)}, which trains on text only")
   if dataset.is_text:
-    for field, off in (("record_epochs", False), ("score_epoch", None), ("augment", False), ("label_noise", 0.0),
-                       ("target_se", None)):
+    for field, off in (("score_epoch", None), ("augment", False), ("label_noise", 0.0), ("target_se", None)):
       if getattr(config, field) != off:
         raise JaxmemError(f"{field} is for classification; text dataset {dataset.name!r} needs {field}={off!r}")
   check_model_builds(config, dataset)
@@ -306,7 +311,7 @@ def _run(config: RunConfig, out: str | Path, *, overwrite: bool, progress: bool,
   if target is not None and target.reached():
     todo = []
   if todo and config.record_epochs:
-    log(epoch_record_estimate(config, dataset.num_train))
+    log(epoch_record_estimate(config, dataset.num_train, text=dataset.is_text))
   compiles: dict[str, int] = {}
   if todo:
     from jaxmem.engine import Engine  # imported here: scoring an existing run needs no engine

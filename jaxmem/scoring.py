@@ -360,6 +360,12 @@ def format_lines(name: str, summary: dict, options: dict | None = None) -> list[
       lines.append("LiRA on the per-token log-likelihood, per-sequence AUROC over models: median online "
                    f"{_f(summary['lira_loglik_median']['online'])}, offline {_f(summary['lira_loglik_median']['offline'])}")
     return lines
+  if name == "exact_memorization":
+    last, ci = summary["last_epoch"], lambda key: f"{_f(last[key])} [{_f(last[key + '_ci_low'])}, {_f(last[key + '_ci_high'])}]"
+    return [f"exact memorization (def. 2, next tokens predicted by arg-max) after epoch {summary['epochs']}: "
+            f"{ci('exact_memorization_in')} on the models' own training sequences, {ci('exact_memorization_out')} on "
+            f"the others ({summary['confidence']:.0%} intervals over {summary['models']} models; per epoch in "
+            "exact_memorization.csv)"]
   if name == "correlations":
     return correlation_lines(summary)
   return []

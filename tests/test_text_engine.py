@@ -99,3 +99,37 @@ def test_sequence_records_extractable_needs_every_suffix_token():
   # prefix of 3 tokens: the suffix is target 2 (right); target 3 is EOS, target 4 padding
   assert bool(sequence_records(lp, correct, valid, jnp.array([3]), eos)["extractable"][0])
   assert not bool(sequence_records(lp, correct, valid, jnp.array([2]), eos)["extractable"][0])
+
+
+def test_per_epoch_token_accuracy_equals_a_naive_loop_over_each_epochs_parameters():
+  """``record_epochs`` on a text run: after every epoch, each training sequence's fraction of next
+  tokens predicted by arg-max (and with ``record_epoch_margin`` its log-likelihood), against numpy
+  over the logits of the parameters the engine hands out after that epoch."""
+  ds = tiny_text(num_train=12)
+  epochs = 2
+  config = RunConfig(dataset="canaries", model="transformer", model_options=TINY_LM, num_models=2, epochs=epochs,
+                     batch_size=8, learning_rate=3e-2, strategy="vmap", subset_ratios=(0.5,), record_epochs=True,
+                     record_epoch_margin=True)
+  keep, _ = make_masks("subset", 2, ds.num_train, (0.5,), seed=0)
+  engine = Engine(ds, config, probe_cache=None)
+  kept = {}
+  records = engine.train_chunk(np.arange(2), keep, epochs_per_call=1,
+                               on_params=lambda e, p: kept.setdefault(e, jax.device_get(jax.tree.map(lambda x: x[:2], p))))
+  accuracy_KxExN, loglik_KxExN = records["train_token_accuracy_epochs"], records["train_loglik_epochs"]
+  assert accuracy_KxExN.shape == loglik_KxExN.shape == (2, epochs, ds.num_train)
+  np.testing.assert_array_equal(accuracy_KxExN[:, -1], records["train_token_accuracy"])
+  apply_jit = jax.jit(lambda p, x: engine.model.apply({"params": p}, x))
+  for epoch in range(1, epochs + 1):
+    for m in range(2):
+      logits = np.asarray(apply_jit(jax.tree.map(lambda x: x[m], kept[epoch]), jnp.asarray(ds.x_train[:, :-1])),
+                          np.float64)
+      top = logits.max(-1, keepdims=True)
+      logp = logits - top - np.log(np.exp(logits - top).sum(-1, keepdims=True))
+      for i in range(ds.num_train):
+        tokens = ds.x_train[i]
+        n = int((tokens != PAD).sum())
+        hits = [np.argmax(logits[i, t]) == tokens[t + 1] for t in range(n - 1)]
+        assert accuracy_KxExN[m, epoch - 1, i] == pytest.approx(np.mean(hits), abs=1e-6)
+        assert loglik_KxExN[m, epoch - 1, i] == pytest.approx(sum(logp[i, t, tokens[t + 1]] for t in range(n - 1)),
+                                                              rel=1e-4, abs=1e-4)
+  assert not np.array_equal(accuracy_KxExN[:, 0], accuracy_KxExN[:, -1])  # the epochs differ: a real curve

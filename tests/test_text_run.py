@@ -119,8 +119,8 @@ def test_text_data_needs_a_text_model_and_the_other_way_round(tmp_path):
     jaxmem.run(RunConfig(dataset="canaries", model="mlp"), tmp_path / "a", progress=False, log=lambda m: None)
   with pytest.raises(JaxmemError, match="cannot train on dataset 'digits'"):
     jaxmem.run(RunConfig(dataset="digits", model="transformer"), tmp_path / "b", progress=False, log=lambda m: None)
-  with pytest.raises(JaxmemError, match="record_epochs is for classification"):
-    jaxmem.run(TINY_TEXT_RUN.replace(record_epochs=True), tmp_path / "d", progress=False, log=lambda m: None)
+  with pytest.raises(JaxmemError, match="score_epoch is for classification"):  # record_epochs is allowed: per-epoch token accuracy
+    jaxmem.run(TINY_TEXT_RUN.replace(score_epoch=1), tmp_path / "d", progress=False, log=lambda m: None)
   with pytest.raises(JaxmemError, match="target_se is for classification"):
     jaxmem.run(TINY_TEXT_RUN.replace(target_se=0.05), tmp_path / "e", progress=False, log=lambda m: None)
   result = jaxmem_cli("run", "--dataset", "canaries", "--out", str(tmp_path / "c"))

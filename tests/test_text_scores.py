@@ -9,7 +9,8 @@ from scipy.stats import skewnorm
 
 from jaxmem.scores.exposure import (CHANCE_EXPOSURE, canary_exposure, exposure_exact, exposure_extrapolated,
                                     exposure_of_every_candidate, fresh_secret_control)
-from jaxmem.scores.text import extraction_rates, loss_signal, min_k_signal, text_memorization, zlib_signal
+from jaxmem.scores.text import (exact_memorization, extraction_rates, loss_signal, min_k_signal, text_memorization,
+                                zlib_signal)
 
 
 def test_exposure_equals_naive_rank_with_ties():
@@ -134,6 +135,42 @@ def test_text_memorization_equals_naive_loop():
     a, b = accuracy[keep[:, i], i], accuracy[~keep[:, i], i]
     assert got.estimate[i] == pytest.approx(a.mean() - b.mean(), abs=1e-6)
     assert got.se[i] == pytest.approx(np.sqrt(a.var(ddof=1) / len(a) + b.var(ddof=1) / len(b)), rel=1e-4)
+
+
+def test_exact_memorization_equals_a_loop_over_token_pairs():
+  """Def. 2 counted pair by pair: every (context, next token) pair of a model's training sequences,
+  each copy of a duplicated sequence its own pairs, from per-token hits drawn at random."""
+  rng = np.random.default_rng(7)
+  models, epochs, n, length = 5, 3, 12, 9
+  keep = rng.random((models, n)) < 0.5
+  keep[0] = False  # a model without training sequences: NaN
+  keep[1] = True   # one without out-sequences: NaN on the out side
+  targets = rng.integers(1, length, n)
+  copies = rng.integers(1, 4, n)
+  hits = rng.random((models, epochs, n, length)) < 0.4
+  hits &= np.arange(length)[None, None, None, :] < targets[None, None, :, None]  # padding never counts
+  accuracy = hits.sum(-1) / targets  # the per-epoch record: each sequence's fraction of correct tokens
+  got_in, got_out = exact_memorization(keep, accuracy.astype(np.float32), targets, copies)
+  for m in range(models):
+    for e in range(epochs):
+      for side, got in ((True, got_in), (False, got_out)):
+        correct = total = 0
+        for i in range(n):
+          if keep[m, i] != side:
+            continue
+          for _ in range(copies[i]):
+            for t in range(targets[i]):
+              correct += hits[m, e, i, t]
+              total += 1
+        if total == 0:
+          assert np.isnan(got[m, e])
+        else:
+          assert got[m, e] == pytest.approx(correct / total, abs=1e-6)
+  plain_in, _ = exact_memorization(keep, accuracy, targets)  # without copies: each sequence once
+  m, e = 2, 1
+  assert plain_in[m, e] == pytest.approx(hits[m, e][keep[m]].sum() / targets[keep[m]].sum())
+  with pytest.raises(ValueError, match="not \\(models, epochs, sequences\\)"):
+    exact_memorization(keep, accuracy[:, 0], targets)
 
 
 def test_extraction_rates_count_in_and_out_models():

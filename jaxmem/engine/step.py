@@ -55,10 +55,13 @@ class Task(NamedTuple):
   ``loss(apply, x_B, y_B, weight_B) -> scalar``: the training loss of a batch, ``apply`` mapping
   inputs to the model's outputs under the current parameters. ``evaluate(apply, data, eval_batch)
   -> {record name: per-example array}``: the records of one model (leading axis: the examples).
-  See :mod:`jaxmem.engine.text` for next-token prediction.
+  ``epoch_records(apply, data, eval_batch, with_margin) -> {name: per-example array}`` (optional):
+  what ``record_epochs`` records after every epoch instead of classification's correctness (and,
+  ``with_margin``, margin). See :mod:`jaxmem.engine.text` for next-token prediction.
   """
   loss: Callable[..., jax.Array]
   evaluate: Callable[..., dict[str, jax.Array]]
+  epoch_records: Callable[..., dict[str, jax.Array]] | None = None
 
 
 class ModelFunctions(NamedTuple):
@@ -318,7 +321,10 @@ def make_model_functions(model: nn.Module, tx: optax.GradientTransformation, *, 
       losses_S = jnp.zeros_like(weight_SxB[:, 0])  # from per-model data: varies over shard_map's models axis
       state, losses_S = jax.lax.fori_loop(0, steps, one_step, (state, losses_S))
       per_epoch = {"loss": jnp.sum(losses_S) / steps.astype(jnp.float32)}
-      if record_epochs:  # every training example after the epoch's last update (as Maini et al.)
+      if record_epochs and task is not None and task.epoch_records is not None:
+        apply = lambda x: model.apply({"params": state.params}, features(data, x))
+        per_epoch.update(task.epoch_records(apply, data, eval_batch, record_epoch_margin))
+      elif record_epochs:  # every training example after the epoch's last update (as Maini et al.)
         apply = lambda x: model.apply({"params": state.params}, features(data, x))
         margin, correct = margin_and_correct(apply_in_batches(apply, data.x_train, eval_batch), data.y_train)
         per_epoch["train_correct"] = correct

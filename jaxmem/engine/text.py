@@ -109,7 +109,7 @@ def make_text_task(secrets: dict[str, Any] | None) -> Task:
   ``train_token_accuracy``, ``train_loglik``, ``train_extractable`` (N,), ``train_token_logprob``
   (N, L−1) (0 at padding; min-k% and per-token log-likelihood are computed from it),
   ``test_token_accuracy``, ``test_loglik`` (T,), and with canaries ``candidate_logperp`` (|R|,),
-  the candidate space all canaries share."""
+  the candidate space all canaries share. ``epoch_records`` gives the per-epoch records."""
   rows = symbols = None
   if secrets is not None and secrets["canaries"]:
     rows = candidate_rows(secrets["format_tokens"], secrets["symbol_tokens"], int(secrets["length"]))
@@ -136,4 +136,17 @@ def make_text_task(secrets: dict[str, Any] | None) -> Task:
       out["candidate_logperp"] = logperp
     return out
 
-  return Task(loss=next_token_loss, evaluate=evaluate)
+  def epoch_records(apply, data: DeviceData, eval_batch: int, with_loglik: bool) -> dict[str, jax.Array]:
+    """After an epoch (``record_epochs``): ``train_token_accuracy`` (N,) of every training sequence,
+    the per-sequence exact memorization whose epochs make Tirumala et al.'s curves, and with
+    ``with_loglik`` (``record_epoch_margin``) ``train_loglik`` (N,), the statistic of the LM attacks."""
+    wanted = ("token_accuracy", "loglik") if with_loglik else ("token_accuracy",)
+
+    def per_sequence(index_B):
+      tokens_BxL = data.x_train[index_B]
+      logprob_BxT, correct_BxT, valid_BxT = token_logprobs(apply, tokens_BxL)
+      records = sequence_records(logprob_BxT, correct_BxT, valid_BxT, data.y_train[index_B], tokens_BxL[:, 1:] == EOS)
+      return {f"train_{name}": records[name] for name in wanted}
+    return apply_in_batches(per_sequence, jnp.arange(data.x_train.shape[0]), eval_batch)
+
+  return Task(loss=next_token_loss, evaluate=evaluate, epoch_records=epoch_records)

@@ -444,7 +444,8 @@ class Engine:
     With ``config.record_epochs`` the records add ``train_correct_epochs_packed`` (K, E, ceil(N/8))
     uint8, the per-epoch correctness bit-packed along N (``RunDir.load_records`` unpacks it to
     ``train_correct_epochs`` (M, E, N) bool); with ``record_epoch_margin`` also
-    ``train_margin_epochs`` (K, E, N) float32; with ``config.score_epoch`` set, ``train_el2n`` and
+    ``train_margin_epochs`` (K, E, N) float32 (text runs: ``train_token_accuracy_epochs`` and with
+    ``record_epoch_margin`` ``train_loglik_epochs``, (K, E, N) float32); with ``config.score_epoch`` set, ``train_el2n`` and
     ``train_grand`` (K, N) after that many epochs (0: at initialization).
     """
     model_ids = np.asarray(model_ids, dtype=np.int64)
@@ -581,6 +582,9 @@ def pack_epoch_records(per_epoch: dict[str, np.ndarray]) -> dict[str, np.ndarray
     out["train_correct_epochs_num_examples"] = np.int64(correct_KxExN.shape[-1])  # 0-d: not per model
   if "train_margin" in per_epoch:
     out["train_margin_epochs"] = np.asarray(per_epoch["train_margin"], dtype=np.float32)
+  for name in ("train_token_accuracy", "train_loglik"):  # text runs (jaxmem.engine.text)
+    if name in per_epoch:
+      out[f"{name}_epochs"] = np.asarray(per_epoch[name], dtype=np.float32)
   return out
 
 

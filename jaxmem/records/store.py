@@ -54,6 +54,7 @@ RECORD_AXES = {
     # candidate_logperp is (models, candidates of the canaries' space R): no letter
     "train_token_accuracy": "MN", "test_token_accuracy": "MT", "train_loglik": "MN", "test_loglik": "MT",
     "train_extractable": "MN", "train_token_logprob": "MNL", "candidate_logperp": "M?",
+    "train_token_accuracy_epochs": "MEN", "train_loglik_epochs": "MEN",
 }
 #: The design's arrays that every run has; any other per-example array in the design (text runs:
 #: copies, canary, prefix_len, ...) is the dataset's :attr:`Records.example_info`.

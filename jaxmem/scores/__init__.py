@@ -41,6 +41,7 @@ ESTIMATOR_LIST = (
               ("train_token_accuracy", "train_loglik", "train_extractable")),
     Estimator("exposure", lm.exposure_estimator, ("candidate_logperp",)),
     Estimator("lm_attacks", lm.lm_attacks_estimator, ("train_loglik", "train_token_logprob")),
+    Estimator("exact_memorization", lm.exact_memorization_estimator, ("train_token_accuracy_epochs",)),
     Estimator("correlations", lambda records, *, context=None, **options: correlations.correlations_result(
         context or {}, records.noisy)),
 )

@@ -10,7 +10,8 @@ spread with the canary as unit and ``exposure_chance`` its exact value under cha
 :func:`jaxmem.scores.exposure.fresh_secret_control`); ``lm_attacks`` the membership signals'
 per-sequence AUROCs over models (``loss_auc, zlib_auc, mink_auc``) and their pooled AUROCs, and
 LiRA's per-sequence AUROCs with the per-token log-likelihood as statistic
-(``lira_loglik_online, lira_loglik_offline``, :func:`jaxmem.scores.lira.per_example_risk`). Per
+(``lira_loglik_online, lira_loglik_offline``, :func:`jaxmem.scores.lira.per_example_risk`);
+``exact_memorization`` the per-epoch table of def. 2 (runs with ``record_epochs``). Per
 sequence, ``zlib_auc`` equals ``loss_auc`` (zlib divides every model's score of a sequence by the
 same length); the two differ where sequences are pooled, as an attack on a corpus pools them.
 """
@@ -20,6 +21,7 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
+from scipy.stats import t as student_t
 
 from jaxmem.scores._result import EstimatorResult
 from jaxmem.scores._stats import auroc
@@ -27,7 +29,7 @@ from jaxmem.scores.exposure import (CHANCE_EXPOSURE, canary_exposure, exposure_e
                                     fresh_secret_control)
 from jaxmem.scores.attack_metrics import per_example_auc
 from jaxmem.scores.lira import per_example_risk
-from jaxmem.scores.text import (extraction_rates, loss_signal, min_k_signal, per_token_loglik, text_memorization,
+from jaxmem.scores.text import (exact_memorization, extraction_rates, loss_signal, min_k_signal, per_token_loglik, text_memorization,
                                 zlib_signal)
 
 #: Candidates the extrapolated exposure's skew-normal is fitted to, per model and canary (Carlini et
@@ -56,6 +58,29 @@ def text_memorization_estimator(records, *, context=None, **options) -> Estimato
              "extractable_in": float(np.nanmean(rate_in)), "extractable_out": float(np.nanmean(rate_out)),
              "top_memorized": ranked[:10].tolist()}
   return EstimatorResult(columns=columns, summary=summary)
+
+
+def exact_memorization_estimator(records, *, context=None, confidence: float = 0.95, **options) -> EstimatorResult:
+  """Adapter: def. 2 exact memorization per recorded epoch (runs with ``record_epochs``), in-models
+  on their training sequences and out-models on the others, as the table ``exact_memorization``
+  (one row per epoch: mean over models with a Student-t interval) and its last epoch in the summary."""
+  in_MxE, out_MxE = exact_memorization(records.keep, records["train_token_accuracy_epochs"], _num_targets(records),
+                                       records.example_info["copies"])
+  table: dict[str, np.ndarray] = {"epoch": np.arange(1, in_MxE.shape[1] + 1)}
+  for side, values_MxE in (("in", in_MxE), ("out", out_MxE)):
+    finite_E = np.isfinite(values_MxE).sum(axis=0)
+    mean_E = np.nanmean(values_MxE, axis=0) if values_MxE.size else np.zeros(0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+      se_E = np.nanstd(values_MxE, axis=0, ddof=1) / np.sqrt(finite_E)
+    half_E = student_t.ppf(0.5 + confidence / 2, np.maximum(finite_E - 1, 1)) * np.where(finite_E > 1, se_E, np.nan)
+    table.update({f"exact_memorization_{side}": mean_E, f"exact_memorization_{side}_ci_low": mean_E - half_E,
+                  f"exact_memorization_{side}_ci_high": mean_E + half_E})
+  table["models"] = np.full(in_MxE.shape[1], in_MxE.shape[0])
+  last = {key: (float(values[-1]) if len(values) and np.isfinite(values[-1]) else None)
+          for key, values in table.items() if key.startswith("exact_memorization")}
+  summary = {"epochs": int(in_MxE.shape[1]), "models": int(in_MxE.shape[0]), "confidence": confidence,
+             "last_epoch": last}
+  return EstimatorResult(summary=summary, tables={"exact_memorization": table})
 
 
 def exposure_estimator(records, *, context=None, sample_size: int = EXTRAPOLATION_SAMPLE, seed: int = 0,

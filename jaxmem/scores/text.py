@@ -8,6 +8,8 @@ sequence-level membership signals. Pure functions of record arrays.
   (``memorization_loglik``). The paper trains on random halves and takes the plain difference of
   means; here the subset ratio is the run's and the standard error is Welch's. Copies of a sequence
   share its membership, so this is the memorization of a sequence with all its duplicates.
+* **Exact memorization** (Tirumala et al. 2022, survey def. 2): per model and epoch, the fraction of
+  the next tokens of its training sequences that arg-max predicts, from the per-epoch records.
 * **k-extractable** (Carlini et al. 2023, "Quantifying Memorization Across Neural Language Models",
   §2): a training sequence p‖q is extractable when greedy decoding from the prefix p (here: each
   sequence's ``prefix_len`` tokens) emits q. Per sequence: the fraction of models that trained on
@@ -38,6 +40,34 @@ def text_memorization(keep_MxN: np.ndarray, token_accuracy_MxN: np.ndarray) -> I
   if keep_MxN.shape != np.shape(token_accuracy_MxN):
     raise ValueError(f"keep {keep_MxN.shape} and token accuracy {np.shape(token_accuracy_MxN)} differ in shape")
   return in_out_difference(keep_MxN, token_accuracy_MxN)
+
+
+def exact_memorization(keep_MxN: np.ndarray, token_accuracy_MxExN: np.ndarray, num_targets_N: np.ndarray,
+                       copies_N: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+  """Exact memorization (survey def. 2; Tirumala et al. 2022, "Memorization Without Overfitting",
+  §2.1) of every model after every recorded epoch: mem(f) = |{(s, y) ∈ C : argmax f(s) = y}| / |C|,
+  C the (context, next token) pairs of the model's own training sequences; and the same fraction
+  over the sequences it did not train on (the contrast: tokens predictable without having seen them).
+
+  ``token_accuracy_MxExN`` is each sequence's fraction of correct next tokens under teacher forcing
+  (the per-epoch record), ``num_targets_N`` its number of predicted tokens, so a sequence adds
+  accuracy · targets correct pairs. ``copies_N``: a sequence occurring c times in the corpus adds its
+  pairs c times, as C is the training data (Tirumala et al. deduplicate nothing). Returns
+  ``(in_MxE, out_MxE)``; NaN where a model has no such sequence.
+  """
+  keep_MxN = np.asarray(keep_MxN, bool)
+  accuracy_MxExN = np.asarray(token_accuracy_MxExN, np.float64)
+  if accuracy_MxExN.ndim != 3 or accuracy_MxExN.shape[::2] != keep_MxN.shape:
+    raise ValueError(f"token accuracy {accuracy_MxExN.shape} is not (models, epochs, sequences) for keep {keep_MxN.shape}")
+  pairs_N = np.asarray(num_targets_N, np.float64) * (1.0 if copies_N is None else np.asarray(copies_N, np.float64))
+  correct_MxExN = accuracy_MxExN * pairs_N  # correct pairs per sequence
+
+  def fraction(member_MxN):
+    weight_MxN = member_MxN * 1.0
+    total_M = weight_MxN @ pairs_N
+    with np.errstate(invalid="ignore", divide="ignore"):
+      return np.einsum("men,mn->me", correct_MxExN, weight_MxN) / total_M[:, None]
+  return fraction(keep_MxN), fraction(~keep_MxN)
 
 
 def extraction_rates(keep_MxN: np.ndarray, extractable_MxN: np.ndarray):

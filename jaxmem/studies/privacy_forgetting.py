@@ -30,6 +30,11 @@ What this driver does, and what differs from the paper:
 * Per example, the attack's advantage at k is 2·AUC_i(k) − 1 over target models
   (:func:`jaxmem.scores.attack_metrics.per_example_auc`), and ``forgetting_k_at_alpha`` is the first
   k from which the advantage stays below α (``second_epochs + 1``: not forgotten by the end).
+* Text runs (a language model on sequences, Tirumala et al. 2022's forgetting of an injected set):
+  the injected set is a set of training sequences, repeated by multiplying their ``copies``; the
+  attack is the same LiRA with the per-token log-likelihood as statistic (the LM attacks' LiRA,
+  :mod:`jaxmem.scores.lm`) recorded after every phase-two epoch; "margin gap" is then the in−out gap
+  of that statistic.
 * The decay rate λ of each group is fitted to the mean in−out margin gap, gap(k) ≈ gap(0)·e^{−λk},
   by least squares on log gap over the k where the gap is positive.
 
@@ -71,6 +76,18 @@ class ForgettingCurves:
   margin_gap_K: dict[str, np.ndarray]                       # group -> mean in-out margin gap
   metrics: dict[str, list[dict[str, dict[str, float]]]]     # group -> per k: metric -> value/low/high
   decay: dict[str, dict[str, float]]                         # group -> rate, se, num_points
+
+
+def attack_statistic(records: dict[str, np.ndarray], dataset, *, epochs: bool = False) -> np.ndarray:
+  """The statistic the attack sees, from one chunk's records: the margin of an image model
+  (``train_margin``, (K, N), or per epoch ``train_margin_epochs``, (K, E, N)); for a language model
+  the per-token log-likelihood of the sequence (``train_loglik`` / its predicted tokens, the LM
+  attacks' LiRA statistic, :func:`jaxmem.scores.text.loss_signal`)."""
+  if not dataset.is_text:
+    return records["train_margin_epochs" if epochs else "train_margin"]
+  num_targets_N = dataset.example_info()["num_tokens"] - 1  # BOS is never predicted
+  loglik = records["train_loglik_epochs" if epochs else "train_loglik"]
+  return loglik / np.maximum(num_targets_N, 1)
 
 
 def margin_gap(margin_MxS: np.ndarray, keep_MxS: np.ndarray) -> np.ndarray:
@@ -156,7 +173,9 @@ def privacy_forgetting_study(run_dir: str | Path, out: str | Path | None = None,
                              inject: int = 100, repeats: int = 4, selection: str = "random",
                              first_epochs: int | None = None, second_epochs: int | None = None,
                              alpha: float = 0.2, quantiles: int = 2, data_dir: str | None = None,
-                             log: Callable[[str], None] = print) -> PrivacyForgettingResult:
+                             dataset=None, log: Callable[[str], None] = print) -> PrivacyForgettingResult:
+  """Runs the study on the run in ``run_dir`` (see the module docstring); ``dataset``: the run's
+  data when the caller has it (a corpus made in code), else loaded again from the run's config."""
   run = RunDir.open(run_dir)
   config = RunConfig.from_dict(run.manifest()["config"])
   first_epochs = first_epochs or config.epochs
@@ -168,8 +187,12 @@ def privacy_forgetting_study(run_dir: str | Path, out: str | Path | None = None,
   if repeats < 1 or first_epochs < 1 or second_epochs < 1 or quantiles < 1 or not 0 < alpha <= 1:
     raise JaxmemError(f"repeats, first/second epochs and quantiles must be >= 1 and alpha in (0, 1], got "
                       f"{repeats}, {first_epochs}, {second_epochs}, {quantiles}, {alpha}")
-  dataset = load_dataset(config.dataset, data_dir=data_dir or config.data_dir, seed=config.seed,
-                         label_noise=config.label_noise)
+  if dataset is None:
+    dataset = load_dataset(config.dataset, data_dir=data_dir or config.data_dir, seed=config.seed,
+                           label_noise=config.label_noise)
+  if dataset.fingerprint != run.manifest().get("dataset", {}).get("fingerprint", dataset.fingerprint):
+    raise JaxmemError(f"the data for {str(run.path)!r} differ from the run's (dataset fingerprint); pass the run's "
+                      "dataset or --data-dir")
   n = dataset.num_train
   if not 2 <= inject <= n // 2:
     raise JaxmemError(f"inject must be in 2..{n // 2} (half the training set), got {inject}")
@@ -185,17 +208,27 @@ def privacy_forgetting_study(run_dir: str | Path, out: str | Path | None = None,
     injected_S = np.sort(rng.choice(n, inject, replace=False))
   repeats_S = np.ones(inject, np.int64)
   repeats_S[rng.permutation(inject)[: inject // 2]] = repeats
-  # Training set: every example once, then the extra copies of the repeated injected ones.
-  copies_of_S = np.repeat(np.arange(inject), repeats_S - 1)
-  extended = training_subset(dataset, np.concatenate([np.arange(n), injected_S[copies_of_S]]),
-                             f"{dataset.name}+repeats")
   keep_in_MxS, _ = balanced_masks(num_models, inject, (0.5,), config.seed + 1)
   rest_N = np.ones(n, bool)
   rest_N[injected_S] = False
-  first_keep = np.concatenate([np.broadcast_to(rest_N, (num_models, n)).copy(), keep_in_MxS[:, copies_of_S]], axis=1)
-  first_keep[:, injected_S] = keep_in_MxS
-  second_keep = np.concatenate([np.broadcast_to(rest_N, (num_models, n)), np.zeros((num_models, copies_of_S.size), bool)],
-                               axis=1)
+  if dataset.is_text:
+    # A corpus counts a sequence's occurrences (``copies``, which the engine trains on as many
+    # times): a repeated sequence simply has r times its copies.
+    copies_N = np.asarray(dataset.copies).copy()
+    copies_N[injected_S] *= repeats_S
+    extended = dataclasses.replace(dataset, name=f"{dataset.name}+repeats", copies=copies_N)
+    first_keep = np.broadcast_to(rest_N, (num_models, n)).copy()
+    first_keep[:, injected_S] = keep_in_MxS
+    second_keep = np.broadcast_to(rest_N, (num_models, n))
+  else:
+    # Training set: every example once, then the extra copies of the repeated injected ones.
+    copies_of_S = np.repeat(np.arange(inject), repeats_S - 1)
+    extended = training_subset(dataset, np.concatenate([np.arange(n), injected_S[copies_of_S]]),
+                               f"{dataset.name}+repeats")
+    first_keep = np.concatenate([np.broadcast_to(rest_N, (num_models, n)).copy(), keep_in_MxS[:, copies_of_S]], axis=1)
+    first_keep[:, injected_S] = keep_in_MxS
+    second_keep = np.concatenate([np.broadcast_to(rest_N, (num_models, n)),
+                                  np.zeros((num_models, copies_of_S.size), bool)], axis=1)
   base = config.replace(record_epochs=False, record_epoch_margin=False, score_epoch=None, queries=1)
   engines = (Engine(extended, base.replace(epochs=first_epochs), log=log),
              Engine(extended, base.replace(epochs=second_epochs, record_epochs=True, record_epoch_margin=True), log=log))
@@ -206,8 +239,8 @@ def privacy_forgetting_study(run_dir: str | Path, out: str | Path | None = None,
         f"{second_epochs} without")
     first = engines[0].train_chunk(ids, first_keep[ids])
     second = engines[1].train_chunk(num_models + ids, second_keep[ids], init_params=engines[0].last_state.params)
-    margins.append(np.concatenate([first["train_margin"][:, None, injected_S],
-                                   second["train_margin_epochs"][:, :, injected_S]], axis=1))
+    margins.append(np.concatenate([attack_statistic(first, dataset)[:, None, injected_S],
+                                   attack_statistic(second, dataset, epochs=True)[:, :, injected_S]], axis=1))
   margin_MxKxS = np.concatenate(margins)
   groups = {f"r={r}": repeats_S == r for r in sorted(set(repeats_S.tolist()))}
   mem_S = memorization_N[injected_S]
@@ -221,19 +254,28 @@ def privacy_forgetting_study(run_dir: str | Path, out: str | Path | None = None,
   examples = {"index": injected_S, "repeats": repeats_S, "memorization": mem_S,
               "forgetting_k_at_alpha": k_alpha,
               **{f"advantage_k{k}": curves.advantage_KxS[k] for k in range(curves.advantage_KxS.shape[0])}}
+  statistic = "per-token log-likelihood" if dataset.is_text else "margin"
   summary = {"run": str(run.path), "num_models": num_models, "inject": inject, "repeats": repeats,
              "selection": selection, "first_epochs": first_epochs, "second_epochs": second_epochs,
-             "alpha": alpha, "attack": "LiRA online (leave-one-out over the study's models)",
+             "alpha": alpha, "attack": f"LiRA online on the {statistic} (leave-one-out over the study's models)",
+             "statistic": statistic,
              "decay": curves.decay,
              "forgetting_k_at_alpha_mean": {name: float(np.mean(k_alpha[mask])) for name, mask in groups.items()}}
-  out = Path(out) if out is not None else run.path / "privacy_forgetting"
+  out = write_outputs(Path(out) if out is not None else run.path / "privacy_forgetting", curves, examples, summary,
+                      title=f"{dataset.name}: LiRA on injected examples, k epochs after last seen ({num_models} models)")
+  return PrivacyForgettingResult(out, curves, examples, summary, format_forgetting(curves, summary))
+
+
+def write_outputs(out: Path, curves: ForgettingCurves, examples: dict[str, np.ndarray], summary: dict[str, Any], *,
+                  title: str) -> Path:
+  """The study's files in ``out`` (the report reads them): ``forgetting_curve.csv``,
+  ``forgetting_examples.csv``, ``privacy_forgetting.json`` and ``privacy_forgetting.png``."""
   out.mkdir(parents=True, exist_ok=True)
   write_bytes_atomic(out / "forgetting_curve.csv", curve_csv(curves).encode())
   write_bytes_atomic(out / "forgetting_examples.csv", _table_csv(examples).encode())
   write_json_atomic(out / "privacy_forgetting.json", summary)
-  plot_curves(curves, out / "privacy_forgetting.png",
-              title=f"{dataset.name}: LiRA on injected examples, k epochs after last seen ({num_models} models)")
-  return PrivacyForgettingResult(out, curves, examples, summary, format_forgetting(curves, summary))
+  plot_curves(curves, out / "privacy_forgetting.png", title=title)
+  return out
 
 
 def curve_csv(curves: ForgettingCurves) -> str:
