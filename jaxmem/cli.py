@@ -76,7 +76,8 @@ def _add_score_arguments(p: argparse.ArgumentParser) -> None:
   p.add_argument("--metrics", default=None,
                  help="counterfactual memorization columns: comma-separated margin,logprob,loss")
   p.add_argument("--bootstrap", type=int, default=None,
-                 help="bootstrap resamples over models for memorization_ci_low/high (default 200; 0: off)")
+                 help="memorization_ci_low/high from this many bootstrap resamples over models instead of the "
+                 "Newcombe score interval (default: the score interval; 0: no interval)")
   p.add_argument("--bootstrap-seed", type=int, default=None, help="seed of the bootstrap and split-half draws")
   p.add_argument("--rmia-gamma", type=float, default=None, help="RMIA: LR(x, z) >= gamma counts (default 1)")
   p.add_argument("--rmia-a", type=float, default=None, help="RMIA: the a of P_IN ~ a*P_OUT + 1 - a, in (0, 1] "
