@@ -19,11 +19,11 @@ reliability, and how many models a target standard error needs.
 
   which is Newcombe's interval when R = 1. Unlike a percentile bootstrap over models it is never
   degenerate where every model agreed (7 in-models right, 1 out-model wrong: [0.13, 1] rather
-  than [1, 1]), and its coverage is near nominal across p (Newcombe's table III); coverage on
-  trained models is in ``benchmarks/bootstrap_coverage.md``. Its width is at least 0.77 times the
-  Agresti–Caffo interval ``estimate ± z·se`` (clipped to [−1, 1]) for every count with n_in, n_out
-  ≤ 120 (checked exhaustively; both tend to the Wald width for larger n), so it never claims
-  more certainty than the reported SE.
+  than [1, 1]), and its coverage is near nominal across p (Newcombe's evaluation; the tests sum
+  its exact coverage); coverage on trained models is in ``benchmarks/bootstrap_coverage.md``. With
+  one ratio its width is at least 0.77 times the Agresti–Caffo interval ``estimate ± z·se``
+  (clipped to [−1, 1]) for every count with n_in, n_out ≤ 120 (checked exhaustively; both tend to
+  the Wald width for larger n), so it never claims more certainty than the reported SE.
 - **Bootstrap over models** (Efron & Tibshirani 1993, percentile interval, ch. 13): the models are
   the independent units (each is one draw of a random subset and a random training run), so we
   resample M models with replacement B times and recompute every example's in−out difference.
