@@ -654,6 +654,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise
       print(f"jaxmem: error: {_interrupted_line(getattr(e, 'command', 'jaxmem'))}", file=sys.stderr)
       code = 130
+    stop.finish(code)  # from here a signal neither reports a stop nor changes the code
     if as_process:
       _end_process(code)
     return code

@@ -486,6 +486,26 @@ def test_ctrl_c_while_the_interpreter_shuts_down_is_not_a_death_by_signal(tmp_pa
   assert "Traceback" not in stderr and "Exception ignored" not in stderr, stderr[-3000:]
 
 
+def test_a_signal_after_the_command_finished_keeps_its_code_and_output():
+  """Root cause of the test above failing under load (exit 130 and "stopped; ... rerun" after the
+  run had written everything): the reader sees the last line while the process is still flushing,
+  and its SIGINT reached the handler before os._exit. After the command has finished, a first signal
+  lets the flush end and the code stand; a second ends the process at once, with the same code."""
+  script = ("import os, signal, sys, time\n"
+            "from jaxmem.signals import stop_on_signals\n"
+            "with stop_on_signals() as stop:\n"
+            "  stop.finish(3)\n"
+            "  os.kill(os.getpid(), signal.SIGINT)\n"
+            "  time.sleep(0.2)\n"
+            "  print('flushed', flush=True)\n"
+            "  os.kill(os.getpid(), signal.SIGTERM)\n"
+            "  time.sleep(5)\n"
+            "  print('not reached', flush=True)\n")
+  result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60,
+                          env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+  assert (result.returncode, result.stdout, result.stderr) == (3, "flushed\n", "")
+
+
 @pytest.mark.slow
 def test_a_second_ctrl_c_exits_130_not_by_a_signal_20_times(tmp_path):
   for trial in range(100, 120):
