@@ -488,9 +488,11 @@ def test_ctrl_c_while_the_interpreter_shuts_down_is_not_a_death_by_signal(tmp_pa
 
 def test_a_signal_after_the_command_finished_keeps_its_code_and_output():
   """Root cause of the test above failing under load (exit 130 and "stopped; ... rerun" after the
-  run had written everything): the reader sees the last line while the process is still flushing,
-  and its SIGINT reached the handler before os._exit. After the command has finished, a first signal
-  lets the flush end and the code stand; a second ends the process at once, with the same code."""
+  run had written everything, 5 of 6 tries at load ~9 with PYTHONUNBUFFERED=1): the reader sees the
+  last line as soon as it is printed, and its SIGINT reached the handler while the command was still
+  returning (freeing its results, flushing), which took it for an interruption. Once a command has
+  done its work (``StopRequest.finish``; run, merge and scores call it before printing their
+  summary), a first signal lets it end with its own code; a second ends it at once, same code."""
   script = ("import os, signal, sys, time\n"
             "from jaxmem.signals import stop_on_signals\n"
             "with stop_on_signals() as stop:\n"
