@@ -689,3 +689,49 @@ def test_readme_python_example_finds_flipped_labels(tmp_path, capsys):
   exec(compile(code, "README.md", "exec"), {})
   auroc = float(capsys.readouterr().out.strip().splitlines()[-1])
   assert auroc >= 0.95, auroc
+
+
+# --- More bad inputs to the other commands (each was a traceback, a silent no-op or a change
+# made before the refusal).
+
+@pytest.mark.parametrize("args, needle", [
+    (["plan", "--dataset", "tfds:mnist", "--num-train", "-5", "--num-test", "10"],
+     "--num-train must be a positive number of examples, got -5"),
+    (["plan", "--num-test", "0"], "--num-test must be a positive number of examples, got 0"),
+    (["scores", "RUN", "--bootstrap-seed", "-1"],
+     "argument --bootstrap-seed: a seed must be an integer in [0, 2**32), got -1"),
+    (["study", "remove-top", "RUN", "--seed", "-1", "--k", "0"],
+     "argument --seed: a seed must be an integer in [0, 2**32), got -1"),
+    (["study", "attack-refs", "RUN", "--seed", "4294967296"],
+     "argument --seed: a seed must be an integer in [0, 2**32), got 4294967296"),
+    (["bench", "scoring", "--num-train", "10", "--num-test", "5", "--num-models", "4", "--seed", "-2"],
+     "argument --seed: a seed must be an integer in [0, 2**32), got -2"),
+])
+def test_bad_sizes_and_seeds_of_other_commands(capsys, finished_run, args, needle):
+  """`plan --num-train -5` (TFDS shapes) was a numpy traceback; a negative seed of a study or of the
+  bootstrap was one from numpy's SeedSequence."""
+  result = _main(capsys, *[str(finished_run) if a == "RUN" else a for a in args])
+  _assert_one_line_error(result, needle)
+
+
+@pytest.mark.parametrize("flag, value", [("--influence-threshold", "nan"), ("--memorization-threshold", "inf")])
+def test_a_non_finite_pair_threshold_is_refused(capsys, finished_run, tmp_path, flag, value):
+  """A NaN threshold compares false with every influence: it used to find no pair and exit 0."""
+  run = tmp_path / "run"
+  shutil.copytree(finished_run, run)
+  before = (run / "scores.csv").read_bytes()
+  result = _main(capsys, "scores", str(run), "--estimators", "memorization,influence", flag, value)
+  _assert_one_line_error(result, f"{flag} must be a finite number, got {value}")
+  assert (run / "scores.csv").read_bytes() == before
+
+
+def test_merge_with_an_unknown_estimator_copies_nothing(capsys, finished_run, tmp_path):
+  """`merge --from SRC --estimators nope` used to copy SRC's chunks in and only then refuse."""
+  run = tmp_path / "run"
+  shutil.copytree(finished_run, run)
+  for path in (run / "chunks").glob("chunk_00001.*"):
+    path.unlink()
+  listing = _listing(run)
+  result = _main(capsys, "merge", str(run), "--from", str(finished_run), "--estimators", "nope")
+  _assert_one_line_error(result, "unknown estimator 'nope'; choose one of: ")
+  assert _listing(run) == listing

@@ -295,6 +295,8 @@ def uncertainty_columns(records, *, context=None, seed: int = 0, resamples: int 
   N >= 2 the percentile bootstrap over models with N resamples instead; 0: no interval), and per
   split the two halves' estimates as hidden columns ``_half_<s>_a/b`` (the driver drops them; the
   summary correlates them), so that the estimator runs block by block over examples."""
+  if not isinstance(seed, (int, np.integer)) or not 0 <= seed < 2**32:
+    raise JaxmemError(f"bootstrap seed must be an integer in [0, 2**32), got {seed!r}")
   keep, correct = records.keep, records["train_correct"].astype(np.float32)
   columns = {}
   if resamples is None:
