@@ -291,7 +291,7 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--refs", default="1,2,4,8,16,64,all", help="comma-separated reference counts or all (default 1,2,4,8,16,64,all)")
   p.add_argument("--targets", type=int, default=None, help="target models (default 16)")
   p.add_argument("--seed", type=_seed, default=0, help="seed of the targets, reference orders and bootstrap")
-  p.add_argument("--bootstrap", type=int, default=200, help="bootstrap resamples over examples (default 200)")
+  p.add_argument("--bootstrap", type=_resamples, default=200, help="bootstrap resamples over examples (default 200)")
   p.add_argument("--rmia-gamma", type=float, default=1.0, help="RMIA's gamma (default 1)")
   p.add_argument("--delta", type=float, default=1e-5, help="delta of the eps lower bounds (default 1e-5)")
   p.add_argument("--out", default=None, help="study directory (default: RUN_DIR/attack_refs)")
@@ -307,7 +307,7 @@ def build_parser() -> argparse.ArgumentParser:
                  help="curvature: train the models again and average over these epochs, e.g. 10,20,30 "
                       "(default: the kept final parameters)")
   p.add_argument("--seed", type=_seed, default=0, help="seed of the model choice, directions and bootstrap")
-  p.add_argument("--bootstrap", type=int, default=200, help="bootstrap resamples over examples (default 200)")
+  p.add_argument("--bootstrap", type=_resamples, default=200, help="bootstrap resamples over examples (default 200)")
   p.add_argument("--data-dir", default=None, help="TFDS data directory (default: the run's)")
   p.add_argument("--out", default=None, help="study directory (default: RUN_DIR/proxies)")
   p.set_defaults(handler=_cmd_study_proxies)
@@ -485,6 +485,18 @@ def _seed(text: str) -> int:
     raise argparse.ArgumentTypeError(f"invalid int value: {text!r}") from None
   if not 0 <= value < 2**32:
     raise argparse.ArgumentTypeError(f"a seed must be an integer in [0, 2**32), got {value}")
+  return value
+
+
+def _resamples(text: str) -> int:
+  """A study's --bootstrap: a percentile interval needs at least 2 resamples (a negative count was
+  a numpy traceback, 0 silently gave [nan, nan])."""
+  try:
+    value = int(text)
+  except ValueError:
+    raise argparse.ArgumentTypeError(f"invalid int value: {text!r}") from None
+  if value < 2:
+    raise argparse.ArgumentTypeError(f"bootstrap resamples must be an integer >= 2, got {value}")
   return value
 
 

@@ -706,12 +706,26 @@ def test_readme_python_example_finds_flipped_labels(tmp_path, capsys):
      "argument --seed: a seed must be an integer in [0, 2**32), got 4294967296"),
     (["bench", "scoring", "--num-train", "10", "--num-test", "5", "--num-models", "4", "--seed", "-2"],
      "argument --seed: a seed must be an integer in [0, 2**32), got -2"),
+    (["study", "attack-refs", "RUN", "--refs", "1,2", "--targets", "1", "--bootstrap", "-5"],
+     "argument --bootstrap: bootstrap resamples must be an integer >= 2, got -5"),
+    (["study", "proxies", "RUN", "--models", "1", "--bootstrap", "0"],
+     "argument --bootstrap: bootstrap resamples must be an integer >= 2, got 0"),
+    # checked before the models are trained again (it used to say "training 1 models again" first)
+    (["study", "proxies", "RUN", "--models", "1", "--h", "-1"], "curvature step h must be positive, got -1.0"),
+    (["study", "proxies", "RUN", "--models", "1", "--draws", "0"], "curvature needs at least one Rademacher draw, got 0"),
 ])
 def test_bad_sizes_and_seeds_of_other_commands(capsys, finished_run, args, needle):
   """`plan --num-train -5` (TFDS shapes) was a numpy traceback; a negative seed of a study or of the
   bootstrap was one from numpy's SeedSequence."""
   result = _main(capsys, *[str(finished_run) if a == "RUN" else a for a in args])
   _assert_one_line_error(result, needle)
+
+
+def test_attack_metrics_refuse_fewer_than_two_resamples():
+  from jaxmem.errors import JaxmemError
+  from jaxmem.scores.attack_metrics import bootstrap_attack_metrics
+  with pytest.raises(JaxmemError, match="bootstrap resamples must be an integer >= 2, got 0"):
+    bootstrap_attack_metrics(np.zeros((1, 4)), np.array([[True, False, True, False]]), num_bootstrap=0)
 
 
 @pytest.mark.parametrize("flag, value", [("--influence-threshold", "nan"), ("--memorization-threshold", "inf")])
