@@ -749,3 +749,26 @@ def test_merge_with_an_unknown_estimator_copies_nothing(capsys, finished_run, tm
   result = _main(capsys, "merge", str(run), "--from", str(finished_run), "--estimators", "nope")
   _assert_one_line_error(result, "unknown estimator 'nope'; choose one of: ")
   assert _listing(run) == listing
+
+
+@pytest.mark.parametrize("damage", ["binary", "text cells"])
+def test_report_survives_damaged_optional_tables(capsys, finished_run, tmp_path, damage):
+  """A damaged influence table or correlations.csv used to be a traceback (UnicodeDecodeError,
+  or a ValueError converting a text cell) that lost the whole report; now its section says what is
+  damaged and how to write it again. A binary scores.csv is the one-line refusal of a truncated one."""
+  run = tmp_path / "run"
+  shutil.copytree(finished_run, run)
+  for name in ("influence_pairs.csv", "influence_topk.csv", "correlations.csv"):
+    if damage == "binary":
+      (run / name).write_bytes(b"\x00\xff\xfe")
+    else:
+      header = (run / name).read_text().splitlines()[0]
+      (run / name).write_text(header + "\n" + ",".join("x" * 3 for _ in header.split(",")) + "\n")
+  result = _main(capsys, "report", str(run))
+  assert result.returncode == 0 and "Traceback" not in result.stderr, result.stderr
+  html = (run / "report" / "index.html").read_text()
+  assert "influence_pairs.csv and influence_topk.csv in this run are damaged" in html
+  if damage == "binary":
+    assert "<code>correlations.csv</code> is damaged" in html
+    (run / "scores.csv").write_bytes(b"\x00\xff\xfe")
+    _assert_one_line_error(_main(capsys, "report", str(run)), "scores.csv in ")
