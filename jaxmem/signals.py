@@ -55,9 +55,19 @@ def training_phase(should_stop: Callable[[], bool] | None):
     should_stop.training = False
 
 
+def _progress_bar_open() -> bool:
+  """Whether a tqdm bar is on screen (it ends its line only when it closes). Looked up, not
+  imported: this module stays standard-library only."""
+  std = sys.modules.get("tqdm.std")
+  return bool(std is not None and getattr(std.tqdm, "_instances", None))
+
+
 def _say(line: str) -> None:
   """Writes one line to stderr from a signal handler: ``os.write`` cannot be re-entered the way a
-  buffered ``print`` can (a signal arriving mid-print raised "reentrant call" from the handler)."""
+  buffered ``print`` can (a signal arriving mid-print raised "reentrant call" from the handler).
+  Under an open progress bar the line starts on a line of its own (it used to be glued to the bar)."""
+  if _progress_bar_open():
+    line = "\n" + line
   try:
     os.write(sys.stderr.fileno(), (line + "\n").encode())
   except (OSError, ValueError):

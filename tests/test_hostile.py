@@ -508,6 +508,20 @@ def test_a_signal_after_the_command_finished_keeps_its_code_and_output():
   assert (result.returncode, result.stdout, result.stderr) == (3, "flushed\n", "")
 
 
+def test_a_signal_line_under_a_progress_bar_starts_on_its_own_line(capfd):
+  """test_signals_during_other_commands (slow) failed: the onion study's stop line was glued to its
+  progress bar ('training:   0%| ... ]jaxmem: SIGINT: stopped ...'), so it was not a line of its own."""
+  from tqdm.std import tqdm
+  from jaxmem.signals import _say
+  with tqdm(total=3, file=sys.stderr) as bar:
+    bar.update(1)
+    _say("jaxmem: SIGINT: stopped")
+  err = capfd.readouterr().err
+  assert "\njaxmem: SIGINT: stopped\n" in err, err
+  _say("jaxmem: SIGINT: stopped")  # no bar open: no blank line
+  assert capfd.readouterr().err == "jaxmem: SIGINT: stopped\n"
+
+
 @pytest.mark.slow
 def test_a_second_ctrl_c_exits_130_not_by_a_signal_20_times(tmp_path):
   for trial in range(100, 120):
