@@ -213,8 +213,9 @@ def test_score_interval_has_nominal_exact_coverage_across_p():
 
 
 def test_score_interval_is_never_narrower_than_half_its_se_interval():
-  """Every count with n_in, n_out <= 40: the score interval is at least 0.77 times as wide as the
-  Agresti–Caffo interval memorization ± 1.96·se clipped to [−1, 1] (the reported SE)."""
+  """Every count with n_in <= 40 and n_out in 1, 4, ..., 40: the score interval is at least 0.77
+  times as wide as the Agresti–Caffo interval memorization ± 1.96·se clipped to [−1, 1] (the
+  reported SE); with several ratios (MOVER) at least half as wide."""
   z = float(ndtri(0.975))
   worst = np.inf
   for n_in in range(1, 41):
