@@ -76,8 +76,9 @@ def _add_score_arguments(p: argparse.ArgumentParser) -> None:
   p.add_argument("--metrics", default=None,
                  help="counterfactual memorization columns: comma-separated margin,logprob,loss")
   p.add_argument("--bootstrap", type=int, default=None,
-                 help="bootstrap resamples over models for memorization_ci_low/high (default 200; 0: off)")
-  p.add_argument("--bootstrap-seed", type=int, default=None, help="seed of the bootstrap and split-half draws")
+                 help="memorization_ci_low/high from this many bootstrap resamples over models instead of the "
+                 "Newcombe score interval (default: the score interval; 0: no interval)")
+  p.add_argument("--bootstrap-seed", type=_seed, default=None, help="seed of the bootstrap and split-half draws")
   p.add_argument("--rmia-gamma", type=float, default=None, help="RMIA: LR(x, z) >= gamma counts (default 1)")
   p.add_argument("--rmia-a", type=float, default=None, help="RMIA: the a of P_IN ~ a*P_OUT + 1 - a, in (0, 1] "
                  "(default: tuned on a model that is not a target)")
@@ -158,7 +159,7 @@ def _add_run_arguments(p: argparse.ArgumentParser) -> None:
 def _add_retrain_arguments(p: argparse.ArgumentParser) -> None:
   """Flags of the studies that retrain models from a run's recipe (remove-top, onion)."""
   p.add_argument("--epochs", type=int, default=None, help="epochs (default: the run's)")
-  p.add_argument("--seed", type=int, default=None,
+  p.add_argument("--seed", type=_seed, default=None,
                  help="seed of the retrained models and the random control (default: the run's)")
   p.add_argument("--data-dir", default=None, help="TFDS data directory (default: the run's)")
   p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -231,7 +232,7 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--num-models", type=int, required=True, help="models M")
   p.add_argument("--subset-ratios", default="0.5", help="comma-separated subset ratios, interleaved over models")
   p.add_argument("--queries", type=int, default=0, help="augmented queries A per training example (0: none)")
-  p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--seed", type=_seed, default=0)
   p.add_argument("--out", default=None, help="keep the simulated run directory here (default: a temporary one, "
                  "removed at the end); rerunning with the same sizes reuses its records")
   p.add_argument("--estimators", default=None,
@@ -291,8 +292,8 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("run_dir")
   p.add_argument("--refs", default="1,2,4,8,16,64,all", help="comma-separated reference counts or all (default 1,2,4,8,16,64,all)")
   p.add_argument("--targets", type=int, default=None, help="target models (default 16)")
-  p.add_argument("--seed", type=int, default=0, help="seed of the targets, reference orders and bootstrap")
-  p.add_argument("--bootstrap", type=int, default=200, help="bootstrap resamples over examples (default 200)")
+  p.add_argument("--seed", type=_seed, default=0, help="seed of the targets, reference orders and bootstrap")
+  p.add_argument("--bootstrap", type=_resamples, default=200, help="bootstrap resamples over examples (default 200)")
   p.add_argument("--rmia-gamma", type=float, default=1.0, help="RMIA's gamma (default 1)")
   p.add_argument("--delta", type=float, default=1e-5, help="delta of the eps lower bounds (default 1e-5)")
   p.add_argument("--out", default=None, help="study directory (default: RUN_DIR/attack_refs)")
@@ -307,8 +308,8 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--curvature-epochs", type=_ints, default=None,
                  help="curvature: train the models again and average over these epochs, e.g. 10,20,30 "
                       "(default: the kept final parameters)")
-  p.add_argument("--seed", type=int, default=0, help="seed of the model choice, directions and bootstrap")
-  p.add_argument("--bootstrap", type=int, default=200, help="bootstrap resamples over examples (default 200)")
+  p.add_argument("--seed", type=_seed, default=0, help="seed of the model choice, directions and bootstrap")
+  p.add_argument("--bootstrap", type=_resamples, default=200, help="bootstrap resamples over examples (default 200)")
   p.add_argument("--data-dir", default=None, help="TFDS data directory (default: the run's)")
   p.add_argument("--out", default=None, help="study directory (default: RUN_DIR/proxies)")
   p.set_defaults(handler=_cmd_study_proxies)
@@ -479,6 +480,29 @@ def _cmd_study_ssft(args) -> int:
   return 0
 
 
+def _seed(text: str) -> int:
+  """A seed flag: numpy's and JAX's seeds are unsigned 32-bit (a negative one was a traceback)."""
+  try:
+    value = int(text)
+  except ValueError:
+    raise argparse.ArgumentTypeError(f"invalid int value: {text!r}") from None
+  if not 0 <= value < 2**32:
+    raise argparse.ArgumentTypeError(f"a seed must be an integer in [0, 2**32), got {value}")
+  return value
+
+
+def _resamples(text: str) -> int:
+  """A study's --bootstrap: a percentile interval needs at least 2 resamples (a negative count was
+  a numpy traceback, 0 silently gave [nan, nan])."""
+  try:
+    value = int(text)
+  except ValueError:
+    raise argparse.ArgumentTypeError(f"invalid int value: {text!r}") from None
+  if value < 2:
+    raise argparse.ArgumentTypeError(f"bootstrap resamples must be an integer >= 2, got {value}")
+  return value
+
+
 def _ints(text: str) -> tuple[int, ...]:
   try:
     return tuple(int(t) for t in text.split(",") if t.strip())
@@ -563,6 +587,7 @@ def _cmd_run(args) -> int:
                  shard=shard, should_stop=args.stop)
   except RunInterrupted as e:
     raise RunInterrupted(f"{e}; {resume}", exit_code=e.exit_code) from None
+  args.stop.finish(0)  # all is written: a signal while the summary prints (or after) stops nothing
   if result.summary["process"]["index"] == 0:  # other processes of a multi-process run said their line
     print(format_summary(result.summary))
   return 0
@@ -579,6 +604,7 @@ def _cmd_merge(args) -> int:
   from jaxmem.run import format_summary, merge
   summary = merge(args.run_dir, args.sources, estimators=args.estimators,
                   log=lambda m: print(m, file=sys.stderr))
+  args.stop.finish(0)  # all is written: a signal while the summary prints (or after) stops nothing
   print(format_summary(summary))
   return 0
 
@@ -607,6 +633,7 @@ def _cmd_scores(args) -> int:
   _say_what_is_missing(args.run_dir)
   table, records = score_run(args.run_dir, names, options)
   summary = summarize(records, table)
+  args.stop.finish(0)  # all is written: a signal while the summary prints (or after) stops nothing
   print(format_summary(summary))
   print(f"wrote {args.run_dir}/scores.csv ({records.num_train} rows, estimators: {', '.join(table.estimators)})")
   return 0
@@ -656,6 +683,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise
       print(f"jaxmem: error: {_interrupted_line(getattr(e, 'command', 'jaxmem'))}", file=sys.stderr)
       code = 130
+    stop.finish(code)  # from here a signal neither reports a stop nor changes the code
     if as_process:
       _end_process(code)
     return code

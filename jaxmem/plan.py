@@ -114,6 +114,9 @@ def plan(config: RunConfig, *, devices=None, num_train: int | None = None, num_t
   per candidate strategy, XLA's memory analysis of the training and evaluation programs (per
   device). ``probe``: also train one chunk for a few epochs and extrapolate models/s and an ETA."""
   config.validate()
+  for flag, value in (("--num-train", num_train), ("--num-test", num_test)):
+    if value is not None and (not isinstance(value, (int, np.integer)) or value < 1):
+      raise JaxmemError(f"{flag} must be a positive number of examples, got {value!r}")
   dataset, source = plan_dataset(config, num_train=num_train, num_test=num_test)
   check_config_against_dataset(config, dataset)
   devices = list(devices or jax.devices())

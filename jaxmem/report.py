@@ -85,7 +85,10 @@ def write_report(run_dir: str | Path, *, dataset=None, data_dir: str | None = No
   if not (run.path / SCORES_CSV).is_file():
     raise JaxmemError(f"run directory {str(run.path)!r} has no {SCORES_CSV} yet; run `jaxmem scores "
                       f"{run.path}` first")
-  scores = read_scores_csv(run.path / SCORES_CSV)
+  try:
+    scores = read_scores_csv(run.path / SCORES_CSV)
+  except (UnicodeDecodeError, csv.Error):  # binary garbage: refused below like a truncated file
+    scores = {}
   num_train = manifest.get("dataset", {}).get("num_train")
   if "index" not in scores or not np.array_equal(scores["index"], np.arange(num_train if num_train is not None else -1)):
     rows = len(scores["index"]) if "index" in scores else 0
@@ -508,14 +511,26 @@ def _influence_section(ctx: _Context) -> _Section | None:
   # direction: fall back to it, deduplicated, when there are no high pairs.
   if "influence" in ctx.stale:
     return None
-  table = None
+  table, damaged = None, []
   for name in ("influence_pairs.csv", "influence_topk.csv"):
     if (ctx.run_path / name).is_file():
-      candidate = read_scores_csv(ctx.run_path / name)
-      if candidate and {"train_index", "test_index", "influence"} <= set(candidate) and len(candidate["influence"]):
+      try:
+        candidate = read_scores_csv(ctx.run_path / name)
+      except (UnicodeDecodeError, csv.Error):
+        candidate = {}
+      columns = ("train_index", "test_index", "influence")
+      if not set(columns) <= set(candidate) or any(candidate[c].dtype.kind not in "if" for c in columns):
+        damaged.append(name)  # a damaged file used to be a traceback here, or silently no section
+        continue
+      if len(candidate["influence"]):
         table, source = candidate, name
         break
   if table is None:
+    if damaged:
+      return _Section("influence", "Influence: training → test pairs",
+                      f"<p>{' and '.join(damaged)} in this run {'is' if len(damaged) == 1 else 'are'} damaged (not "
+                      f"the table <code>jaxmem scores</code> writes): rerun <code>jaxmem scores {ctx.run_path}</code> "
+                      "to write it again.</p>")
     return None
   order, seen = [], set()
   for r in _order(table["influence"], True):
@@ -998,8 +1013,13 @@ def _sweep_section(ctx: _Context) -> _Section | None:
 def _correlation_section(ctx: _Context) -> _Section | None:
   path = ctx.run_path / "correlations.csv"
   if path.is_file():
-    with open(path, newline="") as f:
-      rows = list(csv.reader(f))
+    try:
+      with open(path, newline="") as f:
+        rows = list(csv.reader(f))
+    except (UnicodeDecodeError, csv.Error):  # was a traceback that lost the whole report
+      return _Section("correlations", "Score correlations",
+                      f"<p>The run's <code>correlations.csv</code> is damaged: rerun <code>jaxmem scores "
+                      f"{ctx.run_path}</code> to write it again.</p>")
     if len(rows) < 2:
       return None
     if ctx.is_text:  # a label-noise column has no meaning without labels

@@ -383,6 +383,7 @@ def merge(run_dir: str | Path, sources: Sequence[str | Path] = (), *, estimators
   Writes ``scores.csv`` and ``summary.json`` and returns the summary.
   """
   from jaxmem.scoring import parse_estimator_names, score_run
+  names = parse_estimator_names(estimators)  # before anything is copied: an unknown name changes nothing
   run = RunDir.open(run_dir)
   for source in sources:
     other = RunDir.open(source)
@@ -404,7 +405,7 @@ def merge(run_dir: str | Path, sources: Sequence[str | Path] = (), *, estimators
   missing = missing_chunks_line(run)
   log(f"{missing}; scoring the complete ones" if missing else
       f"all {len(run.chunk_plan())} chunks of {run.path} are complete")
-  table, records = score_run(run.path, parse_estimator_names(estimators))
+  table, records = score_run(run.path, names)
   summary = summarize(records, table)
   summary["files"] = output_files(run.path)
   write_json_atomic(run.path / "summary.json", summary)

@@ -400,10 +400,14 @@ def uncertainty_lines(summary: dict) -> list[str]:
     lines.append(f"memorization reliability: split-half Spearman {_f(half['spearman'])} ({half['half_models']} vs "
                  f"{half['half_models']} models, {len(half['splits'])} splits); {_f(half['spearman_brown'])} predicted "
                  f"for all {m} models (Spearman-Brown)")
-  boot = summary.get("bootstrap")
-  if boot and boot["median_width"] is not None:
-    lines.append(f"memorization {boot['confidence']:.0%} bootstrap intervals over models ({boot['resamples']} resamples): "
-                 f"median width {boot['median_width']:.3f}")
+  interval = summary.get("interval")
+  if interval and interval["median_width"] is not None:
+    if interval["method"] == "bootstrap":
+      kind = f"bootstrap intervals over models ({interval['resamples']} resamples)"
+    else:
+      kind = ("Newcombe score intervals (in vs out accuracy over models)" if interval["method"] == "newcombe" else
+              "Newcombe score intervals combined over subset ratios by MOVER (in vs out accuracy over models)")
+    lines.append(f"memorization {interval['confidence']:.0%} {kind}: median width {interval['median_width']:.3f}")
   needed = summary["models_needed"]
   estimates = ", ".join(f"<= {t}: ~{n:,} models" if n is not None else f"<= {t}: unknown"
                         for t, n in needed["targets"].items())

@@ -26,6 +26,13 @@ class StopRequest:
     self.signal_name: str | None = None
     self.training = False
     self.abort_line = "stopped at once; files are written atomically, so none is half-written"
+    self.finished_code: int | None = None  # the command's exit code once it has done its work
+    self.signals_after_finish = 0
+
+  def finish(self, code: int) -> None:
+    """The command has done its work and ends with ``code``: what is left is flushing its output.
+    A signal from now on must neither report a stop that did not happen nor change the code."""
+    self.finished_code = int(code)
 
   def set(self, signal_name: str = "stop") -> None:
     self.signal_name = self.signal_name or signal_name
@@ -48,9 +55,19 @@ def training_phase(should_stop: Callable[[], bool] | None):
     should_stop.training = False
 
 
+def _progress_bar_open() -> bool:
+  """Whether a tqdm bar is on screen (it ends its line only when it closes). Looked up, not
+  imported: this module stays standard-library only."""
+  std = sys.modules.get("tqdm.std")
+  return bool(std is not None and getattr(std.tqdm, "_instances", None))
+
+
 def _say(line: str) -> None:
   """Writes one line to stderr from a signal handler: ``os.write`` cannot be re-entered the way a
-  buffered ``print`` can (a signal arriving mid-print raised "reentrant call" from the handler)."""
+  buffered ``print`` can (a signal arriving mid-print raised "reentrant call" from the handler).
+  Under an open progress bar the line starts on a line of its own (it used to be glued to the bar)."""
+  if _progress_bar_open():
+    line = "\n" + line
   try:
     os.write(sys.stderr.fileno(), (line + "\n").encode())
   except (OSError, ValueError):
@@ -64,7 +81,10 @@ def stop_on_signals(signals=(signal.SIGINT, signal.SIGTERM), log: Callable[[str]
   A first signal during training (see :func:`training_phase`) sets the yielded :class:`StopRequest`:
   the chunk in progress is saved at the next host-call boundary and the run stops cleanly. Any other
   signal — a second one, or a first one outside training (start-up, scoring, writing) — ends the
-  process at once with ``os._exit(128 + signum)`` after one line (``StopRequest.abort_line``).
+  process at once with ``os._exit(128 + signum)`` after one line (``StopRequest.abort_line``). Once
+  the command has finished (:meth:`StopRequest.finish`), a signal changes nothing: the output is
+  flushed and the process ends with the command's code (a second such signal ends it at once, with
+  that code).
 
   Why not an exception: re-raising the signal or a KeyboardInterrupt let Python shut down while XLA
   and orbax threads were still working, which crashed the interpreter with a segfault in half the
@@ -83,6 +103,15 @@ def stop_on_signals(signals=(signal.SIGINT, signal.SIGTERM), log: Callable[[str]
 
   def handler(signum, frame):
     name = signal.Signals(signum).name
+    if stop.finished_code is not None:
+      # Everything is written; only the output is being flushed (the test reading it sees the last
+      # line and the process then gets its signal here). Let the flush finish and end with the
+      # command's own code; a second signal ends it at once with that code (a flush blocked on a
+      # full pipe must not make the process unstoppable).
+      stop.signals_after_finish += 1
+      if stop.signals_after_finish > 1:
+        os._exit(stop.finished_code)
+      return
     if stop.training and not stop():
       stop.set(name)
       _say(f"jaxmem: {name} received: saving the chunk in progress at the next epoch boundary, then stopping "

@@ -486,6 +486,42 @@ def test_ctrl_c_while_the_interpreter_shuts_down_is_not_a_death_by_signal(tmp_pa
   assert "Traceback" not in stderr and "Exception ignored" not in stderr, stderr[-3000:]
 
 
+def test_a_signal_after_the_command_finished_keeps_its_code_and_output():
+  """Root cause of the test above failing under load (exit 130 and "stopped; ... rerun" after the
+  run had written everything, 5 of 6 tries at load ~9 with PYTHONUNBUFFERED=1): the reader sees the
+  last line as soon as it is printed, and its SIGINT reached the handler while the command was still
+  returning (freeing its results, flushing), which took it for an interruption. Once a command has
+  done its work (``StopRequest.finish``; run, merge and scores call it before printing their
+  summary), a first signal lets it end with its own code; a second ends it at once, same code."""
+  script = ("import os, signal, sys, time\n"
+            "from jaxmem.signals import stop_on_signals\n"
+            "with stop_on_signals() as stop:\n"
+            "  stop.finish(3)\n"
+            "  os.kill(os.getpid(), signal.SIGINT)\n"
+            "  time.sleep(0.2)\n"
+            "  print('flushed', flush=True)\n"
+            "  os.kill(os.getpid(), signal.SIGTERM)\n"
+            "  time.sleep(5)\n"
+            "  print('not reached', flush=True)\n")
+  result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60,
+                          env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+  assert (result.returncode, result.stdout, result.stderr) == (3, "flushed\n", "")
+
+
+def test_a_signal_line_under_a_progress_bar_starts_on_its_own_line(capfd):
+  """test_signals_during_other_commands (slow) failed: the onion study's stop line was glued to its
+  progress bar ('training:   0%| ... ]jaxmem: SIGINT: stopped ...'), so it was not a line of its own."""
+  from tqdm.std import tqdm
+  from jaxmem.signals import _say
+  with tqdm(total=3, file=sys.stderr) as bar:
+    bar.update(1)
+    _say("jaxmem: SIGINT: stopped")
+  err = capfd.readouterr().err
+  assert "\njaxmem: SIGINT: stopped\n" in err, err
+  _say("jaxmem: SIGINT: stopped")  # no bar open: no blank line
+  assert capfd.readouterr().err == "jaxmem: SIGINT: stopped\n"
+
+
 @pytest.mark.slow
 def test_a_second_ctrl_c_exits_130_not_by_a_signal_20_times(tmp_path):
   for trial in range(100, 120):
@@ -667,3 +703,86 @@ def test_readme_python_example_finds_flipped_labels(tmp_path, capsys):
   exec(compile(code, "README.md", "exec"), {})
   auroc = float(capsys.readouterr().out.strip().splitlines()[-1])
   assert auroc >= 0.95, auroc
+
+
+# --- More bad inputs to the other commands (each was a traceback, a silent no-op or a change
+# made before the refusal).
+
+@pytest.mark.parametrize("args, needle", [
+    (["plan", "--dataset", "tfds:mnist", "--num-train", "-5", "--num-test", "10"],
+     "--num-train must be a positive number of examples, got -5"),
+    (["plan", "--num-test", "0"], "--num-test must be a positive number of examples, got 0"),
+    (["scores", "RUN", "--bootstrap-seed", "-1"],
+     "argument --bootstrap-seed: a seed must be an integer in [0, 2**32), got -1"),
+    (["study", "remove-top", "RUN", "--seed", "-1", "--k", "0"],
+     "argument --seed: a seed must be an integer in [0, 2**32), got -1"),
+    (["study", "attack-refs", "RUN", "--seed", "4294967296"],
+     "argument --seed: a seed must be an integer in [0, 2**32), got 4294967296"),
+    (["bench", "scoring", "--num-train", "10", "--num-test", "5", "--num-models", "4", "--seed", "-2"],
+     "argument --seed: a seed must be an integer in [0, 2**32), got -2"),
+    (["study", "attack-refs", "RUN", "--refs", "1,2", "--targets", "1", "--bootstrap", "-5"],
+     "argument --bootstrap: bootstrap resamples must be an integer >= 2, got -5"),
+    (["study", "proxies", "RUN", "--models", "1", "--bootstrap", "0"],
+     "argument --bootstrap: bootstrap resamples must be an integer >= 2, got 0"),
+    # checked before the models are trained again (it used to say "training 1 models again" first)
+    (["study", "proxies", "RUN", "--models", "1", "--h", "-1"], "curvature step h must be positive, got -1.0"),
+    (["study", "proxies", "RUN", "--models", "1", "--draws", "0"], "curvature needs at least one Rademacher draw, got 0"),
+])
+def test_bad_sizes_and_seeds_of_other_commands(capsys, finished_run, args, needle):
+  """`plan --num-train -5` (TFDS shapes) was a numpy traceback; a negative seed of a study or of the
+  bootstrap was one from numpy's SeedSequence."""
+  result = _main(capsys, *[str(finished_run) if a == "RUN" else a for a in args])
+  _assert_one_line_error(result, needle)
+
+
+def test_attack_metrics_refuse_fewer_than_two_resamples():
+  from jaxmem.errors import JaxmemError
+  from jaxmem.scores.attack_metrics import bootstrap_attack_metrics
+  with pytest.raises(JaxmemError, match="bootstrap resamples must be an integer >= 2, got 0"):
+    bootstrap_attack_metrics(np.zeros((1, 4)), np.array([[True, False, True, False]]), num_bootstrap=0)
+
+
+@pytest.mark.parametrize("flag, value", [("--influence-threshold", "nan"), ("--memorization-threshold", "inf")])
+def test_a_non_finite_pair_threshold_is_refused(capsys, finished_run, tmp_path, flag, value):
+  """A NaN threshold compares false with every influence: it used to find no pair and exit 0."""
+  run = tmp_path / "run"
+  shutil.copytree(finished_run, run)
+  before = (run / "scores.csv").read_bytes()
+  result = _main(capsys, "scores", str(run), "--estimators", "memorization,influence", flag, value)
+  _assert_one_line_error(result, f"{flag} must be a finite number, got {value}")
+  assert (run / "scores.csv").read_bytes() == before
+
+
+def test_merge_with_an_unknown_estimator_copies_nothing(capsys, finished_run, tmp_path):
+  """`merge --from SRC --estimators nope` used to copy SRC's chunks in and only then refuse."""
+  run = tmp_path / "run"
+  shutil.copytree(finished_run, run)
+  for path in (run / "chunks").glob("chunk_00001.*"):
+    path.unlink()
+  listing = _listing(run)
+  result = _main(capsys, "merge", str(run), "--from", str(finished_run), "--estimators", "nope")
+  _assert_one_line_error(result, "unknown estimator 'nope'; choose one of: ")
+  assert _listing(run) == listing
+
+
+@pytest.mark.parametrize("damage", ["binary", "text cells"])
+def test_report_survives_damaged_optional_tables(capsys, finished_run, tmp_path, damage):
+  """A damaged influence table or correlations.csv used to be a traceback (UnicodeDecodeError,
+  or a ValueError converting a text cell) that lost the whole report; now its section says what is
+  damaged and how to write it again. A binary scores.csv is the one-line refusal of a truncated one."""
+  run = tmp_path / "run"
+  shutil.copytree(finished_run, run)
+  for name in ("influence_pairs.csv", "influence_topk.csv", "correlations.csv"):
+    if damage == "binary":
+      (run / name).write_bytes(b"\x00\xff\xfe")
+    else:
+      header = (run / name).read_text().splitlines()[0]
+      (run / name).write_text(header + "\n" + ",".join("x" * 3 for _ in header.split(",")) + "\n")
+  result = _main(capsys, "report", str(run))
+  assert result.returncode == 0 and "Traceback" not in result.stderr, result.stderr
+  html = (run / "report" / "index.html").read_text()
+  assert "influence_pairs.csv and influence_topk.csv in this run are damaged" in html
+  if damage == "binary":
+    assert "<code>correlations.csv</code> is damaged" in html
+    (run / "scores.csv").write_bytes(b"\x00\xff\xfe")
+    _assert_one_line_error(_main(capsys, "report", str(run)), "scores.csv in ")

@@ -23,6 +23,8 @@ import numpy as np
 from scipy.stats import rankdata
 from sklearn.metrics import roc_curve
 
+from jaxmem.errors import JaxmemError
+
 DEFAULT_FPRS: tuple[float, ...] = (0.001, 0.01)
 
 
@@ -95,6 +97,8 @@ def bootstrap_attack_metrics(scores_TxN: np.ndarray, members_TxN: np.ndarray, *,
   Returns:
     ``{metric: {"value", "low", "high"}}``.
   """
+  if not isinstance(num_bootstrap, (int, np.integer)) or num_bootstrap < 2:
+    raise JaxmemError(f"bootstrap resamples must be an integer >= 2, got {num_bootstrap!r}")
   scores_TxN = np.asarray(scores_TxN, np.float64)
   members_TxN = np.asarray(members_TxN, bool)
   if scores_TxN.ndim == 1:

@@ -192,6 +192,10 @@ class InfluenceComputation:
     example has memorization ≥ ``pair_memorization`` (needs ``memorization_N``)."""
     if not isinstance(k, (int, np.integer)) or k < 1:
       raise JaxmemError(f"influence top-k must be a positive integer, got {k!r}")
+    # NaN compares false with everything, so a NaN threshold silently found no pair at all
+    for flag, value in (("--influence-threshold", pair_influence), ("--memorization-threshold", pair_memorization)):
+      if value is not None and not (isinstance(value, (int, float, np.number)) and np.isfinite(value)):
+        raise JaxmemError(f"{flag} must be a finite number, got {value!r}")
     k_test, k_train = int(min(k, self.num_train)), int(min(k, self.num_test))
     t = self.num_test
     carry = (jnp.full((t, k_test), -jnp.inf, jnp.float32), jnp.full((t, k_test), jnp.nan, jnp.float32),

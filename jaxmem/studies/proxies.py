@@ -204,6 +204,13 @@ def proxies_study(run_dir: str | Path, out: str | Path | None = None, *, ks: Seq
   into ``out`` (default RUN_DIR/proxies). Curvature, on the device: from the kept final
   parameters, or (``curvature_epochs``, or no kept parameters) from the max(ks) models trained
   again, averaged over those epochs."""
+  # the options first: they used to be checked only after the models were trained again
+  if not h > 0:
+    raise JaxmemError(f"curvature step h must be positive, got {h}")
+  if not isinstance(draws, (int, np.integer)) or draws < 1:
+    raise JaxmemError(f"curvature needs at least one Rademacher draw, got {draws}")
+  if not isinstance(num_bootstrap, (int, np.integer)) or num_bootstrap < 2:
+    raise JaxmemError(f"bootstrap resamples must be an integer >= 2, got {num_bootstrap!r}")
   run = RunDir.open(run_dir)
   records = run.load_records()
   manifest = run.manifest()
