@@ -479,15 +479,7 @@ def lira_report(records, *, memorization: np.ndarray | None = None, targets: int
   def block_arrays(block):
     return as_queries(records.read(name, examples=block)), np.asarray(records.read("keep", examples=block), bool)
 
-  pooled = None
-  if len(blocks) > 1:
-    sums = {"pooled_in": (0.0, 0.0), "pooled_out": (0.0, 0.0)}
-    for block in blocks:
-      x, keep = block_arrays(block)
-      fits = fit_gaussians(x, keep, targets=chosen, center="mean", min_models=min_models)
-      for key, (ss, df) in (("pooled_in", fits.pooled_in), ("pooled_out", fits.pooled_out)):
-        sums[key] = (sums[key][0] + ss, sums[key][1] + df)
-    pooled = sums
+  pooled = pooled_residuals(block_arrays, blocks, chosen, min_models=min_models) if len(blocks) > 1 else None
   parts: dict[str, list[np.ndarray]] = {}
   members, risk = [], {"lira_online": [], "lira_offline": [], "online_gap": []}
   queries_seen = 1
@@ -538,6 +530,40 @@ def lira_report(records, *, memorization: np.ndarray | None = None, targets: int
     summary["spearman_lira_online_memorization"] = spearman(online, memorization)
     summary["spearman_examples"] = int(valid.sum())
   return columns, summary, attack
+
+
+def pooled_residuals(read_block, blocks: Sequence[slice], chosen: np.ndarray, *, min_models: int = 2) -> dict:
+  """First pass over blocks of examples: each target's Σ squared residuals and degrees of freedom
+  of its in and out shadows, summed over all examples (the fixed-variance variants' σ).
+  ``read_block(block) -> (margins (M, n, A) float64, keep (M, n) bool)``."""
+  sums = {"pooled_in": (0.0, 0.0), "pooled_out": (0.0, 0.0)}
+  for block in blocks:
+    x, keep = read_block(block)
+    fits = fit_gaussians(x, keep, targets=chosen, center="mean", min_models=min_models)
+    for key, (ss, df) in (("pooled_in", fits.pooled_in), ("pooled_out", fits.pooled_out)):
+      sums[key] = (sums[key][0] + ss, sums[key][1] + df)
+    del x, keep, fits
+  return sums
+
+
+def attack_scores_by_blocks(read_block, blocks: Sequence[slice], chosen: np.ndarray, *, center: str = "mean",
+                            min_models: int = 2, variants: Sequence[str] = VARIANTS,
+                            block_values: int = 8_000_000) -> tuple[dict[str, np.ndarray], np.ndarray]:
+  """:func:`leave_one_out_scores` of the targets ``chosen`` and their membership (T, N), reading
+  the margins block by block (``read_block`` as in :func:`pooled_residuals`): a first pass for the
+  pooled residuals when there is more than one block, then one to score. Equal to the one-block
+  result up to float64 summation order of the fixed variances."""
+  pooled = pooled_residuals(read_block, blocks, chosen, min_models=min_models) if len(blocks) > 1 else None
+  parts: dict[str, list[np.ndarray]] = {v: [] for v in variants}
+  members = []
+  for block in blocks:
+    x, keep = read_block(block)
+    for variant, value in leave_one_out_scores(x, keep, chosen, center=center, min_models=min_models,
+                                               variants=variants, pooled=pooled, block_values=block_values).items():
+      parts[variant].append(value)
+    members.append(keep[chosen])
+    del x, keep
+  return {v: np.concatenate(p, axis=1) for v, p in parts.items()}, np.concatenate(members, axis=1)
 
 
 def examples_per_block(num_models: int, queries: int, memory_budget: int = DEFAULT_MEMORY_BUDGET) -> int:
