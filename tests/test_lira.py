@@ -1,6 +1,12 @@
 """LiRA scores, leave-one-out attack evaluation, attack metrics and augmented queries."""
 
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -324,3 +330,35 @@ def test_thinned_roc_keeps_exact_points_and_the_tpr_at_every_grid_fpr():
   same_f, same_t = thin_roc(fpr[:500], tpr[:500], max_points=900)
   np.testing.assert_array_equal(same_f, fpr[:500])
   np.testing.assert_array_equal(same_t, tpr[:500])
+
+
+def _cpu_seconds(pid: int) -> float:
+  fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+  return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")   # utime + stime
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc/self/stat").is_file(), reason="reads a process's CPU time from /proc")
+def test_sigterm_while_lira_scores_stops_within_seconds(tmp_path):
+  """The handlers run between bytecodes; LiRA works in blocks of bounded size (and the ε bound in
+  batches of thresholds), so a SIGTERM in the middle of scoring ends the process within seconds,
+  with its one line and exit 143."""
+  from jaxmem.bench_scoring import Simulation, write_simulated_run
+  run = write_simulated_run(Simulation(num_train=60_000, num_test=200, num_models=100), tmp_path / "run",
+                            log=lambda line: None)
+  exe = Path(sys.executable).with_name("jaxmem")
+  process = subprocess.Popen([str(exe), "scores", str(run.path), "--estimators", "lira"], stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)
+  try:
+    while process.poll() is None and _cpu_seconds(process.pid) < 15:   # past start-up, into LiRA
+      time.sleep(0.05)
+    assert process.poll() is None, "scoring finished before the signal; make the run larger"
+    sent = time.monotonic()
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=120)
+    waited = time.monotonic() - sent
+  finally:
+    process.kill()
+  assert process.returncode == 128 + signal.SIGTERM, stderr[-2000:]
+  assert stderr.strip().splitlines()[-1].startswith("jaxmem: SIGTERM: stopped"), stderr[-2000:]
+  assert waited < 10, waited
