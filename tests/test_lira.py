@@ -13,13 +13,15 @@ import pytest
 import scipy.stats
 from sklearn.metrics import roc_auc_score, roc_curve
 
+from jaxmem.bench_scoring import Simulation, write_simulated_run
 from jaxmem.errors import JaxmemError
+from jaxmem.records import Records
 from jaxmem.scores import auroc
 from jaxmem.scores.attack_metrics import (
-    _weighted_metrics, attack_metrics, bootstrap_attack_metrics, per_example_auc, tpr_key)
+    _weighted_metrics, attack_metrics, bootstrap_attack_metrics, per_example_auc, roc, thin_roc, tpr_key)
 from jaxmem.scores.lira import (
-    MIN_STD, VARIANTS, fit_gaussians, global_threshold, leave_one_out_scores, lira_attack, lira_offline,
-    lira_online, lira_scores)
+    BYTES_PER_VALUE, MIN_STD, VARIANTS, examples_per_block, fit_gaussians, global_threshold, leave_one_out_scores,
+    lira_attack, lira_offline, lira_online, lira_report, lira_scores)
 
 
 def random_inputs(seed, m=31, n=17, a=3):
@@ -274,7 +276,6 @@ def test_run_records_augmented_margins_and_lira_scores_them(tmp_path, tiny_confi
 
 
 def _records(keep, arrays):
-  from jaxmem.records import Records
   m, n = keep.shape
   return Records(keep=keep, model_ids=np.arange(m), subset_ratio=np.full(m, 0.5, np.float32),
                  train_labels=np.arange(n) % 3, clean_train_labels=np.arange(n) % 3, test_labels=np.zeros(4, int),
@@ -285,7 +286,6 @@ def test_blocks_sized_from_the_memory_budget_give_the_one_block_result():
   """A budget for a few examples per block: per-example columns and the scores of every variant
   without a pooled variance are bitwise those of one block; the fixed-variance scores and the
   metrics equal them up to float64 summation order of the pooled residuals."""
-  from jaxmem.scores.lira import BYTES_PER_VALUE, examples_per_block, lira_report
   rng = np.random.default_rng(11)
   m, n, a = 23, 41, 2
   keep = rng.random((m, n)) < 0.5
@@ -312,7 +312,6 @@ def test_blocks_sized_from_the_memory_budget_give_the_one_block_result():
 
 
 def test_thinned_roc_keeps_exact_points_and_the_tpr_at_every_grid_fpr():
-  from jaxmem.scores.attack_metrics import roc, thin_roc
   rng = np.random.default_rng(5)
   members = rng.random(60_000) < 0.6
   scores = rng.normal(members * 1.0, 1.0)
@@ -343,7 +342,6 @@ def test_sigterm_while_lira_scores_stops_within_seconds(tmp_path):
   """The handlers run between bytecodes; LiRA works in blocks of bounded size (and the ε bound in
   batches of thresholds), so a SIGTERM in the middle of scoring ends the process within seconds,
   with its one line and exit 143."""
-  from jaxmem.bench_scoring import Simulation, write_simulated_run
   run = write_simulated_run(Simulation(num_train=60_000, num_test=200, num_models=100), tmp_path / "run",
                             log=lambda line: None)
   exe = Path(sys.executable).with_name("jaxmem")

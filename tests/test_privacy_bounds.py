@@ -5,6 +5,7 @@ import pytest
 from scipy.stats import beta
 
 from jaxmem.errors import JaxmemError
+from jaxmem.scores import privacy_bounds
 from jaxmem.scores.privacy_bounds import clopper_pearson_lower, clopper_pearson_upper, eps_lower_bound
 
 
@@ -97,7 +98,6 @@ def test_bounds_and_bad_input():
 def test_pruned_threshold_search_equals_every_threshold(monkeypatch, seed, shift):
   """The search computes exact bounds only where the rates' upper bound can still win; in batches
   of 7 (so the pruning acts) it must pick the same threshold and ε as evaluating all of them."""
-  from jaxmem.scores import privacy_bounds
   rng = np.random.default_rng(seed)
   members = rng.random(2000) < 0.7
   scores = np.round(rng.normal(members * shift, 1.0), 2)

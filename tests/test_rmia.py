@@ -7,9 +7,11 @@ import pytest
 from sklearn.metrics import roc_auc_score
 
 from jaxmem.errors import JaxmemError
+from jaxmem.records import Records
 from jaxmem.scores.attack_metrics import per_example_auc
 from jaxmem.scores.rmia import (
-    A_GRID, attack_with_references, leave_one_out_rmia, per_example_risk, rmia_attack, tune_offline_a)
+    A_GRID, BYTES_PER_VALUE, attack_with_references, leave_one_out_rmia, per_example_risk, rmia_attack, rmia_report,
+    tune_offline_a)
 
 
 def sigmoid(x):
@@ -133,8 +135,6 @@ def test_report_by_blocks_of_examples_equals_one_block():
   """rmia_report reads the margins by blocks: the per-example columns, the targets' scores and the
   RMIA metrics are bitwise those of one block (per-example reductions over models); the LiRA
   comparison's equal up to float64 summation order of its pooled variances."""
-  from jaxmem.records import Records
-  from jaxmem.scores.rmia import BYTES_PER_VALUE, rmia_report
   margin, keep, test_margin = random_records(6, m=15, n=29, z=13)
   m, n = keep.shape
   records = Records(keep=keep, model_ids=np.arange(m), subset_ratio=np.full(m, 0.7, np.float32),

@@ -78,7 +78,7 @@ _LOG_SQRT_2PI = 0.5 * np.log(2 * np.pi)
 DEFAULT_MEMORY_BUDGET = 256 << 20
 #: Bytes of working memory per margin value (model x example x query) of a block: about 17 float64
 #: arrays of the block's size live at once in the leave-one-out fits, scores and per-example AUC
-#: (measured with tracemalloc: 134 bytes per value at 8 million values).
+#: (measured with tracemalloc; benchmarks/RESULTS.md, "LiRA and RMIA in bounded memory").
 BYTES_PER_VALUE = 160
 
 
