@@ -10,8 +10,8 @@ from jaxmem.errors import JaxmemError
 from jaxmem.records import Records
 from jaxmem.scores.attack_metrics import per_example_auc
 from jaxmem.scores.rmia import (
-    A_GRID, BYTES_PER_VALUE, attack_with_references, leave_one_out_rmia, per_example_risk, rmia_attack, rmia_report,
-    tune_offline_a)
+    A_GRID, BYTES_PER_VALUE, attack_with_references, leave_one_out_population, leave_one_out_rmia, per_example_risk,
+    rmia_attack, rmia_report, tune_offline_a)
 
 
 def sigmoid(x):
@@ -155,6 +155,9 @@ def test_report_by_blocks_of_examples_equals_one_block():
       for metric, value in metrics.items():
         for key in ("value", "low", "high"):
           np.testing.assert_allclose(summary["lira_same_targets"][variant][metric][key], value[key], rtol=1e-9)
+  # the population ratios by groups of 2 targets equal all at once
+  np.testing.assert_array_equal(leave_one_out_population(test_margin, np.arange(m), a=0.4, block_values=26),
+                                leave_one_out_population(test_margin, np.arange(m), a=0.4))
   # and the columns are the whole-array functions' (tuning included)
   attack = rmia_attack(margin.astype(np.float32), keep, test_margin.astype(np.float32), targets=4, num_bootstrap=20)
   assert attack.a == whole_attack.a and attack.metrics == whole_attack.metrics

@@ -240,15 +240,23 @@ def leave_one_out_rmia(margin_MxN: np.ndarray, keep_MxN: np.ndarray, test_margin
   return {v: scores_from_sorted(log_p_x, prob_x(means, a, v), sorted_z_TxZ, gamma) for v in variants}
 
 
-def leave_one_out_population(test_margin_MxZ: np.ndarray, targets_T: np.ndarray, *, a: float) -> np.ndarray:
-  """Sorted population log ratios (T, Z) of each target, P(z) from all other models."""
+def leave_one_out_population(test_margin_MxZ: np.ndarray, targets_T: np.ndarray, *, a: float,
+                             block_values: int = 4_000_000) -> np.ndarray:
+  """Sorted population log ratios (T, Z) of each target, P(z) from all other models; computed for
+  groups of targets of about ``block_values`` values (each row on its own: the result does not
+  depend on it), so only the (T, Z) result is held whole."""
   targets_T = np.asarray(targets_T, np.int64)
   p_MxZ = true_label_prob(test_margin_MxZ)
-  m = p_MxZ.shape[0]
-  mean_out_TxZ = (p_MxZ.sum(0)[None] - p_MxZ[targets_T]) / (m - 1)
-  p_z = prob_population(mean_out_TxZ, a)
-  log_p_z = log_expit(np.asarray(test_margin_MxZ, np.float64)[targets_T])
-  return sorted_population_ratios(log_p_z, p_z)
+  m, z = p_MxZ.shape
+  total_Z = p_MxZ.sum(0)
+  sorted_TxZ = np.empty((targets_T.size, z))
+  per_group = max(1, block_values // max(z, 1))
+  for start in range(0, targets_T.size, per_group):
+    group = targets_T[start: start + per_group]
+    mean_out = (total_Z[None] - p_MxZ[group]) / (m - 1)
+    log_p_z = log_expit(np.asarray(test_margin_MxZ[group], np.float64))
+    sorted_TxZ[start: start + group.size] = sorted_population_ratios(log_p_z, prob_population(mean_out, a))
+  return sorted_TxZ
 
 
 def tune_a_leave_one_out(margin_MxN, keep_MxN, test_margin_MxZ, tuner: int, *, gamma: float = DEFAULT_GAMMA,
