@@ -11,7 +11,7 @@ from jaxmem.records import Records
 from jaxmem.scores.attack_metrics import per_example_auc
 from jaxmem.scores.rmia import (
     A_GRID, BYTES_PER_VALUE, attack_with_references, leave_one_out_population, leave_one_out_rmia, per_example_risk,
-    rmia_attack, rmia_report, tune_offline_a)
+    population_mean_without, rmia_attack, rmia_report, true_label_prob, tune_offline_a)
 
 
 def sigmoid(x):
@@ -158,6 +158,10 @@ def test_report_by_blocks_of_examples_equals_one_block():
   # the population ratios by groups of 2 targets equal all at once
   np.testing.assert_array_equal(leave_one_out_population(test_margin, np.arange(m), a=0.4, block_values=26),
                                 leave_one_out_population(test_margin, np.arange(m), a=0.4))
+  # the tuning model's population mean by groups of 3 rows is numpy's mean over the other rows, bitwise
+  for skip in (0, 5, m - 1):
+    np.testing.assert_array_equal(population_mean_without(test_margin, skip, block_values=3 * 13),
+                                  true_label_prob(np.delete(test_margin, skip, axis=0)).mean(0))
   # and the columns are the whole-array functions' (tuning included)
   attack = rmia_attack(margin.astype(np.float32), keep, test_margin.astype(np.float32), targets=4, num_bootstrap=20)
   assert attack.a == whole_attack.a and attack.metrics == whole_attack.metrics

@@ -246,17 +246,35 @@ def leave_one_out_population(test_margin_MxZ: np.ndarray, targets_T: np.ndarray,
   groups of targets of about ``block_values`` values (each row on its own: the result does not
   depend on it), so only the (T, Z) result is held whole."""
   targets_T = np.asarray(targets_T, np.int64)
-  p_MxZ = true_label_prob(test_margin_MxZ)
-  m, z = p_MxZ.shape
+  m, z = np.shape(test_margin_MxZ)
+  per_group = max(1, block_values // max(z, 1))
+  p_MxZ = np.empty((m, z))
+  for start in range(0, m, per_group):   # elementwise, by groups of rows: no (M, Z) temporaries
+    p_MxZ[start: start + per_group] = true_label_prob(test_margin_MxZ[start: start + per_group])
   total_Z = p_MxZ.sum(0)
   sorted_TxZ = np.empty((targets_T.size, z))
-  per_group = max(1, block_values // max(z, 1))
   for start in range(0, targets_T.size, per_group):
     group = targets_T[start: start + per_group]
     mean_out = (total_Z[None] - p_MxZ[group]) / (m - 1)
     log_p_z = log_expit(np.asarray(test_margin_MxZ[group], np.float64))
     sorted_TxZ[start: start + group.size] = sorted_population_ratios(log_p_z, prob_population(mean_out, a))
   return sorted_TxZ
+
+
+def population_mean_without(test_margin_MxZ: np.ndarray, skip: int, *, block_values: int = 4_000_000) -> np.ndarray:
+  """``true_label_prob(test_margin_MxZ[others]).mean(0)``, others = every row but ``skip``, by
+  groups of rows: the rows are added one after another in the same order as numpy's reduction
+  over axis 0 does, so the result is the same to the bit, without (M, Z) temporaries."""
+  m, z = np.shape(test_margin_MxZ)
+  per_group = max(1, block_values // max(z, 1))
+  total_Z = None
+  for start in range(0, m, per_group):
+    rows = [r for r in range(start, min(start + per_group, m)) if r != skip]
+    if not rows:
+      continue
+    p_GxZ = true_label_prob(test_margin_MxZ[rows])
+    total_Z = p_GxZ.sum(0) if total_Z is None else np.add.reduce(np.concatenate([total_Z[None], p_GxZ]), axis=0)
+  return total_Z / (m - 1)
 
 
 def tune_a_leave_one_out(margin_MxN, keep_MxN, test_margin_MxZ, tuner: int, *, gamma: float = DEFAULT_GAMMA,
@@ -382,7 +400,7 @@ def rmia_report(records, *, memorization=None, targets=None, gamma: float = DEFA
   model (M, Z) float64, and the targets' scores (T, N) per variant; nothing of size M·N."""
   check_single_ratio(records.subset_ratio, "RMIA")
   num_models, num_train = records.num_models, records.num_train
-  test_margin = np.asarray(records.read("test_margin"), np.float64)
+  test_margin = np.asarray(records.read("test_margin"))   # as stored; made float64 by groups of rows
   if test_margin.ndim == 3:
     test_margin = test_margin[..., 0]
   if test_margin.ndim != 2 or test_margin.shape[0] != num_models or test_margin.shape[1] == 0:
@@ -414,14 +432,15 @@ def rmia_report(records, *, memorization=None, targets=None, gamma: float = DEFA
     for block in blocks:
       margin, keep = read_block(block)
       means = reference_means(true_label_prob(margin[others]), keep[others])
-      for key, value in (("margin", margin[tuner]), ("keep", keep[tuner]), ("mean_in", means.mean_in),
+      # copies of the tuner's rows: a row view would keep the whole block's (M, n) array alive
+      for key, value in (("margin", margin[tuner].copy()), ("keep", keep[tuner].copy()), ("mean_in", means.mean_in),
                          ("n_in", means.n_in), ("mean_out", means.mean_out), ("n_out", means.n_out)):
         parts[key].append(value)
       del margin, keep, means
     whole = {key: np.concatenate(value) for key, value in parts.items()}
     means = ReferenceMeans(whole["mean_in"], whole["n_in"], whole["mean_out"], whole["n_out"])
     a, a_aucs = tune_a_from_means(whole["margin"], whole["keep"], means, test_margin[tuner],
-                                  true_label_prob(test_margin[others]).mean(0), gamma=gamma)
+                                  population_mean_without(test_margin, tuner), gamma=gamma)
     del parts, whole, means
   else:
     a_aucs = {}
