@@ -43,8 +43,10 @@ models as shadows (leave-one-out). The per-example in/out sums, sums of squares 
 computed once and the target's own contribution is subtracted, so no loop over targets is needed for
 the means and variances (and the leave-one-out median comes from one sort per example, see
 :func:`_leave_one_out_median`). The math runs in float64 numpy: with float32, log Φ of members
-several σ above μ_out rounds to 0 and ties them, exactly where the low-FPR metrics live; the arrays
-(M·N·A values) are small, so nothing is gained from an accelerator.
+several σ above μ_out rounds to 0 and ties them, exactly where the low-FPR metrics live. Runs of
+any size are read in blocks of examples sized from a memory budget (:func:`lira_report`): every
+fit is a reduction over models, so the blocks change nothing but the float64 summation order of
+the fixed variances, and nothing of size M·N is ever held.
 """
 
 from __future__ import annotations
