@@ -1,19 +1,27 @@
 """LiRA scores, leave-one-out attack evaluation, attack metrics and augmented queries."""
 
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import numpy as np
 import pytest
 import scipy.stats
 from sklearn.metrics import roc_auc_score, roc_curve
 
+from jaxmem.bench_scoring import Simulation, write_simulated_run
 from jaxmem.errors import JaxmemError
+from jaxmem.records import Records
 from jaxmem.scores import auroc
 from jaxmem.scores.attack_metrics import (
-    _weighted_metrics, attack_metrics, bootstrap_attack_metrics, per_example_auc, tpr_key)
+    _weighted_metrics, attack_metrics, bootstrap_attack_metrics, per_example_auc, roc, thin_roc, tpr_key)
 from jaxmem.scores.lira import (
-    MIN_STD, VARIANTS, fit_gaussians, global_threshold, leave_one_out_scores, lira_attack, lira_offline,
-    lira_online, lira_scores)
+    BYTES_PER_VALUE, MIN_STD, VARIANTS, examples_per_block, fit_gaussians, global_threshold, leave_one_out_scores,
+    lira_attack, lira_offline, lira_online, lira_report, lira_scores)
 
 
 def random_inputs(seed, m=31, n=17, a=3):
@@ -265,3 +273,90 @@ def test_run_records_augmented_margins_and_lira_scores_them(tmp_path, tiny_confi
   assert report["queries"] == 2 and set(report["attack"]) == set(VARIANTS)
   assert (tmp_path / "q" / "lira_roc.png").read_bytes()[:4] == b"\x89PNG"
   assert any("LiRA online" in line for line in table.lines)
+
+
+def _records(keep, arrays):
+  m, n = keep.shape
+  return Records(keep=keep, model_ids=np.arange(m), subset_ratio=np.full(m, 0.5, np.float32),
+                 train_labels=np.arange(n) % 3, clean_train_labels=np.arange(n) % 3, test_labels=np.zeros(4, int),
+                 noisy=np.zeros(n, bool), arrays=arrays, num_models_planned=m)
+
+
+def test_blocks_sized_from_the_memory_budget_give_the_one_block_result():
+  """A budget for a few examples per block: per-example columns and the scores of every variant
+  without a pooled variance are bitwise those of one block; the fixed-variance scores and the
+  metrics equal them up to float64 summation order of the pooled residuals."""
+  rng = np.random.default_rng(11)
+  m, n, a = 23, 41, 2
+  keep = rng.random((m, n)) < 0.5
+  margin = (rng.normal(size=(m, n, a)) + 1.5 * keep[..., None] * rng.random((1, n, 1))).astype(np.float32)
+  records = _records(keep, {"train_margin": margin[..., 0], "train_margin_aug": margin})
+  whole_columns, whole, whole_attack = lira_report(records, targets=5, num_bootstrap=30)
+  budget = 3 * BYTES_PER_VALUE * m * a
+  assert examples_per_block(m, a, budget) == 3
+  for kwargs in ({"memory_budget": budget}, {"memory_budget": BYTES_PER_VALUE}, {"block_size": 16}):
+    columns, summary, attack = lira_report(records, targets=5, num_bootstrap=30, **kwargs)
+    for name in whole_columns:
+      np.testing.assert_array_equal(columns[name], whole_columns[name], err_msg=f"{kwargs} {name}")
+    for variant in ("online", "offline", "offline_pdf", "global_threshold"):
+      np.testing.assert_array_equal(attack.scores[variant], whole_attack.scores[variant], err_msg=variant)
+    for variant in ("online_fixed_variance", "offline_fixed_variance"):
+      np.testing.assert_allclose(attack.scores[variant], whole_attack.scores[variant], rtol=1e-12, err_msg=variant)
+    for variant, metrics in whole["attack"].items():
+      for metric, value in metrics.items():
+        for key in ("value", "low", "high"):
+          np.testing.assert_allclose(summary["attack"][variant][metric][key], value[key], rtol=1e-9)
+    assert summary["most_exposed"] == whole["most_exposed"]
+  with pytest.raises(JaxmemError, match="memory budget must be a positive"):
+    lira_report(records, memory_budget=0)
+
+
+def test_thinned_roc_keeps_exact_points_and_the_tpr_at_every_grid_fpr():
+  rng = np.random.default_rng(5)
+  members = rng.random(60_000) < 0.6
+  scores = rng.normal(members * 1.0, 1.0)
+  fpr, tpr = roc(scores, members)
+  assert fpr.size > 50_000
+  small_f, small_t = thin_roc(fpr, tpr, max_points=900)
+  assert 300 < small_f.size <= 900
+  # every kept point is a point of the full curve, in order, with both ends
+  assert np.all(np.diff(small_f) >= 0) and np.all(np.diff(small_t) >= 0)
+  assert all(np.any((fpr == f) & (tpr == t)) for f, t in zip(small_f, small_t))
+  assert (small_f[0], small_t[0], small_f[-1], small_t[-1]) == (0.0, 0.0, 1.0, 1.0)
+  # the largest TPR at FPR <= g is exact at every log-spaced grid value
+  for g in np.geomspace(fpr[fpr > 0].min(), 1.0, 300):
+    assert small_t[small_f <= g].max() == tpr[fpr <= g].max(), g
+  same_f, same_t = thin_roc(fpr[:500], tpr[:500], max_points=900)
+  np.testing.assert_array_equal(same_f, fpr[:500])
+  np.testing.assert_array_equal(same_t, tpr[:500])
+
+
+def _cpu_seconds(pid: int) -> float:
+  fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+  return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")   # utime + stime
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc/self/stat").is_file(), reason="reads a process's CPU time from /proc")
+def test_sigterm_while_lira_scores_stops_within_seconds(tmp_path):
+  """The handlers run between bytecodes; LiRA works in blocks of bounded size (and the ε bound in
+  batches of thresholds), so a SIGTERM in the middle of scoring ends the process within seconds,
+  with its one line and exit 143."""
+  run = write_simulated_run(Simulation(num_train=60_000, num_test=200, num_models=100), tmp_path / "run",
+                            log=lambda line: None)
+  exe = Path(sys.executable).with_name("jaxmem")
+  process = subprocess.Popen([str(exe), "scores", str(run.path), "--estimators", "lira"], stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)
+  try:
+    while process.poll() is None and _cpu_seconds(process.pid) < 15:   # past start-up, into LiRA
+      time.sleep(0.05)
+    assert process.poll() is None, "scoring finished before the signal; make the run larger"
+    sent = time.monotonic()
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=120)
+    waited = time.monotonic() - sent
+  finally:
+    process.kill()
+  assert process.returncode == 128 + signal.SIGTERM, stderr[-2000:]
+  assert stderr.strip().splitlines()[-1].startswith("jaxmem: SIGTERM: stopped"), stderr[-2000:]
+  assert waited < 10, waited

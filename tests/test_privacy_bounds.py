@@ -5,6 +5,7 @@ import pytest
 from scipy.stats import beta
 
 from jaxmem.errors import JaxmemError
+from jaxmem.scores import privacy_bounds
 from jaxmem.scores.privacy_bounds import clopper_pearson_lower, clopper_pearson_upper, eps_lower_bound
 
 
@@ -91,3 +92,23 @@ def test_bounds_and_bad_input():
     eps_lower_bound(np.ones(3), np.ones(3, bool), delta=1.5)
   with pytest.raises(JaxmemError, match="confidence"):
     eps_lower_bound(np.ones(3), np.ones(3, bool), confidence=1.0)
+
+
+@pytest.mark.parametrize("seed,shift", [(0, 0.0), (1, 0.5), (2, 3.0)])
+def test_pruned_threshold_search_equals_every_threshold(monkeypatch, seed, shift):
+  """The search computes exact bounds only where the rates' upper bound can still win; in batches
+  of 7 (so the pruning acts) it must pick the same threshold and ε as evaluating all of them."""
+  rng = np.random.default_rng(seed)
+  members = rng.random(2000) < 0.7
+  scores = np.round(rng.normal(members * shift, 1.0), 2)
+  level, delta = 0.975, 1e-5
+
+  def every_threshold(hit, pos, false, neg, delta, level):
+    eps = privacy_bounds._eps(clopper_pearson_lower(hit, pos, level), clopper_pearson_upper(false, neg, level), delta)
+    k = int(np.argmax(eps))
+    return k, float(eps[k])
+
+  monkeypatch.setattr(privacy_bounds, "_EXACT_BATCH", 7)
+  pruned = privacy_bounds._best_threshold(scores, members, delta, level)
+  monkeypatch.setattr(privacy_bounds, "_argmax_eps", every_threshold)
+  assert pruned == privacy_bounds._best_threshold(scores, members, delta, level)

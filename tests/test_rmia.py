@@ -7,9 +7,11 @@ import pytest
 from sklearn.metrics import roc_auc_score
 
 from jaxmem.errors import JaxmemError
+from jaxmem.records import Records
 from jaxmem.scores.attack_metrics import per_example_auc
 from jaxmem.scores.rmia import (
-    A_GRID, attack_with_references, leave_one_out_rmia, per_example_risk, rmia_attack, tune_offline_a)
+    A_GRID, BYTES_PER_VALUE, attack_with_references, leave_one_out_population, leave_one_out_rmia, per_example_risk,
+    population_mean_without, rmia_attack, rmia_report, true_label_prob, tune_offline_a)
 
 
 def sigmoid(x):
@@ -127,3 +129,42 @@ def test_scores_cli_writes_rmia_json(tiny_run, tmp_path):
   assert summary["eps_lower_bound"]["rmia_offline"]["delta"] == 1e-5
   assert summary["targets"] and set(summary["lira_same_targets"]) == {"online", "online_fixed_variance", "offline"}
   assert (run / "rmia_roc.png").stat().st_size > 0
+
+
+def test_report_by_blocks_of_examples_equals_one_block():
+  """rmia_report reads the margins by blocks: the per-example columns, the targets' scores and the
+  RMIA metrics are bitwise those of one block (per-example reductions over models); the LiRA
+  comparison's equal up to float64 summation order of its pooled variances."""
+  margin, keep, test_margin = random_records(6, m=15, n=29, z=13)
+  m, n = keep.shape
+  records = Records(keep=keep, model_ids=np.arange(m), subset_ratio=np.full(m, 0.7, np.float32),
+                    train_labels=np.zeros(n, int), clean_train_labels=np.zeros(n, int), test_labels=np.zeros(13, int),
+                    noisy=np.zeros(n, bool), arrays={"train_margin": margin.astype(np.float32),
+                                                     "test_margin": test_margin.astype(np.float32)},
+                    num_models_planned=m)
+  whole_columns, whole, whole_attack = rmia_report(records, targets=4, num_bootstrap=20)
+  for kwargs in ({"block_size": 1}, {"block_size": 7}, {"memory_budget": 4 * BYTES_PER_VALUE * m}):
+    columns, summary, attack = rmia_report(records, targets=4, num_bootstrap=20, **kwargs)
+    for name in whole_columns:
+      np.testing.assert_array_equal(columns[name], whole_columns[name], err_msg=f"{kwargs} {name}")
+    for name in whole_attack.scores:
+      np.testing.assert_array_equal(attack.scores[name], whole_attack.scores[name], err_msg=f"{kwargs} {name}")
+    assert (summary["attack"], summary["a"], summary["a_tuning"], summary["eps_lower_bound"]) == \
+        (whole["attack"], whole["a"], whole["a_tuning"], whole["eps_lower_bound"])
+    for variant, metrics in whole["lira_same_targets"].items():
+      for metric, value in metrics.items():
+        for key in ("value", "low", "high"):
+          np.testing.assert_allclose(summary["lira_same_targets"][variant][metric][key], value[key], rtol=1e-9)
+  # the population ratios by groups of 2 targets equal all at once
+  np.testing.assert_array_equal(leave_one_out_population(test_margin, np.arange(m), a=0.4, block_values=26),
+                                leave_one_out_population(test_margin, np.arange(m), a=0.4))
+  # the tuning model's population mean by groups of 3 rows is numpy's mean over the other rows, bitwise
+  for skip in (0, 5, m - 1):
+    np.testing.assert_array_equal(population_mean_without(test_margin, skip, block_values=3 * 13),
+                                  true_label_prob(np.delete(test_margin, skip, axis=0)).mean(0))
+  # and the columns are the whole-array functions' (tuning included)
+  attack = rmia_attack(margin.astype(np.float32), keep, test_margin.astype(np.float32), targets=4, num_bootstrap=20)
+  assert attack.a == whole_attack.a and attack.metrics == whole_attack.metrics
+  np.testing.assert_array_equal(
+      per_example_risk(margin.astype(np.float32), keep, test_margin.astype(np.float32), a=attack.a)["rmia_online"],
+      whole_columns["rmia_online"])

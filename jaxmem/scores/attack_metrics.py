@@ -112,12 +112,14 @@ def bootstrap_attack_metrics(scores_TxN: np.ndarray, members_TxN: np.ndarray, *,
   scores_P, members_P, column_P = scores_P[order], members_P[order], column_P[order]
   boundary_P = np.append(np.diff(scores_P) != 0, True)
   rng = np.random.default_rng(seed)
-  counts_BxN = np.stack([np.bincount(rng.integers(0, n, n), minlength=n) for _ in range(num_bootstrap)]) \
-      if num_bootstrap else np.zeros((0, n), np.int64)
   draws: dict[str, list[np.ndarray]] = {name: [] for name in point}
   per_batch = max(1, 4_000_000 // max(1, scores_P.size))  # bounded memory per batch of draws
   for start in range(0, num_bootstrap, per_batch):
-    weights = counts_BxN[start: start + per_batch][:, column_P].astype(np.float64)
+    # Each batch draws its own resamples, in the same order from the same generator as drawing all
+    # of them first: the same numbers, without a (num_bootstrap, N) array of counts.
+    counts_BxN = np.stack([np.bincount(rng.integers(0, n, n), minlength=n)
+                           for _ in range(min(per_batch, num_bootstrap - start))])
+    weights = counts_BxN[:, column_P].astype(np.float64)
     for name, values in _weighted_metrics(members_P, boundary_P, weights, fprs).items():
       draws[name].append(values)
   tail = 100 * (1 - level) / 2
@@ -128,6 +130,28 @@ def bootstrap_attack_metrics(scores_TxN: np.ndarray, members_TxN: np.ndarray, *,
     low, high = (np.percentile(values, [tail, 100 - tail]) if values.size else (np.nan, np.nan))
     out[name] = {"value": value, "low": float(low), "high": float(high)}
   return out
+
+
+def thin_roc(fpr: np.ndarray, tpr: np.ndarray, max_points: int = 10_000) -> tuple[np.ndarray, np.ndarray]:
+  """A curve of at most about ``max_points`` of the ROC points, for storing and plotting; the
+  curve itself when it is that short.
+
+  Every kept point is an exact point of the curve (no interpolation): the first and the last, and
+  for each of ``max_points // 3`` log-spaced and as many linear FPR values g, and as many linear
+  TPR values, the last point at or below g. So the stored curve's largest TPR at FPR <= g is
+  exact at every grid value g, and between two kept points the full curve lies in the rectangle
+  they span (it is monotone). Metrics are never computed from a thinned curve: they use all pairs.
+  """
+  fpr, tpr = np.asarray(fpr, np.float64), np.asarray(tpr, np.float64)
+  if fpr.size <= max_points:
+    return fpr, tpr
+  k = max(max_points // 3, 2)
+  smallest = fpr[fpr > 0].min() if (fpr > 0).any() else 1.0
+  fpr_grid = np.concatenate([np.geomspace(smallest, 1.0, k), np.linspace(0.0, 1.0, k)])
+  keep = np.concatenate([[0, fpr.size - 1], np.searchsorted(fpr, fpr_grid, side="right") - 1,
+                         np.searchsorted(tpr, np.linspace(0.0, 1.0, k), side="right") - 1])
+  keep = np.unique(np.clip(keep, 0, fpr.size - 1))
+  return fpr[keep], tpr[keep]
 
 
 def per_example_auc(scores_MxN: np.ndarray, members_MxN: np.ndarray, *, min_each: int = 1) -> np.ndarray:

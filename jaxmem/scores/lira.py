@@ -43,8 +43,10 @@ models as shadows (leave-one-out). The per-example in/out sums, sums of squares 
 computed once and the target's own contribution is subtracted, so no loop over targets is needed for
 the means and variances (and the leave-one-out median comes from one sort per example, see
 :func:`_leave_one_out_median`). The math runs in float64 numpy: with float32, log Φ of members
-several σ above μ_out rounds to 0 and ties them, exactly where the low-FPR metrics live; the arrays
-(M·N·A values) are small, so nothing is gained from an accelerator.
+several σ above μ_out rounds to 0 and ties them, exactly where the low-FPR metrics live. Runs of
+any size are read in blocks of examples sized from a memory budget (:func:`lira_report`): every
+fit is a reduction over models, so the blocks change nothing but the float64 summation order of
+the fixed variances, and nothing of size M·N is ever held.
 """
 
 from __future__ import annotations
@@ -59,7 +61,7 @@ from scipy.special import log_ndtr
 from jaxmem.errors import JaxmemError
 from jaxmem.scores._result import EstimatorResult
 from jaxmem.scores._stats import ratio_key, spearman
-from jaxmem.scores.attack_metrics import DEFAULT_FPRS, bootstrap_attack_metrics, per_example_auc, roc
+from jaxmem.scores.attack_metrics import DEFAULT_FPRS, bootstrap_attack_metrics, per_example_auc, roc, thin_roc
 from jaxmem.scores.privacy_bounds import DEFAULT_DELTA, POOLED_CAVEAT, eps_lower_bound
 
 CENTERS = ("mean", "median")
@@ -73,6 +75,13 @@ VARIANT_LABELS = {
 #: keeps the score finite and still extreme.
 MIN_STD = 1e-6
 _LOG_SQRT_2PI = 0.5 * np.log(2 * np.pi)
+#: Memory for one block of examples (their margins and every float64 working array of the
+#: leave-one-out fits and scores of all M targets); the block size follows from it.
+DEFAULT_MEMORY_BUDGET = 256 << 20
+#: Bytes of working memory per margin value (model x example x query) of a block: about 17 float64
+#: arrays of the block's size live at once in the leave-one-out fits, scores and per-example AUC
+#: (measured with tracemalloc; benchmarks/RESULTS.md, "LiRA and RMIA in bounded memory").
+BYTES_PER_VALUE = 160
 
 
 @dataclasses.dataclass
@@ -303,6 +312,7 @@ def leave_one_out_scores(margin_MxNxA: np.ndarray, keep_MxN: np.ndarray, targets
     fits = fit_gaussians(x, keep, targets=block, center=center, min_models=min_models, **fixed)
     for name, value in lira_scores(x[block], fits, variants=variants).items():
       parts[name].append(value)
+    del fits  # before the next block's fits are made, so only one block's arrays live at a time
   n = x.shape[1]
   return {name: (np.concatenate(v) if v else np.zeros((0, n))) for name, v in parts.items()}
 
@@ -367,13 +377,15 @@ def evaluate_attack(chosen: np.ndarray, scores: dict[str, np.ndarray], members: 
     masked = np.where(evaluated, s, np.nan)
     metrics[name] = bootstrap_attack_metrics(masked, members, num_bootstrap=num_bootstrap, seed=seed, fprs=fprs)
     if evaluated.any() and members[evaluated].any() and (~members[evaluated]).any():
-      curves[name] = roc(s[evaluated], members[evaluated])
+      # the curve has a point per distinct score (millions at scale): stored and drawn thinned
+      curves[name] = thin_roc(*roc(s[evaluated], members[evaluated]))
   unscored = int(np.any(~evaluated, axis=0).sum())
   return LiraAttack(chosen, scores, members, evaluated, metrics, curves, unscored)
 
 
 def per_example_risk(margin_MxNxA: np.ndarray, keep_MxN: np.ndarray, *, center: str = "mean",
-                     min_models: int = 2, with_gap: bool = False) -> dict[str, np.ndarray]:
+                     min_models: int = 2, with_gap: bool = False,
+                     block_values: int = 8_000_000) -> dict[str, np.ndarray]:
   """Per-example membership exposure ``lira_online`` and ``lira_offline`` (N,).
 
   Definition: the per-example AUC, over *all* M models taken in turn as the target (each attacked
@@ -387,11 +399,14 @@ def per_example_risk(margin_MxNxA: np.ndarray, keep_MxN: np.ndarray, *, center: 
   scale-free, bounded, equals the attack's success probability on a random (member, non-member)
   pair of models for that example, and with all M models as targets (≈0.7·M members, 0.3·M
   non-members for r = 0.7) it is resolved far better than with the few targets of the pooled ROC.
+
+  ``block_values``: targets are scored in groups of about this many values (see
+  :func:`leave_one_out_scores`); the result does not depend on it.
   """
   x = as_queries(margin_MxNxA)
   keep = np.asarray(keep_MxN, bool)
   scores = leave_one_out_scores(x, keep, np.arange(x.shape[0]), center=center, min_models=min_models,
-                                variants=("online", "offline"))
+                                variants=("online", "offline"), block_values=block_values)
   out = {"lira_online": per_example_auc(scores["online"], keep),
          "lira_offline": per_example_auc(scores["offline"], keep)}
   if with_gap:
@@ -434,15 +449,20 @@ def margin_record(records, queries: str = "auto") -> str:
 def lira_report(records, *, memorization: np.ndarray | None = None, targets: int | str | Sequence[int] | None = None,
                 center: str = "mean", min_models: int = 2, num_bootstrap: int = 200, seed: int = 0,
                 queries: str = "auto", top: int = 10, block_size: int | None = None,
-                delta: float = DEFAULT_DELTA,
+                delta: float = DEFAULT_DELTA, memory_budget: int = DEFAULT_MEMORY_BUDGET,
                 ) -> tuple[dict[str, np.ndarray], dict[str, Any], LiraAttack]:
   """Everything ``jaxmem scores --estimators lira`` reports: per-example columns, the summary
   (written to ``lira.json``) and the attack (for the ROC curves).
 
-  The margins are read in blocks of ``block_size`` training examples (default: all), in two passes:
-  the first sums each target's pooled residuals for the fixed-variance variants (a sum over all
-  examples), the second scores every block with them. Per-example columns and per-pair scores do
-  not depend on the block size; the fixed variances only through float64 summation order."""
+  The margins are read in blocks of ``block_size`` training examples (default: as many as
+  ``memory_budget`` bytes allow, see :func:`examples_per_block`), in two passes: the first sums each
+  target's pooled residuals for the fixed-variance variants (a sum over all examples), the second
+  scores every block with them. Per-example columns and per-pair scores do not depend on the block
+  size; the fixed variances only through float64 summation order.
+
+  Memory: one block's margins and working arrays (``memory_budget``), plus the pooled attack's
+  scores of the T targets, (T, N) float64 per variant, and its bootstrap, which works on those
+  T·N pairs in batches of draws. Nothing of size M·N is held."""
   check_single_ratio(records.subset_ratio)
   name = margin_record(records, queries)
   num_models, num_train = records.num_models, records.num_train
@@ -450,20 +470,18 @@ def lira_report(records, *, memorization: np.ndarray | None = None, targets: int
     raise JaxmemError(f"a LiRA attack needs at least 3 models (a target and two shadows), got {num_models}")
   _check_center(center)
   chosen = choose_targets(num_models, targets, seed)
-  blocks = list(records.example_blocks(block_size or max(num_train, 1)))
+  queries_per_example = int(np.prod(records.shape(name)[2:], dtype=np.int64))
+  block_values = max(1, int(memory_budget) // BYTES_PER_VALUE)
+  if block_size is None:
+    block_size = examples_per_block(num_models, queries_per_example, memory_budget)
+  if block_size < 1:
+    raise JaxmemError(f"LiRA block size must be a positive number of examples, got {block_size}")
+  blocks = list(records.example_blocks(min(int(block_size), max(num_train, 1))))
 
   def block_arrays(block):
     return as_queries(records.read(name, examples=block)), np.asarray(records.read("keep", examples=block), bool)
 
-  pooled = None
-  if len(blocks) > 1:
-    sums = {"pooled_in": (0.0, 0.0), "pooled_out": (0.0, 0.0)}
-    for block in blocks:
-      x, keep = block_arrays(block)
-      fits = fit_gaussians(x, keep, targets=chosen, center="mean", min_models=min_models)
-      for key, (ss, df) in (("pooled_in", fits.pooled_in), ("pooled_out", fits.pooled_out)):
-        sums[key] = (sums[key][0] + ss, sums[key][1] + df)
-    pooled = sums
+  pooled = pooled_residuals(block_arrays, blocks, chosen, min_models=min_models) if len(blocks) > 1 else None
   parts: dict[str, list[np.ndarray]] = {}
   members, risk = [], {"lira_online": [], "lira_offline": [], "online_gap": []}
   queries_seen = 1
@@ -471,11 +489,13 @@ def lira_report(records, *, memorization: np.ndarray | None = None, targets: int
     x, keep = block_arrays(block)
     queries_seen = x.shape[2]
     for variant, value in leave_one_out_scores(x, keep, chosen, center=center, min_models=min_models,
-                                               pooled=pooled).items():
+                                               pooled=pooled, block_values=block_values).items():
       parts.setdefault(variant, []).append(value)
     members.append(keep[chosen])
-    for key, value in per_example_risk(x, keep, center=center, min_models=min_models, with_gap=True).items():
+    for key, value in per_example_risk(x, keep, center=center, min_models=min_models, with_gap=True,
+                                       block_values=block_values).items():
       risk[key].append(value)
+    del x, keep
   scores = {variant: np.concatenate(v, axis=1) for variant, v in parts.items()}
   attack = evaluate_attack(chosen, scores, np.concatenate(members, axis=1), num_bootstrap=num_bootstrap, seed=seed)
   columns = {key: np.concatenate(v) for key, v in risk.items()}
@@ -514,6 +534,48 @@ def lira_report(records, *, memorization: np.ndarray | None = None, targets: int
   return columns, summary, attack
 
 
+def pooled_residuals(read_block, blocks: Sequence[slice], chosen: np.ndarray, *, min_models: int = 2) -> dict:
+  """First pass over blocks of examples: each target's Σ squared residuals and degrees of freedom
+  of its in and out shadows, summed over all examples (the fixed-variance variants' σ).
+  ``read_block(block) -> (margins (M, n, A) float64, keep (M, n) bool)``."""
+  sums = {"pooled_in": (0.0, 0.0), "pooled_out": (0.0, 0.0)}
+  for block in blocks:
+    x, keep = read_block(block)
+    fits = fit_gaussians(x, keep, targets=chosen, center="mean", min_models=min_models)
+    for key, (ss, df) in (("pooled_in", fits.pooled_in), ("pooled_out", fits.pooled_out)):
+      sums[key] = (sums[key][0] + ss, sums[key][1] + df)
+    del x, keep, fits
+  return sums
+
+
+def attack_scores_by_blocks(read_block, blocks: Sequence[slice], chosen: np.ndarray, *, center: str = "mean",
+                            min_models: int = 2, variants: Sequence[str] = VARIANTS,
+                            block_values: int = 8_000_000) -> tuple[dict[str, np.ndarray], np.ndarray]:
+  """:func:`leave_one_out_scores` of the targets ``chosen`` and their membership (T, N), reading
+  the margins block by block (``read_block`` as in :func:`pooled_residuals`): a first pass for the
+  pooled residuals when there is more than one block, then one to score. Equal to the one-block
+  result up to float64 summation order of the fixed variances."""
+  pooled = pooled_residuals(read_block, blocks, chosen, min_models=min_models) if len(blocks) > 1 else None
+  parts: dict[str, list[np.ndarray]] = {v: [] for v in variants}
+  members = []
+  for block in blocks:
+    x, keep = read_block(block)
+    for variant, value in leave_one_out_scores(x, keep, chosen, center=center, min_models=min_models,
+                                               variants=variants, pooled=pooled, block_values=block_values).items():
+      parts[variant].append(value)
+    members.append(keep[chosen])
+    del x, keep
+  return {v: np.concatenate(p, axis=1) for v, p in parts.items()}, np.concatenate(members, axis=1)
+
+
+def examples_per_block(num_models: int, queries: int, memory_budget: int = DEFAULT_MEMORY_BUDGET) -> int:
+  """Training examples per block so that a block's margins (M, n, A) and the float64 working arrays
+  of scoring it (:data:`BYTES_PER_VALUE` per value) fit in ``memory_budget`` bytes (at least 1)."""
+  if memory_budget <= 0:
+    raise JaxmemError(f"LiRA memory budget must be a positive number of bytes, got {memory_budget}")
+  return max(1, int(memory_budget) // (BYTES_PER_VALUE * max(1, num_models) * max(1, queries)))
+
+
 def roc_table(attack: LiraAttack) -> dict[str, np.ndarray]:
   """The ROC curve of every variant on the common (target, example) pairs, as one long table."""
   names, fpr, tpr = [], [], []
@@ -528,15 +590,14 @@ def roc_table(attack: LiraAttack) -> dict[str, np.ndarray]:
 
 def lira_estimator(records, *, context=None, targets=None, center: str = "mean", min_models: int = 2,
                    num_bootstrap: int = 200, seed: int = 0, queries: str = "auto", top: int = 10,
-                   block_values: int = 8_000_000, delta: float = DEFAULT_DELTA) -> EstimatorResult:
+                   memory_budget: int = DEFAULT_MEMORY_BUDGET, delta: float = DEFAULT_DELTA) -> EstimatorResult:
   """Adapter: ``lira_online``/``lira_offline`` columns, the attack summary and the ROC table; opt-in
   (``--estimators ...,lira``) because the leave-one-out attack over all models and the bootstrap
-  take seconds, not milliseconds. ``delta``: of the ε lower bounds in the summary. Margins are read in blocks of about ``block_values`` values."""
+  take seconds, not milliseconds. ``delta``: of the ε lower bounds in the summary. Margins are read
+  in blocks of examples sized from ``memory_budget`` (see :func:`lira_report`)."""
   memorization = None if context is None else context.get("memorization")
-  name = margin_record(records, queries)
-  per_example = records.num_models * max(1, int(np.prod(np.shape(records.read(name, examples=slice(0, 1)))[2:])))
   columns, summary, attack = lira_report(
       records, memorization=memorization, targets=targets, center=center, min_models=min_models,
       num_bootstrap=num_bootstrap, seed=seed, queries=queries, top=top, delta=delta,
-      block_size=max(1, block_values // max(per_example, 1)))
+      memory_budget=memory_budget)
   return EstimatorResult(columns=columns, summary=summary, tables={"lira_roc": roc_table(attack)})
