@@ -233,6 +233,18 @@ def uncertainty_columns(records, *, context=None, seed: int = 0, resamples: int 
   return EstimatorResult(columns=columns)
 
 
+#: Bytes per training example and bootstrap resample the uncertainty estimator holds for a block:
+#: the resampled differences (float32), the copy of the defined ones that the percentile interval
+#: sorts, their finiteness mask and the kernel's per-resample counts and means of each block pass.
+BYTES_PER_RESAMPLE = 24
+
+
+def uncertainty_block_bytes(records, *, resamples: int = 200, **options) -> int:
+  """Working bytes per training example beyond the records' values (see ``Estimator.block_bytes``):
+  the (resamples, block) arrays of the bootstrap."""
+  return BYTES_PER_RESAMPLE * int(resamples or 0)
+
+
 def uncertainty_summary(columns, records, *, seed: int = 0, resamples: int = 200, confidence: float = 0.95,
                         splits: int = 5, target_se=None) -> dict:
   summary = {}
