@@ -97,8 +97,9 @@ def _gram(keep_MxB):
 
 @jax.jit
 def _ridge_dual(gram_MxM, outputs_MxT, lambdas_L):
-  """Dual ridge coefficients α(λ) = (X Xᵀ + λ I)⁻¹ Y (with an unpenalized intercept) and exact
-  leave-one-out errors for every λ, from the M×M Gram matrix of the centred masks.
+  """Exact leave-one-out errors of ridge (with an unpenalized intercept) for every λ, and the dual
+  coefficients α = (X Xᵀ + λ I)⁻¹ Y of the λ with the least error (only that one: all of them
+  would be an (L, M, T) array), from the M×M Gram matrix of the centred masks.
 
   With centred masks X (M, N) and centred outputs Y (M, T), W(λ) = Xᵀ α(λ) (the dual form: M ≪ N in
   a run). X Xᵀ = U diag(s) Uᵀ gives every λ from one eigendecomposition. The hat matrix is
@@ -106,6 +107,7 @@ def _ridge_dual(gram_MxM, outputs_MxT, lambdas_L):
   the null space of X Xᵀ, which holds the 1 direction): y − ŷ = U diag(w) Uᵀ Y and
   1 − H_mm = Σ_k U_mk² w_k − 1/M. Both are computed from w, not as 1 − (something close to 1),
   which float32 would round away at small λ; the leave-one-out residual is (y − ŷ)_m / (1 − H_mm).
+  Returns ``(alpha_MxT, loo_L, best)``; ``best`` is the first λ of least error (NaN errors skipped).
   """
   m = gram_MxM.shape[0]
   y = outputs_MxT - outputs_MxT.mean(0, keepdims=True)
@@ -114,15 +116,17 @@ def _ridge_dual(gram_MxM, outputs_MxT, lambdas_L):
   s = jnp.where(live, s, 0.0)
   uty = jnp.matmul(u.T, y, precision=_HIGHEST)
 
-  def one(lam):
+  def loo_error(lam):
     w = jnp.where(live, lam / (s + lam), 1.0)
-    alpha = jnp.matmul(u, jnp.where(live, 1.0 / (s + lam), 0.0)[:, None] * uty, precision=_HIGHEST)  # (M, T)
     residual = jnp.matmul(u, w[:, None] * uty, precision=_HIGHEST)
     one_minus_hat = jnp.sum(u * u * w[None, :], axis=1) - 1.0 / m
     loo = residual / one_minus_hat[:, None]
-    return alpha, jnp.mean(loo ** 2)
+    return jnp.mean(loo ** 2)
 
-  return jax.lax.map(one, lambdas_L)
+  loo_L = jax.lax.map(loo_error, lambdas_L)
+  best = jnp.nanargmin(loo_L)
+  alpha = jnp.matmul(u, jnp.where(live, 1.0 / (s + lambdas_L[best]), 0.0)[:, None] * uty, precision=_HIGHEST)
+  return alpha, loo_L, best
 
 
 @jax.jit
@@ -137,10 +141,10 @@ def ridge_fit(gram_MxM: np.ndarray, outputs_MxT: np.ndarray, *, lambdas=RIDGE_GR
   """The dual coefficients α (M, T) of the λ in ``lambdas`` with the least leave-one-out error, and
   ``{"lambda", "loo_mse_by_lambda"}``; weights of a block of examples are ``_dual_weights(keep, α)``."""
   grid = jnp.asarray(np.asarray(lambdas, np.float32))
-  alpha_LxMxT, loo_L = _ridge_dual(jnp.asarray(gram_MxM, jnp.float32), jnp.asarray(outputs_MxT, jnp.float32), grid)
+  alpha_MxT, loo_L, best = _ridge_dual(jnp.asarray(gram_MxM, jnp.float32), jnp.asarray(outputs_MxT, jnp.float32), grid)
   loo = np.asarray(loo_L, np.float64)
-  best = int(np.nanargmin(loo))
-  return (np.asarray(alpha_LxMxT[best]),
+  best = int(best)
+  return (np.asarray(alpha_MxT),
           {"lambda": float(lambdas[best]), "loo_mse_by_lambda": {f"{lam:g}": float(v) for lam, v in zip(lambdas, loo)}})
 
 
@@ -221,7 +225,7 @@ def lds_report(keep_MxN, test_correct_MxT, test_margin_MxT, *, attribution_NxT=N
   else:
     keep_whole = np.asarray(keep_MxN, bool)
     read_keep, n = (lambda block: keep_whole[:, block]), keep_whole.shape[1]
-  test_margin_MxT = np.asarray(test_margin_MxT, np.float64)
+  test_margin_MxT = np.asarray(test_margin_MxT)
   m, t = test_margin_MxT.shape
   if attribution_NxT is not None and np.shape(attribution_NxT) != (n, t):
     raise JaxmemError(f"an attribution matrix must be (training examples, test examples) = ({n}, {t}), "
@@ -266,8 +270,12 @@ def lds_report(keep_MxN, test_correct_MxT, test_margin_MxT, *, attribution_NxT=N
   out: dict[str, Any] = {"settings": {"estimation_models": int(estimate.size), "evaluation_models": int(evaluate.size),
                                       "seed": seed, "output": "test margin", "num_bootstrap": num_bootstrap}}
   per_test: dict[str, np.ndarray] = {}
+  outputs_eval = test_margin_MxT[evaluate].astype(np.float64)
+  columns = max(1, int(block_size))  # rank correlations of a block of test columns at a time: each is its own
   for name in names:
-    per_test[name] = _column_spearman(predicted[name], test_margin_MxT[evaluate])
+    per_test[name] = np.concatenate([_column_spearman(predicted[name][:, j: j + columns], outputs_eval[:, j: j + columns])
+                                     for j in range(0, t, columns)]) if t else np.zeros(0)
+    del predicted[name]
     out[name] = {**summarize_lds(per_test[name], num_bootstrap=num_bootstrap, seed=seed), **details.get(name, {})}
   return out, per_test
 
