@@ -114,7 +114,8 @@ def _load_attribution(path: str):
   """An (N, T) float matrix from a .npy file, or one line saying what is wrong with it."""
   import numpy as np
   try:
-    value = np.load(path, allow_pickle=False)
+    # memory-mapped: the LDS reads it one block of training examples at a time
+    value = np.load(path, allow_pickle=False, mmap_mode="r")
   except (OSError, ValueError) as e:
     raise JaxmemError(f"--attribution {path}: not a readable .npy array ({e})") from None
   if value.ndim != 2 or value.dtype.kind not in "fiub":

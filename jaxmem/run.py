@@ -25,6 +25,7 @@ from jaxmem.lock import RunLock
 from jaxmem.masks import make_masks
 from jaxmem.models import TEXT_MODELS
 from jaxmem.scores import auroc
+from jaxmem.scores._stats import block_size_for_budget
 from jaxmem.scoring import ScoreTable, score_records, write_scores
 from jaxmem.records import (ChunkCheckpoint, FORMAT_VERSION, Records, RunDir, append_event, atomic_path,
                             identity_differences, save_params, utc_now, write_bytes_atomic, write_json_atomic)
@@ -500,18 +501,25 @@ def output_files(run_path: Path) -> dict[str, str]:
 
 def subset_accuracies(records: Records) -> dict[str, float]:
   """Mean accuracy of the subset models on their own subset, on held-out training examples, and
-  on the test set (averaged over models)."""
-  if "train_token_accuracy" in records:  # a language model: next-token accuracy per sequence
-    accuracy, keep = records["train_token_accuracy"], records.keep
-    own = (accuracy * keep).sum(1) / np.maximum(keep.sum(1), 1)
-    held_out = (accuracy * ~keep).sum(1) / np.maximum((~keep).sum(1), 1)
-    return {"train_subset": float(own.mean()), "train_held_out": float(held_out.mean()),
-            "test": float(records["test_token_accuracy"].mean())}
-  correct, keep = records["train_correct"], records.keep
-  own = (correct & keep).sum(1) / np.maximum(keep.sum(1), 1)
-  held_out = (correct & ~keep).sum(1) / np.maximum((~keep).sum(1), 1)
-  return {"train_subset": float(own.mean()), "train_held_out": float(held_out.mean()),
-          "test": float(records["test_correct"].mean())}
+  on the test set (averaged over models). Training records are read by blocks of examples sized
+  from the scoring budget (per-model sums, exact counts for correctness), never whole."""
+  text = "train_token_accuracy" in records  # a language model: next-token accuracy per sequence
+  name = "train_token_accuracy" if text else "train_correct"
+  sums_own_M, sums_held_M = np.zeros(records.num_models), np.zeros(records.num_models)
+  n_own_M = np.zeros(records.num_models, np.int64)
+  for block in records.example_blocks(block_size_for_budget(records, [name])):
+    keep_MxB, values_MxB = records.read("keep", examples=block), records.read(name, examples=block)
+    if text:
+      sums_own_M += np.where(keep_MxB, values_MxB, 0).sum(axis=1, dtype=np.float64)
+      sums_held_M += np.where(keep_MxB, 0, values_MxB).sum(axis=1, dtype=np.float64)
+    else:
+      sums_own_M += (values_MxB & keep_MxB).sum(axis=1)
+      sums_held_M += (values_MxB & ~keep_MxB).sum(axis=1)
+    n_own_M += keep_MxB.sum(axis=1)
+  own = sums_own_M / np.maximum(n_own_M, 1)
+  held_out = sums_held_M / np.maximum(records.num_train - n_own_M, 1)
+  test = records.read("test_token_accuracy" if text else "test_correct")
+  return {"train_subset": float(own.mean()), "train_held_out": float(held_out.mean()), "test": float(test.mean())}
 
 
 def summarize(records: Records, table: ScoreTable, *, dataset: Dataset | None = None, seconds: float = 0.0,

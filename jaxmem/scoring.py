@@ -36,6 +36,7 @@ import numpy as np
 
 from jaxmem.errors import JaxmemError
 from jaxmem.scores import ESTIMATOR_LIST, ESTIMATORS, Estimator, EstimatorResult
+from jaxmem.scores._stats import DEFAULT_MEMORY_BUDGET, block_size_for_budget
 from jaxmem.scores.attack_metrics import DEFAULT_FPRS, tpr_key
 from jaxmem.scores.correlations import correlations_result
 from jaxmem.scores.lira import VARIANT_LABELS
@@ -46,13 +47,6 @@ TABLES = "scores"
 INDEX = "index.json"
 BASE_TABLE = "examples"
 BASE_COLUMNS = ("index", "label", "clean_label", "noisy")
-#: Memory the per-example estimators may use for one block of examples' records (and their float32
-#: working copies); the block size follows from it.
-DEFAULT_MEMORY_BUDGET = 512 * 2**20
-#: Working copies an estimator makes of a block's records (float32 values, in/out masks, squares).
-_WORKING_COPIES = 8
-
-
 @dataclasses.dataclass
 class ScoreTable:
   columns: dict[str, np.ndarray]     # ordered; first index, label, clean_label, noisy; then estimators'
@@ -94,20 +88,13 @@ def select_estimators(names: Sequence[str] | None, records: Records) -> list[Est
 
 # -- blocks --------------------------------------------------------------------------------------
 
-def block_size_for(records: Records, names: Sequence[str], budget_bytes: int = DEFAULT_MEMORY_BUDGET) -> int:
-  """Examples per block so that the named records of one block, and the estimators' working copies
-  of them, fit in ``budget_bytes`` (the store's own ``block_size_for`` when it has one)."""
-  if hasattr(records, "block_size_for"):
-    return int(records.block_size_for(budget_bytes, list(names)))
-  per_example = 0
-  for name in ("keep", *names):
-    if name != "keep" and name not in records:
-      continue
-    one = records.read(name, examples=slice(0, 1))
-    if name == "keep" or "N" in (records.axes(name) if name != "keep" else "MN"):
-      per_example += max(int(np.asarray(one).size) * 4, 1)  # float32 working copies
-  per_example *= _WORKING_COPIES
-  return int(max(1, min(records.num_train, budget_bytes // max(per_example, 1))))
+def block_size_for(records: Records, names: Sequence[str], budget_bytes: int = DEFAULT_MEMORY_BUDGET, *,
+                   extra_bytes_per_example: int = 0) -> int:
+  """Examples per block so that ``keep`` and the named records of one block, the estimators'
+  working copies of them (float32 on the host, the device's arguments and temporaries) and
+  ``extra_bytes_per_example`` fit in ``budget_bytes``
+  (:func:`jaxmem.scores._stats.block_size_for_budget`)."""
+  return block_size_for_budget(records, list(names), budget_bytes, extra_bytes_per_example=extra_bytes_per_example)
 
 
 def block_records(records: Records, block: slice, names: Sequence[str]) -> Records:
@@ -182,7 +169,10 @@ def score_records(records: Records, estimators: Sequence[str] | None = None,
   chosen = select_estimators(estimators, records)
   for estimator in chosen:
     opts = options.get(estimator.name, {})
-    size = block_size or block_size_for(records, estimator.requires, memory_budget)
+    size = block_size or 0  # estimators that are not per-example stream on their own terms
+    if estimator.per_example and not block_size:
+      extra = int(estimator.block_bytes(records, **opts)) if estimator.block_bytes else 0
+      size = block_size_for(records, estimator.requires, memory_budget, extra_bytes_per_example=extra)
     if estimator.per_example and size < 1:
       raise JaxmemError(f"block size must be a positive integer, got {size}")
     new, result, est_summary = _run_estimator(estimator, records, columns, opts, size)

@@ -9,7 +9,8 @@ from scipy.stats import spearmanr
 
 from jaxmem.errors import JaxmemError
 from jaxmem.scores.influence import InfluenceComputation
-from jaxmem.scores.lds import datamodels, influence_attribution, lds_per_test, split_models, summarize_lds
+from jaxmem.scores.lds import (datamodels, influence_attribution, lds_per_test, lds_report, split_models,
+                               summarize_lds)
 
 
 def test_lds_equals_naive_spearman_loop():
@@ -32,6 +33,36 @@ def test_lds_equals_naive_spearman_loop():
   assert summary["test_examples_used"] == t - 2
   assert summary["lds"] == pytest.approx(np.nanmean(fast))
   assert summary["lds_low"] < summary["lds"] < summary["lds_high"]
+
+
+def test_lds_report_streams_blocks_of_examples_with_the_whole_matrix_results():
+  """The report never holds an (N, T) attribution: per block of training examples it adds
+  ``keep_eval @ τ[block]`` to the predictions. Its LDS per test example equals the definition on
+  whole matrices (each method's (N, T) attribution from the estimation half, ``lds_per_test`` on
+  the evaluation half), for blocks that do and do not divide N, with keep read by a callable."""
+  rng = np.random.default_rng(5)
+  m, n, t = 30, 61, 12
+  keep = rng.random((m, n)) < 0.7
+  correct = rng.random((m, t)) < 0.6
+  correct[:, 0] = True                        # every model right: influence is exactly 0, LDS undefined
+  margin = rng.normal(size=(m, t)) + (keep[:, :t] * 0.8)
+  external = rng.normal(size=(n, t))
+  est, ev = split_models(m, 0)
+  whole = {"influence_correctness": influence_attribution(keep[est], correct[est].astype(np.float32)),
+           "influence_margin": influence_attribution(keep[est], margin[est].astype(np.float32)),
+           "datamodels": datamodels(keep[est], margin[est])[0],
+           "random": np.random.default_rng([0, 0x5A4D]).normal(size=(n, t)), "external": external}
+  expected = {name: lds_per_test(tau, keep[ev], margin[ev]) for name, tau in whole.items()}
+  assert np.isnan(expected["influence_correctness"][0])
+  for block_size in (7, 61, None):
+    summary, per_test = lds_report(lambda block: keep[:, block], correct, margin, attribution_NxT=external,
+                                   num_bootstrap=20, num_train=n, block_size=block_size)
+    assert set(per_test) == set(expected)
+    for name, values in expected.items():
+      np.testing.assert_allclose(per_test[name], values, atol=1e-12, err_msg=f"{name} at block size {block_size}")
+    assert summary["datamodels"]["lambda"] == datamodels(keep[est], margin[est])[1]["lambda"]
+  with pytest.raises(JaxmemError, match=r"\(61, 12\), got \(3, 2\)"):
+    lds_report(keep, correct, margin, attribution_NxT=np.zeros((3, 2)))
 
 
 def test_planted_datamodel_is_recovered():

@@ -1,6 +1,7 @@
 """Summary lines and intervals that must not mislead: degenerate bootstrap intervals, a single-ratio
 C-score by default, float noise ranked as influence, split-half with too few models, noisy pairs."""
 
+import importlib
 from fractions import Fraction
 
 import jax
@@ -9,6 +10,7 @@ import numpy as np
 from jaxmem.scores import memorization
 from jaxmem.scores.influence import influence
 from jaxmem.scores.uncertainty import bootstrap_interval
+from jaxmem.run import subset_accuracies
 from jaxmem.scoring import score_records, select_estimators
 from test_multi_ratio import make_records
 
@@ -73,3 +75,21 @@ def test_high_influence_pairs_come_with_a_caution_when_they_are_within_noise():
   table = score_records(records, ["memorization", "influence"], {"influence": {"pair_memorization": -1.0}})
   assert table.summary["influence"]["high_influence_pairs"] > 0
   assert any("caution" in line and "8 models" in line for line in table.lines)
+
+
+def test_subset_accuracies_read_blocks_and_equal_the_whole_array_formula(monkeypatch):
+  """The run summary's accuracies come from per-model counts summed over blocks of examples (no
+  whole (M, N) record): exactly the whole-array formula, for any block size."""
+  rng = np.random.default_rng(2)
+  keep = rng.random((9, 31)) < 0.6
+  correct = rng.random((9, 31)) < np.where(keep, 0.9, 0.6)
+  test_correct = rng.random((9, 5)) < 0.7
+  records = make_records(keep, np.full(9, 0.6), {"train_correct": correct, "test_correct": test_correct})
+  own = ((correct & keep).sum(1) / keep.sum(1)).mean()
+  held_out = ((correct & ~keep).sum(1) / (~keep).sum(1)).mean()
+  expected = {"train_subset": float(own), "train_held_out": float(held_out), "test": float(test_correct.mean())}
+  assert subset_accuracies(records) == expected
+  blocks = []
+  run_module = importlib.import_module("jaxmem.run")  # jaxmem.run: the function
+  monkeypatch.setattr(run_module, "block_size_for_budget", lambda records, names: blocks.append(4) or 4)
+  assert subset_accuracies(records) == expected and blocks == [4]

@@ -9,7 +9,10 @@ import numpy as np
 import pytest
 
 import jaxmem
+from jaxmem.records import Records
 from jaxmem.report import write_report
+from jaxmem.scores._stats import WORKING_BYTES_PER_VALUE
+from jaxmem.scores.uncertainty import BYTES_PER_RESAMPLE
 from jaxmem.scoring import read_scores_csv, score_records, score_run, stale_tables, write_study_table
 from conftest import jaxmem_cli
 from test_multi_ratio import make_records, ratio_only_records
@@ -81,6 +84,31 @@ def test_per_example_estimators_do_not_depend_on_the_block_size():
     for name, values in whole.columns.items():
       np.testing.assert_array_equal(blocked.columns[name], values, err_msg=f"{name} at block size {block_size}")
     assert json.dumps(blocked.summary, sort_keys=True) == json.dumps(whole.summary, sort_keys=True)
+
+
+def test_blocks_are_sized_for_keep_working_copies_and_resamples(monkeypatch):
+  """The driver's block of examples holds keep and the estimator's records plus their working
+  copies (a float32 copy, the device's arguments and the kernel's temporaries: 32 bytes per value),
+  and the bootstrap's (resamples, block) arrays, within the memory budget. Counting the stored
+  bytes alone (one per bool) let memorization take all 200,000 examples of a 500-model run in one
+  block and peak at 2.5 GiB."""
+  keep, ratio, arrays = ratio_only_records(models_per_ratio=2, n=100)
+  records = make_records(keep, ratio, arrays)
+  m = records.num_models
+  sizes = []
+  real = Records.example_blocks
+  monkeypatch.setattr(Records, "example_blocks", lambda self, size: sizes.append(size) or real(self, size))
+  budget = 50_000
+  options = {"uncertainty": {"resamples": 20, "splits": 0}}
+  for name in ("memorization", "uncertainty"):
+    sizes.clear()
+    score_records(records, [name], options, memory_budget=budget)
+    per_example = 2 * m * (1 + WORKING_BYTES_PER_VALUE)  # keep and train_correct: bool
+    if name == "uncertainty":
+      per_example += 20 * BYTES_PER_RESAMPLE
+    assert sizes[0] * per_example <= budget < (sizes[0] + 1) * per_example, (name, sizes[0])
+  with pytest.raises(jaxmem.JaxmemError, match="memory budget 1,000 bytes is too small"):
+    score_records(records, ["memorization"], memory_budget=1000)
 
 
 def test_estimator_modules_do_no_io_plotting_or_formatting():

@@ -8,7 +8,8 @@ import jaxmem
 from jaxmem.errors import JaxmemError
 from jaxmem.scores import memorization
 from jaxmem.scores.uncertainty import (TargetSE, bootstrap_counts, bootstrap_differences, bootstrap_interval,
-                                       models_needed, newcombe_interval, split_half_reliability, wilson_interval)
+                                       median_memorization_se, models_needed, newcombe_interval, split_half_reliability,
+                                       wilson_interval)
 from test_multi_ratio import make_records
 
 
@@ -101,6 +102,24 @@ def test_run_summary_shows_reliability_and_models_needed(tiny_run):
   assert {"memorization_ci_low", "memorization_ci_high"} <= set(tiny_run.scores.columns)
   # one subset ratio: the C-score (that ratio's held-out accuracy) is not a default estimator
   assert "cscore" not in tiny_run.scores.columns
+
+
+def test_target_se_rule_keeps_counts_and_equals_the_median_se_of_all_rows():
+  """The stopping rule adds each chunk's counts instead of keeping its records; after every chunk
+  its median SE is exactly the one computed on all the rows so far."""
+  rng = np.random.default_rng(3)
+  keep = rng.random((23, 70)) < 0.6
+  correct = rng.random((23, 70)) < np.where(keep, 0.8, 0.5)
+  rule = TargetSE(0.01)
+  assert not rule.reached() and np.isnan(rule.median_se)
+  for stop in (5, 23):
+    start = rule.num_models
+    rule.add(keep[start:stop], correct[start:stop])
+    assert rule.num_models == stop
+    expected = median_memorization_se(keep[:stop], correct[:stop])
+    assert rule.median_se == expected or (np.isnan(expected) and np.isnan(rule.median_se)), stop
+  assert np.isfinite(rule.median_se) and not rule.reached()
+  assert TargetSE(rule.median_se + 1e-9).add(keep, correct)
 
 
 def test_run_stops_at_target_se(tmp_path, tiny_config):

@@ -43,6 +43,9 @@ class Estimator:
   default: bool | Callable[[Any], bool] = True
   per_example: bool = False
   summarize: Callable[..., dict] | None = None  # (columns, records, **options) -> summary, on all N
+  # (records, **options) -> working bytes per training example of a block beyond its records' values
+  # (those the driver counts itself): arrays whose size is set by an option, e.g. bootstrap resamples
+  block_bytes: Callable[..., int] | None = None
 
   def available(self, records) -> bool:
     return all(name in records for name in self.requires)

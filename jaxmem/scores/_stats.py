@@ -39,8 +39,50 @@ import jax.numpy as jnp
 import numpy as np
 from scipy.stats import rankdata, spearmanr
 
+from jaxmem.errors import JaxmemError
+
 _HIGHEST = jax.lax.Precision.HIGHEST
 _einsum = functools.partial(jnp.einsum, precision=_HIGHEST)
+
+
+#: Bytes one block of training examples may use while an estimator works on it (its records, the
+#: working copies made of them, the device's arguments and temporaries); block sizes follow from it.
+DEFAULT_MEMORY_BUDGET = 512 * 2**20
+#: Working bytes per record value (one model x one example x one query or epoch) of a block, beyond
+#: the stored value itself: a float32 copy on the host (4), the device's copies of the kernel's
+#: arguments (5: the value as float32 and keep as bool) and the kernel's temporaries (XLA's
+#: ``memory_analysis()`` of :func:`_in_out_stats` on CPU: 12 bytes per value with one group, 20
+#: with several), rounded up for the masks and measures estimators derive on the host.
+WORKING_BYTES_PER_VALUE = 32
+
+
+def block_size_for_budget(records, names, budget_bytes: int = DEFAULT_MEMORY_BUDGET, *,
+                          extra_bytes_per_example: int = 0) -> int:
+  """Training examples per block so that ``keep`` and the named records of one block, with
+  :data:`WORKING_BYTES_PER_VALUE` for every value of them, plus ``extra_bytes_per_example`` (an
+  estimator's own per-example arrays, e.g. bootstrap resamples) fit in ``budget_bytes``; records
+  without an N axis (test records) are read whole and count once. At most N, at least 1 only if
+  one example fits (else a one-line error). Only shapes are read (``records.shape/dtype/axes``)."""
+  per_example, fixed = int(extra_bytes_per_example), 0
+  for name in dict.fromkeys(["keep", *names]):
+    if name != "keep" and name not in records:
+      continue
+    shape = (records.num_models, records.num_train) if name == "keep" else records.shape(name)
+    dtype = np.dtype(bool) if name == "keep" else records.dtype(name)
+    axes = "MN" if name == "keep" else records.axes(name)
+    values = int(np.prod(shape, dtype=np.int64))
+    if "N" in axes:
+      per_example += (values // max(shape[axes.index("N")], 1)) * (dtype.itemsize + WORKING_BYTES_PER_VALUE)
+    else:
+      fixed += values * (dtype.itemsize + WORKING_BYTES_PER_VALUE)
+  num_train = max(int(records.num_train), 1)
+  if per_example == 0:
+    return num_train
+  block = (int(budget_bytes) - fixed) // per_example
+  if block < 1:
+    raise JaxmemError(f"memory budget {int(budget_bytes):,} bytes is too small for records {', '.join(names)}: "
+                      f"one example of them needs {fixed + per_example:,} bytes with working copies")
+  return int(min(block, num_train))
 
 
 class GroupStats(NamedTuple):

@@ -44,7 +44,7 @@ import numpy as np
 
 from jaxmem.errors import JaxmemError
 from jaxmem.scores._result import EstimatorResult
-from jaxmem.scores._stats import in_out_pair_sums, ratio_strata
+from jaxmem.scores._stats import block_size_for_budget, in_out_pair_sums, ratio_strata
 from jaxmem.scores.memorization import memorization
 
 #: Feldman & Zhang's (2020) thresholds for "high-influence pairs".
@@ -292,7 +292,8 @@ def influence_estimator(records, *, context=None, topk: int = 10, full: bool = F
   if mem_N is None:  # not computed in this scoring run: by blocks of training examples, as the influence
     mem_N = np.concatenate([
         memorization(records.read("keep", examples=b), records.read("train_correct", examples=b),
-                     records.subset_ratio).estimate for b in records.example_blocks(max(block_size, 65536))])
+                     records.subset_ratio).estimate
+        for b in records.example_blocks(block_size_for_budget(records, ["train_correct"]))])
   # keep is read one block of training examples at a time: only (M, T) test records are whole
   comp = InfluenceComputation(lambda block: records.read("keep", examples=block), records.read("test_correct"),
                               ratio_M=records.subset_ratio, block_size=block_size, num_train=records.num_train)

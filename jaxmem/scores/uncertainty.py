@@ -61,8 +61,8 @@ from scipy.special import ndtri
 
 from jaxmem.errors import JaxmemError
 from jaxmem.scores._result import EstimatorResult
-from jaxmem.scores._stats import (in_out_stats, nanmedian, proportion_difference, ratio_strata, spearman,
-                                  stratified_difference, successes, sum_over_ratios)
+from jaxmem.scores._stats import (agresti_caffo_se, in_out_stats, nanmedian, proportion_difference, ratio_strata,
+                                  spearman, stratified_difference, successes, sum_over_ratios)
 from jaxmem.scores.memorization import memorization
 
 _SPLIT_TAG = 0x5B117
@@ -245,28 +245,40 @@ class TargetSE:
   """Anytime stopping rule for ``jaxmem run --target-se X``: fed each finished chunk's records
   (``keep`` and ``train_correct`` rows), it says to stop once the median memorization SE over all
   finished models is below ``target`` (examples not yet estimable — no in- or out-model — are
-  left out of the median; with none estimable it never stops)."""
+  left out of the median; with none estimable it never stops).
+
+  It keeps per example only the counts the SE needs (in-models, their correct ones, out-models,
+  theirs), added chunk by chunk, never the records of the finished models: the Agresti–Caffo SE
+  of these exact counts is the one :func:`median_memorization_se` computes on all the rows."""
 
   def __init__(self, target: float):
     self.target = float(target)
-    self._keep: list[np.ndarray] = []
-    self._correct: list[np.ndarray] = []
+    self._counts_4xN: np.ndarray | None = None  # n_in, s_in, n_out, s_out (int64)
+    self._num_models = 0
     self.median_se = float("nan")
 
   @property
   def num_models(self) -> int:
-    return int(sum(len(k) for k in self._keep))
+    return self._num_models
 
   def add(self, keep_KxN: np.ndarray, correct_KxN: np.ndarray) -> bool:
     """Adds a chunk's models; returns True when the target is reached."""
-    self._keep.append(np.asarray(keep_KxN, bool))
-    self._correct.append(np.asarray(correct_KxN, bool))
+    keep_KxN, correct_KxN = np.asarray(keep_KxN, bool), np.asarray(correct_KxN, bool)
+    if keep_KxN.shape != correct_KxN.shape:
+      raise ValueError(f"keep {keep_KxN.shape} and correct {correct_KxN.shape} must have the same shape")
+    n_in = keep_KxN.sum(axis=0, dtype=np.int64)
+    s_in = (keep_KxN & correct_KxN).sum(axis=0, dtype=np.int64)
+    counts = np.stack([n_in, s_in, len(keep_KxN) - n_in, correct_KxN.sum(axis=0, dtype=np.int64) - s_in])
+    self._counts_4xN = counts if self._counts_4xN is None else self._counts_4xN + counts
+    self._num_models += len(keep_KxN)
     return self.reached()
 
   def reached(self) -> bool:
-    if not self._keep:
+    if not self._num_models:
       return False
-    self.median_se = median_memorization_se(np.concatenate(self._keep), np.concatenate(self._correct))
+    n_in, s_in, n_out, s_out = self._counts_4xN.astype(np.float64)
+    se = agresti_caffo_se(s_in, n_in, s_out, n_out)
+    self.median_se = float(np.nanmedian(se)) if np.isfinite(se).any() else float("nan")
     return bool(np.isfinite(self.median_se) and self.median_se < self.target)
 
 
@@ -312,6 +324,18 @@ def uncertainty_columns(records, *, context=None, seed: int = 0, resamples: int 
     columns[f"_half_{s}_b"] = memorization(keep[b], correct[b], ratio_M[b]).estimate
   columns["_se"] = memorization(keep, correct, ratio_M).se
   return EstimatorResult(columns=columns)
+
+
+#: Bytes per training example and bootstrap resample the uncertainty estimator holds for a block:
+#: the resampled differences (float32), the copy of the defined ones that the percentile interval
+#: sorts, their finiteness mask and the kernel's per-resample counts and means of each block pass.
+BYTES_PER_RESAMPLE = 24
+
+
+def uncertainty_block_bytes(records, *, resamples: int | None = None, **options) -> int:
+  """Working bytes per training example beyond the records' values (see ``Estimator.block_bytes``):
+  the (resamples, block) arrays of the bootstrap (none with the default score interval)."""
+  return BYTES_PER_RESAMPLE * int(resamples or 0)
 
 
 def uncertainty_summary(columns, records, *, seed: int = 0, resamples: int | None = None, confidence: float = 0.95,
