@@ -325,19 +325,74 @@ class _JaxStepLoop:
     return time.perf_counter() - start, record_seconds
 
 
-class _TorchLoop:
-  """The same model in PyTorch, trained per model with the same batches, optimizer and schedule."""
+class _TorchBaseline:
+  """What the PyTorch baselines share: torch, the run's config and keep rows, and the thread count
+  their training runs with (set for the call, then restored)."""
 
-  def __init__(self, dataset: Dataset, config: RunConfig, keep_KxN: np.ndarray, threads: int | None = None):
+  def __init__(self, config: RunConfig, keep_KxN: np.ndarray, threads: int | None):
     import torch
-    from jaxmem.engine.step import steps_per_epoch
-    from jaxmem.engine.trainer import standardize
     # PyTorch's own default (one thread per core) unless told: on the idle 2-core machine 2 threads
     # trained the digits MLP 1.24x faster than 1; on a loaded one they ran 30-50x slower
     # (spinning threads), so compare on a quiet machine or pass torch_threads=1.
     threads = threads or torch.get_num_threads()
     self.torch, self.config, self.keep, self.threads = torch, config, keep_KxN, threads
     self.note = f"{threads} torch thread(s)"
+
+  def __call__(self) -> tuple[float, float]:
+    threads = self.torch.get_num_threads()
+    self.torch.set_num_threads(self.threads)
+    try:
+      return self._train_all()
+    finally:
+      self.torch.set_num_threads(threads)
+
+  def _train_all(self) -> tuple[float, float]:
+    """Trains each model in turn on its members (seeded per model), then records; returns the
+    seconds of the whole loop and of its recording."""
+    torch, cfg = self.torch, self.config
+    record_seconds = 0.0
+    start = time.perf_counter()
+    for k, members in enumerate(self._members_per_model()):
+      torch.manual_seed(cfg.seed * 100003 + k)
+      members = torch.from_numpy(np.asarray(members, np.int64))
+      model = self._model()
+      opt = torch.optim.Adam(model.parameters(), lr=cfg.learning_rate)
+      schedule = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=self.total_steps)
+      for _ in range(cfg.epochs):
+        order = members[torch.randperm(members.numel())]
+        for s in range(0, order.numel(), cfg.batch_size):
+          loss = self._loss(model, order[s: s + cfg.batch_size])
+          opt.zero_grad(set_to_none=True)
+          loss.backward()
+          opt.step()
+          schedule.step()
+      record_start = time.perf_counter()
+      with torch.no_grad():
+        self._record(model)
+      record_seconds += time.perf_counter() - record_start
+    return time.perf_counter() - start, record_seconds
+
+  def _members_per_model(self):
+    """Each model's training indices (one array per model)."""
+    raise NotImplementedError
+
+  def _loss(self, model, index):
+    """The training loss of one batch (indices into ``x_train``)."""
+    raise NotImplementedError
+
+  def _record(self, model) -> None:
+    """Computes the records the engine computes (timed, results discarded)."""
+    raise NotImplementedError
+
+
+class _TorchLoop(_TorchBaseline):
+  """The same model in PyTorch, trained per model with the same batches, optimizer and schedule."""
+
+  def __init__(self, dataset: Dataset, config: RunConfig, keep_KxN: np.ndarray, threads: int | None = None):
+    from jaxmem.engine.step import steps_per_epoch
+    from jaxmem.engine.trainer import standardize
+    super().__init__(config, keep_KxN, threads)
+    torch = self.torch
     x_train, x_test = standardize(dataset)
     if dataset.is_image:  # torch convolutions want channels first
       x_train, x_test = x_train.transpose(0, 3, 1, 2).copy(), x_test.transpose(0, 3, 1, 2).copy()
@@ -369,43 +424,18 @@ class _TorchLoop:
       return nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(channels, self.num_classes))
     raise JaxmemError(f"no PyTorch baseline for model {self.config.model!r}")
 
-  def __call__(self) -> tuple[float, float]:
-    torch, cfg = self.torch, self.config
-    threads = torch.get_num_threads()
-    torch.set_num_threads(self.threads)
-    try:
-      return self._train_all()
-    finally:
-      torch.set_num_threads(threads)
+  def _members_per_model(self):
+    return [np.flatnonzero(row) for row in self.keep]
 
-  def _train_all(self) -> tuple[float, float]:
-    torch, cfg = self.torch, self.config
-    record_seconds = 0.0
-    start = time.perf_counter()
-    for k, row in enumerate(self.keep):
-      torch.manual_seed(cfg.seed * 100003 + k)
-      members = torch.from_numpy(np.flatnonzero(row))
-      model = self._model()
-      opt = torch.optim.Adam(model.parameters(), lr=cfg.learning_rate)
-      schedule = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=self.total_steps)
-      for _ in range(cfg.epochs):
-        order = members[torch.randperm(members.numel())]
-        for s in range(0, order.numel(), cfg.batch_size):
-          index = order[s: s + cfg.batch_size]
-          loss = torch.nn.functional.cross_entropy(model(self.x_train[index]), self.y_train[index])
-          opt.zero_grad(set_to_none=True)
-          loss.backward()
-          opt.step()
-          schedule.step()
-      record_start = time.perf_counter()
-      with torch.no_grad():
-        for x, y in ((self.x_train, self.y_train), (self.x_test, self.y_test)):
-          logits = model(x)
-          label = logits.gather(1, y[:, None])[:, 0]
-          others = logits.scatter(1, y[:, None], float("-inf"))
-          (label - torch.logsumexp(others, 1)).numpy(), (logits.argmax(1) == y).numpy()
-      record_seconds += time.perf_counter() - record_start
-    return time.perf_counter() - start, record_seconds
+  def _loss(self, model, index):
+    return self.torch.nn.functional.cross_entropy(model(self.x_train[index]), self.y_train[index])
+
+  def _record(self, model) -> None:
+    for x, y in ((self.x_train, self.y_train), (self.x_test, self.y_test)):
+      logits = model(x)
+      label = logits.gather(1, y[:, None])[:, 0]
+      others = logits.scatter(1, y[:, None], float("-inf"))
+      (label - self.torch.logsumexp(others, 1)).numpy(), (logits.argmax(1) == y).numpy()
 
 
 def torch_transformer(torch, vocab_size: int, *, num_layers: int = 2, width: int = 64, num_heads: int = 4,
@@ -461,7 +491,7 @@ def torch_transformer(torch, vocab_size: int, *, num_layers: int = 2, width: int
   return Model()
 
 
-class _TorchTransformerLoop:
+class _TorchTransformerLoop(_TorchBaseline):
   """The causal transformer in PyTorch, trained per model on the same text work as the engine:
   each member sequence every copy every epoch, batches of the config's size, next-token
   cross-entropy over real targets, Adam with the cosine schedule; then the same records
@@ -469,15 +499,13 @@ class _TorchTransformerLoop:
   and test sequence, and with canaries the log-perplexity of every candidate secret)."""
 
   def __init__(self, dataset, config: RunConfig, keep_KxN: np.ndarray, threads: int | None = None):
-    import torch
     from jaxmem.engine.step import steps_per_epoch
     from jaxmem.engine.text import candidate_rows
     from jaxmem.engine.trainer import members_from_keep
     if config.optimizer != "adam" or config.compute_dtype != "float32" or config.weight_decay:
       raise JaxmemError("the PyTorch baseline implements float32 adam without weight decay only")
-    threads = threads or torch.get_num_threads()
-    self.torch, self.config, self.keep, self.threads = torch, config, keep_KxN, threads
-    self.note = f"{threads} torch thread(s)"
+    super().__init__(config, keep_KxN, threads)
+    torch = self.torch
     self.vocab_size = dataset.num_classes
     self.x_train = torch.from_numpy(np.asarray(dataset.x_train, np.int64))
     self.x_test = torch.from_numpy(np.asarray(dataset.x_test, np.int64))
@@ -492,53 +520,31 @@ class _TorchTransformerLoop:
                          torch.as_tensor(secrets["symbol_tokens"], dtype=torch.int64))
     self._model = lambda: torch_transformer(torch, self.vocab_size, **config.model_options)
 
-  def __call__(self) -> tuple[float, float]:
-    torch = self.torch
-    threads = torch.get_num_threads()
-    torch.set_num_threads(self.threads)
-    try:
-      return self._train_all()
-    finally:
-      torch.set_num_threads(threads)
+  def _members_per_model(self):
+    return self.members
 
-  def _train_all(self) -> tuple[float, float]:
-    torch, cfg, functional = self.torch, self.config, self.torch.nn.functional
-    record_seconds = 0.0
-    start = time.perf_counter()
-    for k, members in enumerate(self.members):
-      torch.manual_seed(cfg.seed * 100003 + k)
-      members = torch.from_numpy(members.astype(np.int64))
-      model = self._model()
-      opt = torch.optim.Adam(model.parameters(), lr=cfg.learning_rate)
-      schedule = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=self.total_steps)
-      for _ in range(cfg.epochs):
-        order = members[torch.randperm(members.numel())]
-        for s in range(0, order.numel(), cfg.batch_size):
-          tokens_BxL = self.x_train[order[s: s + cfg.batch_size]]
-          logits_BxTxV = model(tokens_BxL[:, :-1])
-          loss = functional.cross_entropy(logits_BxTxV.reshape(-1, self.vocab_size), tokens_BxL[:, 1:].reshape(-1),
-                                          ignore_index=0)  # padding targets (token 0) do not count
-          opt.zero_grad(set_to_none=True)
-          loss.backward()
-          opt.step()
-          schedule.step()
-      record_start = time.perf_counter()
-      with torch.no_grad():
-        for tokens_BxL in (self.x_train, self.x_test):
-          logprob_BxTxV = functional.log_softmax(model(tokens_BxL[:, :-1]), dim=-1)
-          targets_BxT = tokens_BxL[:, 1:]
-          valid_BxT = targets_BxT != 0
-          logprob_BxT = logprob_BxTxV.gather(2, targets_BxT[..., None])[..., 0] * valid_BxT
-          correct_BxT = (logprob_BxTxV.argmax(-1) == targets_BxT) & valid_BxT
-          (correct_BxT.sum(1) / valid_BxT.sum(1).clamp(min=1)).numpy(), logprob_BxT.sum(1).numpy(), logprob_BxT.numpy()
-        if self.candidates is not None:
-          rows_RxS, format_len, length, symbols_B = self.candidates
-          logp = functional.log_softmax(model(rows_RxS[:, :-1])[:, format_len - 1:, :], dim=-1)[..., symbols_B]
-          digit_index = (rows_RxS[:, format_len: format_len + length - 1, None] == symbols_B).int().argmax(-1)
-          prefix_R = logp[:, : length - 1].gather(2, digit_index[..., None])[..., 0].sum(1)
-          (-(prefix_R[:, None] + logp[:, length - 1])).reshape(-1).numpy()
-      record_seconds += time.perf_counter() - record_start
-    return time.perf_counter() - start, record_seconds
+  def _loss(self, model, index):
+    tokens_BxL = self.x_train[index]
+    logits_BxTxV = model(tokens_BxL[:, :-1])
+    return self.torch.nn.functional.cross_entropy(logits_BxTxV.reshape(-1, self.vocab_size),
+                                                  tokens_BxL[:, 1:].reshape(-1),
+                                                  ignore_index=0)  # padding targets (token 0) do not count
+
+  def _record(self, model) -> None:
+    functional = self.torch.nn.functional
+    for tokens_BxL in (self.x_train, self.x_test):
+      logprob_BxTxV = functional.log_softmax(model(tokens_BxL[:, :-1]), dim=-1)
+      targets_BxT = tokens_BxL[:, 1:]
+      valid_BxT = targets_BxT != 0
+      logprob_BxT = logprob_BxTxV.gather(2, targets_BxT[..., None])[..., 0] * valid_BxT
+      correct_BxT = (logprob_BxTxV.argmax(-1) == targets_BxT) & valid_BxT
+      (correct_BxT.sum(1) / valid_BxT.sum(1).clamp(min=1)).numpy(), logprob_BxT.sum(1).numpy(), logprob_BxT.numpy()
+    if self.candidates is not None:
+      rows_RxS, format_len, length, symbols_B = self.candidates
+      logp = functional.log_softmax(model(rows_RxS[:, :-1])[:, format_len - 1:, :], dim=-1)[..., symbols_B]
+      digit_index = (rows_RxS[:, format_len: format_len + length - 1, None] == symbols_B).int().argmax(-1)
+      prefix_R = logp[:, : length - 1].gather(2, digit_index[..., None])[..., 0].sum(1)
+      (-(prefix_R[:, None] + logp[:, length - 1])).reshape(-1).numpy()
 
 
 def torch_available() -> bool:
