@@ -351,28 +351,28 @@ def _cmd_study_secret_sharer(args) -> int:
 def _add_model_level_studies(studies) -> None:
   """Model-level memorization: neural collapse (def. 5), layer rewinding, privacy forgetting (def. 11),
   benign memorization (def. 4), and sweeps over config fields."""
-  p = studies.add_parser("neural-collapse", help="def. 5: distance of flipped examples' penultimate features to their "
-                         "label's test mean, from a run's kept parameters (Nguyen et al. 2023)")
-  p.add_argument("run_dir")
-  p.add_argument("--data-dir", default=None, help="the run's data directory, if it moved")
-  p.add_argument("--out", default=None, help="study directory (default: RUN_DIR/neural_collapse)")
-  p.set_defaults(handler=_cmd_study_neural_collapse)
+  def run_study(name: str, summary: str, handler, directory: str) -> argparse.ArgumentParser:
+    """A study of a finished run: RUN_DIR, where its data moved to, and the study directory."""
+    p = studies.add_parser(name, help=summary)
+    p.add_argument("run_dir")
+    p.add_argument("--data-dir", default=None, help="the run's data directory, if it moved")
+    p.add_argument("--out", default=None, help=f"study directory (default: RUN_DIR/{directory})")
+    p.set_defaults(handler=handler)
+    return p
 
-  p = studies.add_parser("layer-rewind", help="rewind each layer to an earlier epoch; accuracy on flipped-label "
-                         "(or most memorized) vs clean vs test examples (Stephenson 2021, Maini 2023)")
-  p.add_argument("run_dir")
+  run_study("neural-collapse", "def. 5: distance of flipped examples' penultimate features to their label's test mean, "
+            "from a run's kept parameters (Nguyen et al. 2023)", _cmd_study_neural_collapse, "neural_collapse")
+
+  p = run_study("layer-rewind", "rewind each layer to an earlier epoch; accuracy on flipped-label (or most memorized) "
+                "vs clean vs test examples (Stephenson 2021, Maini 2023)", _cmd_study_layer_rewind, "layer_rewind")
   p.add_argument("--num-models", type=int, default=8, help="the run's first N models are retrained (default 8)")
   p.add_argument("--rewind-epochs", type=_ints, default=(0,), help="comma-separated epochs to rewind to (default 0: init)")
   p.add_argument("--top-fraction", type=float, default=0.05,
                  help="without label noise: the most memorized fraction is the memorized group (default 0.05)")
-  p.add_argument("--data-dir", default=None, help="the run's data directory, if it moved")
-  p.add_argument("--out", default=None, help="study directory (default: RUN_DIR/layer_rewind)")
-  p.set_defaults(handler=_cmd_study_layer_rewind)
 
-  p = studies.add_parser("privacy-forgetting", help="def. 11: LiRA on an injected set k epochs after it was last "
-                         "seen, repeated vs single, by memorization (Jagielski et al. 2023); on a text run the "
-                         "injected set is sequences, attacked on the per-token log-likelihood")
-  p.add_argument("run_dir")
+  p = run_study("privacy-forgetting", "def. 11: LiRA on an injected set k epochs after it was last seen, repeated vs "
+                "single, by memorization (Jagielski et al. 2023); on a text run the injected set is sequences, "
+                "attacked on the per-token log-likelihood", _cmd_study_privacy_forgetting, "privacy_forgetting")
   p.add_argument("--num-models", type=int, default=32, help="models, even (default 32)")
   p.add_argument("--inject", type=int, default=100, help="injected examples (default 100)")
   p.add_argument("--repeats", type=int, default=4, help="copies per epoch of the repeated half (default 4)")
@@ -381,20 +381,14 @@ def _add_model_level_studies(studies) -> None:
   p.add_argument("--second-epochs", type=int, default=None, help="epochs without it, k = 1..this (default: the run's)")
   p.add_argument("--alpha", type=float, default=0.2, help="forgotten: advantage 2*AUC-1 stays below this (default 0.2)")
   p.add_argument("--quantiles", type=int, default=2, help="memorization quantile groups of the injected set (default 2)")
-  p.add_argument("--data-dir", default=None, help="the run's data directory, if it moved")
-  p.add_argument("--out", default=None, help="study directory (default: RUN_DIR/privacy_forgetting)")
-  p.set_defaults(handler=_cmd_study_privacy_forgetting)
 
-  p = studies.add_parser("benign", help="def. 4: kNN probe of each layer on clean labels, init vs trained, for a run with random labels "
-                         "(--label-noise 0.9 on digits), with and without augmentation (Anagnostidis et al. 2023)")
-  p.add_argument("run_dir")
+  p = run_study("benign", "def. 4: kNN probe of each layer on clean labels, init vs trained, for a run with random "
+                "labels (--label-noise 0.9 on digits), with and without augmentation (Anagnostidis et al. 2023)",
+                _cmd_study_benign, "benign")
   p.add_argument("--num-models", type=int, default=8, help="the run's first N models are retrained (default 8)")
   p.add_argument("--k", type=int, default=20, help="neighbours of the kNN probe (default 20)")
   p.add_argument("--no-augment-variant", action="store_true",
                  help="only the run's own augment setting (default: also with augment toggled)")
-  p.add_argument("--data-dir", default=None, help="the run's data directory, if it moved")
-  p.add_argument("--out", default=None, help="study directory (default: RUN_DIR/benign)")
-  p.set_defaults(handler=_cmd_study_benign)
 
   p = studies.add_parser("sweep", help="the same run recipe over variants of one or two config fields, compared "
                          "with intervals (e.g. --vary model_options.hidden_sizes=[64],[256])")

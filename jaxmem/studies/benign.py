@@ -34,7 +34,6 @@ difference_ci_high, verdict``), ``benign.json`` and ``benign.png``.
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 from typing import Any, Callable
 
@@ -50,15 +49,8 @@ from jaxmem.features import embeddings, layer_names
 from jaxmem.scores.knn_probe import knn_probe_accuracy
 from jaxmem.records import RunDir, write_bytes_atomic, write_json_atomic
 from jaxmem.scoring import rows_to_csv
+from jaxmem.studies import StudyTable
 from jaxmem.studies.remove_top import interval
-
-
-@dataclasses.dataclass
-class BenignResult:
-  out: Path
-  rows: list[dict[str, Any]]
-  summary: dict[str, Any]
-  lines: list[str]
 
 
 def verdict(low: float, high: float) -> str:
@@ -72,7 +64,7 @@ def verdict(low: float, high: float) -> str:
 
 def benign_study(run_dir: str | Path, out: str | Path | None = None, *, num_models: int = 8, k: int = 20,
                  augment_variants: bool = True, data_dir: str | None = None,
-                 log: Callable[[str], None] = print) -> BenignResult:
+                 log: Callable[[str], None] = print) -> StudyTable:
   run = RunDir.open(run_dir)
   config = RunConfig.from_dict(run.manifest()["config"])
   config = config.replace(record_epochs=False, record_epoch_margin=False, score_epoch=None, queries=1)
@@ -130,7 +122,7 @@ def benign_study(run_dir: str | Path, out: str | Path | None = None, *, num_mode
   lines = [f"benign {r['variant']} {r['layer']}: probe {r['init_accuracy']:.3f} at init -> {r['trained_accuracy']:.3f} "
            f"trained, difference {r['difference']:+.3f} [{r['difference_ci_low']:+.3f}, {r['difference_ci_high']:+.3f}]: "
            f"{r['verdict']}" for r in rows]
-  return BenignResult(out, rows, summary, lines)
+  return StudyTable(out, rows, summary, lines)
 
 
 

@@ -29,7 +29,6 @@ and ``layer_rewind.png``.
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -44,17 +43,10 @@ from jaxmem.errors import JaxmemError
 from jaxmem.features import logits
 from jaxmem.scoring import SCORES_CSV, read_scores_csv, rows_to_csv
 from jaxmem.records import RunDir, write_bytes_atomic, write_json_atomic
+from jaxmem.studies import StudyTable
 from jaxmem.studies.remove_top import interval
 
 TRAINED = "none"  # the layer name of the rows without rewinding
-
-
-@dataclasses.dataclass
-class LayerRewindResult:
-  out: Path
-  rows: list[dict[str, Any]]
-  summary: dict[str, Any]
-  lines: list[str]
 
 
 def layers_of(params: Any) -> list[str]:
@@ -84,7 +76,7 @@ def group_accuracies(correct_KxN: np.ndarray, test_correct_KxT: np.ndarray, grou
 
 def layer_rewind_study(run_dir: str | Path, out: str | Path | None = None, *, num_models: int = 8,
                        rewind_epochs: Sequence[int] = (0,), top_fraction: float = 0.05,
-                       data_dir: str | None = None, log: Callable[[str], None] = print) -> LayerRewindResult:
+                       data_dir: str | None = None, log: Callable[[str], None] = print) -> StudyTable:
   run = RunDir.open(run_dir)
   config = RunConfig.from_dict(run.manifest()["config"])
   config = config.replace(record_epochs=False, record_epoch_margin=False, score_epoch=None, queries=1)
@@ -148,7 +140,7 @@ def layer_rewind_study(run_dir: str | Path, out: str | Path | None = None, *, nu
   write_json_atomic(out / "layer_rewind.json", summary)
   plot_rewind(rows, out / "layer_rewind.png", memorized_name,
               title=f"{dataset.name}: layer rewinding, {num_models} models")
-  return LayerRewindResult(out, rows, summary, format_rewind(rows, memorized_name))
+  return StudyTable(out, rows, summary, format_rewind(rows, memorized_name))
 
 
 
