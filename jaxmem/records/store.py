@@ -478,24 +478,28 @@ class Records:
     for start in range(0, self.num_train, block_size):
       yield slice(start, min(start + block_size, self.num_train))
 
-  def block_size_for(self, budget_bytes: int, names: Sequence[str]) -> int:
+  def block_size_for(self, budget_bytes: int, names: Sequence[str], *, working_bytes_per_value: int = 0,
+                     extra_bytes_per_example: int = 0) -> int:
     """Examples per block so that one block of the named records (all models, as read by
-    :meth:`read`; records without an N axis count whole) fits in ``budget_bytes``; at most N."""
-    per_example, fixed = 0, 0
+    :meth:`read`; records without an N axis count whole), with ``working_bytes_per_value`` more for
+    each of their values (a reader's working copies) and ``extra_bytes_per_example``, fits in
+    ``budget_bytes``; at most N."""
+    per_example, fixed = int(extra_bytes_per_example), 0
     for name in names:
-      shape, dtype = self.shape(name), self.dtype(name)
-      axes = self.axes(name)
-      size = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+      shape, axes = self.shape(name), self.axes(name)
+      values = int(np.prod(shape, dtype=np.int64))
+      bytes_per_value = self.dtype(name).itemsize + int(working_bytes_per_value)
       if "N" in axes:
-        per_example += size // max(shape[axes.index("N")], 1)
+        per_example += values // max(shape[axes.index("N")], 1) * bytes_per_value
       else:
-        fixed += size
+        fixed += values * bytes_per_value
     if per_example == 0:
       return max(self.num_train, 1)
     block = (int(budget_bytes) - fixed) // per_example
     if block < 1:
       raise JaxmemError(f"memory budget {int(budget_bytes):,} bytes is too small for records {', '.join(names)}: "
-                        f"one example of them needs {fixed + per_example:,} bytes")
+                        f"one example of them needs {fixed + per_example:,} bytes"
+                        + (" with working copies" if working_bytes_per_value else ""))
     return min(block, max(self.num_train, 1))
 
   def select_models(self, rows: Any) -> "Records":

@@ -63,26 +63,9 @@ def block_size_for_budget(records, names, budget_bytes: int = DEFAULT_MEMORY_BUD
   estimator's own per-example arrays, e.g. bootstrap resamples) fit in ``budget_bytes``; records
   without an N axis (test records) are read whole and count once. At most N, at least 1 only if
   one example fits (else a one-line error). Only shapes are read (``records.shape/dtype/axes``)."""
-  per_example, fixed = int(extra_bytes_per_example), 0
-  for name in dict.fromkeys(["keep", *names]):
-    if name != "keep" and name not in records:
-      continue
-    shape = (records.num_models, records.num_train) if name == "keep" else records.shape(name)
-    dtype = np.dtype(bool) if name == "keep" else records.dtype(name)
-    axes = "MN" if name == "keep" else records.axes(name)
-    values = int(np.prod(shape, dtype=np.int64))
-    if "N" in axes:
-      per_example += (values // max(shape[axes.index("N")], 1)) * (dtype.itemsize + WORKING_BYTES_PER_VALUE)
-    else:
-      fixed += values * (dtype.itemsize + WORKING_BYTES_PER_VALUE)
-  num_train = max(int(records.num_train), 1)
-  if per_example == 0:
-    return num_train
-  block = (int(budget_bytes) - fixed) // per_example
-  if block < 1:
-    raise JaxmemError(f"memory budget {int(budget_bytes):,} bytes is too small for records {', '.join(names)}: "
-                      f"one example of them needs {fixed + per_example:,} bytes with working copies")
-  return int(min(block, num_train))
+  present = [name for name in dict.fromkeys(["keep", *names]) if name == "keep" or name in records]
+  return records.block_size_for(budget_bytes, present, working_bytes_per_value=WORKING_BYTES_PER_VALUE,
+                                extra_bytes_per_example=extra_bytes_per_example)
 
 
 class GroupStats(NamedTuple):
